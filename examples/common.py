@@ -1,0 +1,57 @@
+"""What both examples print and write: error vs fp32 on held-out samples, dtype counts, artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import mpcompiler
+from mpcompiler.files import write_atomic
+
+
+def parse_args(description: str, default_out: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out-dir", default=default_out, help="where results, dumps and the report go")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    return parser.parse_args()
+
+
+def compile_timed(model, calib, **options) -> tuple[mpcompiler.CompiledModule, float]:
+    start = time.perf_counter()
+    compiled = mpcompiler.compile(model, calib, **options)
+    return compiled, time.perf_counter() - start
+
+
+def finish(
+    name: str, compiled: mpcompiler.CompiledModule, metrics: dict, outputs, out_dir: Path, seconds: float
+) -> None:
+    """Print the summary and write results.json, outputs.pt and graph_module.py beside the dumps."""
+    report = compiled.report
+    results = {
+        "model": name,
+        "dtype": report.target,
+        "calibration_samples": report.calib_samples,
+        "compile_seconds": round(seconds, 2),
+        "ops_per_dtype": report.counts(),
+        "compute_ops_per_dtype": report.counts("low"),
+        "casts": report.casts(),
+        "kept_high": [{"node": n.name, "module": n.module_path, "reason": n.reason} for n in report.kept_high()],
+        **metrics,
+        "torch": torch.__version__,
+        "mpcompiler": mpcompiler.__version__,
+    }
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    torch.save(outputs, out_dir / "outputs.pt.tmp")
+    (out_dir / "outputs.pt.tmp").replace(out_dir / "outputs.pt")
+    write_atomic(out_dir / "graph_module.py", compiled.graph_module.code)
+    print(f"== {name} ({report.target}), compiled in {seconds:.1f} s")
+    for key, value in metrics.items():
+        print(f"   {key}: {value}")
+    print(f"   ops per dtype: {report.counts()}; compute-bound (matmul/conv/attention): {report.counts('low')}")
+    print(f"   casts inserted: {report.casts()}; ops not in {report.target}: {len(report.kept_high())}")
+    print(f"   dumps and report.json: {out_dir / 'dumps'}; results: {out_dir / 'results.json'}")

@@ -1,0 +1,27 @@
+"""mpcompiler: a mixed-precision graph compiler for PyTorch inference.
+
+import mpcompiler
+compiled = mpcompiler.compile(model, calib_data)   # fp16 by default; dtype="bfloat16" works too
+y = compiled(*args, **kwargs)                      # same signature and outputs as model
+compiled.graph_module                              # the emitted torch.fx.GraphModule
+compiled.report                                    # per node: op, module path, dtype, range, reason
+"""
+
+from mpcompiler.api import CompiledModule, Options, compile
+from mpcompiler.errors import CalibrationError, CaptureError, MpCompilerError, OptionError, PassError
+from mpcompiler.report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "CaptureError",
+    "CompiledModule",
+    "MpCompilerError",
+    "OptionError",
+    "Options",
+    "PassError",
+    "Report",
+    "__version__",
+    "compile",
+]

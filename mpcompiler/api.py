@@ -1,0 +1,145 @@
+"""The public entry point: ``mpcompiler.compile(model, calib_data, **options)``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from mpcompiler.capture import capture, collect_samples, model_device
+from mpcompiler.emit_fx import emit_fx, retarget
+from mpcompiler.errors import CaptureError, OptionError
+from mpcompiler.pass_manager import Pass, PassManager
+from mpcompiler.passes import AssignPrecision, CalibrateRanges, CleanGraph, EliminateCasts, InsertCasts
+from mpcompiler.report import Report
+
+log = logging.getLogger("mpcompiler")
+
+_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    torch.float16: torch.float16,
+    torch.bfloat16: torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """compile()'s options, validated. Build with :meth:`parse`."""
+
+    dtype: torch.dtype = torch.float16
+    keep_fp32: tuple[str, ...] = ()
+    dump_dir: Path | None = None
+    device: torch.device | None = None
+    debug: bool = False
+
+    @classmethod
+    def parse(cls, *, dtype, keep_fp32, dump_dir, device, debug) -> Options:
+        if dtype not in _DTYPES:
+            raise OptionError(f"dtype={dtype!r} is not supported; use 'float16' or 'bfloat16'")
+        if isinstance(keep_fp32, str):
+            keep_fp32 = (keep_fp32,)
+        if not isinstance(keep_fp32, Sequence) or not all(isinstance(k, str) and k for k in keep_fp32):
+            raise OptionError(f"keep_fp32 must be a module path or op name, or a list of them; got {keep_fp32!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise OptionError(f"device={device!r} is not a torch device: {exc}") from exc
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise OptionError(f"device={str(device)!r} asked for, but torch.cuda.is_available() is False")
+        if debug is None:
+            debug = os.environ.get("MPCOMPILER_DEBUG", "") not in ("", "0")
+        if not isinstance(debug, bool):
+            raise OptionError(f"debug must be True or False; got {debug!r}")
+        return cls(
+            dtype=_DTYPES[dtype],
+            keep_fp32=tuple(keep_fp32),
+            dump_dir=Path(dump_dir) if dump_dir is not None else None,
+            device=device,
+            debug=debug,
+        )
+
+
+def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass]:
+    """The passes, in order."""
+    return [
+        CleanGraph(),
+        CalibrateRanges(samples=samples, device=device),
+        AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32),
+        InsertCasts(),
+        EliminateCasts(),
+    ]
+
+
+class CompiledModule(torch.nn.Module):
+    """The compiled model: call it like the original; ``graph_module`` and ``report`` show what it is."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, report: Report, options: Options):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.options = options
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        """Move to another device. The dtypes are the compiled plan's: to change them, compile again."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            raise OptionError("a compiled module's dtypes are its precision plan; compile again with dtype=...")
+        if device is not None:
+            retarget(self.graph_module, device)
+        return self
+
+
+def compile(
+    model: torch.nn.Module,
+    calib_data: Iterable,
+    *,
+    dtype: str | torch.dtype = "float16",
+    keep_fp32: str | Sequence[str] = (),
+    dump_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    debug: bool | None = None,
+) -> CompiledModule:
+    """Compile ``model`` to mixed precision, calibrated on ``calib_data``.
+
+    Args:
+        model: the fp32 ``torch.nn.Module``; it is captured in eval mode and left unchanged.
+        calib_data: an iterable of samples (read once): a tensor, a tuple/list of positional
+            arguments, or a dict of keyword arguments each. The first is the example for capture.
+        dtype: the low-precision dtype, ``"float16"`` or ``"bfloat16"``.
+        keep_fp32: module paths (``"encoder.layer.3.attention"``, matching that module and all
+            inside it) and op names (``"softmax"``) to keep in fp32.
+        dump_dir: where to write one IR dump per pass that changed the graph and ``report.json``.
+        device: where the compiled module runs (and calibration runs); default: the model's device.
+        debug: verify the IR after every pass and dump every pass (default: env MPCOMPILER_DEBUG).
+
+    Returns:
+        A :class:`CompiledModule`, called like ``model``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    options = Options.parse(dtype=dtype, keep_fp32=keep_fp32, dump_dir=dump_dir, device=device, debug=debug)
+    samples = collect_samples(calib_data)
+    target_device = options.device or model_device(model)
+    gm = capture(model, samples, device=target_device)
+    runs = PassManager(pipeline(options, samples, target_device), dump_dir=options.dump_dir, debug=options.debug).run(
+        gm
+    )
+    graph_module = emit_fx(gm)
+    report = Report.from_graph(graph_module, runs)
+    if options.dump_dir is not None:
+        report.save(options.dump_dir / "report.json")
+    log.info("%s", report)
+    return CompiledModule(graph_module, report, options)

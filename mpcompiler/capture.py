@@ -1,0 +1,215 @@
+"""Capture: calibration samples in, an FX graph module out (torch.export, non-strict).
+
+High-level ATen ops (linear, layer_norm, scaled_dot_product_attention, conv2d) stay whole: the
+exported program is not decomposed. Dims that vary across calibration samples are dynamic, and so
+is every input's first (batch) dim; a varying dim that torch.export has to specialize is an error,
+a batch dim it specializes is a warning (the graph then takes only that batch size).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import free_symbols
+
+from mpcompiler.errors import CaptureError
+from mpcompiler.ir import META_KEY, GraphRecord, NodeRecord, float_dtype, module_path
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[tuple, dict]  # (positional args, keyword args)
+
+
+def as_sample(sample, index: int) -> Sample:
+    """A calibration sample as (args, kwargs): a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(sample, torch.Tensor):
+        return (sample,), {}
+    if isinstance(sample, (tuple, list)):
+        return tuple(sample), {}
+    if isinstance(sample, dict) or hasattr(sample, "keys"):  # dict, or a tokenizer's BatchEncoding
+        return (), dict(sample)
+    raise CaptureError(
+        f"calibration sample {index} is a {type(sample).__name__}; a sample must be a tensor, "
+        "a tuple/list of positional arguments, or a dict of keyword arguments"
+    )
+
+
+def collect_samples(calib_data: Iterable) -> list[Sample]:
+    """Read ``calib_data`` once (it may be a generator) into a list of (args, kwargs) samples."""
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        raise CaptureError(
+            "calib_data must be an iterable of samples (a list, a DataLoader, a generator); "
+            f"got a single {type(calib_data).__name__}: wrap it in a list"
+        )
+    try:
+        samples = [as_sample(s, i) for i, s in enumerate(calib_data)]
+    except TypeError as exc:
+        if "not iterable" in str(exc):
+            raise CaptureError(f"calib_data must be iterable; got {type(calib_data).__name__}") from exc
+        raise
+    if not samples:
+        raise CaptureError("calib_data is empty: give at least one sample")
+    return samples
+
+
+def to_device(sample: Sample, device: torch.device) -> Sample:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), sample)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _describe(path, param_names: list[str]) -> str:
+    """A readable name for a leaf of (args, kwargs): ``input_ids``, ``x``, ``args[2][0]``."""
+    (group, *rest) = path
+    first, *rest = rest
+    if group.idx == 0:
+        i = first.idx
+        head = param_names[i] if i < len(param_names) else f"args[{i}]"
+    else:
+        head = str(first.key)
+    return head + pytree.keystr(tuple(rest))
+
+
+def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, dict[int, set[int]]]:
+    """Per leaf of sample 0: the set of dims to make dynamic, and which of those vary."""
+    leaves0, spec0 = pytree.tree_flatten_with_path(samples[0])
+    shapes = [[tuple(leaf.shape)] if isinstance(leaf, torch.Tensor) else None for _, leaf in leaves0]
+    for index, sample in enumerate(samples[1:], start=1):
+        leaves, spec = pytree.tree_flatten_with_path(sample)
+        if spec != spec0:
+            raise CaptureError(
+                f"calibration sample {index} has a different structure from sample 0 (the sample "
+                f"used for capture): {spec} vs {spec0}; every sample must pass the same inputs"
+            )
+        for i, (path, leaf) in enumerate(leaves):
+            if shapes[i] is None:
+                continue
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() != len(shapes[i][0]):
+                raise CaptureError(
+                    f"input {_describe(path, param_names)} of calibration sample {index} has "
+                    f"{'shape ' + str(tuple(leaf.shape)) if isinstance(leaf, torch.Tensor) else type(leaf).__name__}"
+                    f", but sample 0 has shape {shapes[i][0]}: ranks must agree"
+                )
+            shapes[i].append(tuple(leaf.shape))
+    dims, varying = [], {}
+    for i, s in enumerate(shapes):
+        if s is None or not s[0]:
+            dims.append(set())
+            continue
+        vary = {d for d in range(len(s[0])) if len({shape[d] for shape in s}) > 1}
+        dims.append(vary | {0})
+        varying[i] = vary
+    return dims, varying
+
+
+def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.device) -> torch.fx.GraphModule:
+    """Export ``model`` on ``samples[0]`` with dynamic dims; return the module, on ``device``."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    param_names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    dims, varying = _dynamic_dims(samples, param_names)
+    leaves, spec = pytree.tree_flatten_with_path(samples[0])
+
+    # torch.export wants dynamic_shapes per forward() argument; build it from the flat leaves.
+    leaf_specs = [{d: Dim.AUTO for d in sorted(ds)} or None for ds in dims]
+    args_spec, kwargs_spec = pytree.tree_unflatten(leaf_specs, pytree.tree_structure(samples[0]))
+    try:
+        bound = inspect.signature(model.forward).bind(*args_spec, **kwargs_spec)
+    except TypeError as exc:
+        raise CaptureError(f"sample 0 does not fit {type(model).__name__}.forward: {exc}") from exc
+    dynamic_shapes = dict(bound.arguments)
+
+    cap_device = model_device(model)
+    args, kwargs = to_device(samples[0], cap_device)
+    was_training = model.training
+    model.eval()  # inference compiler: capture dropout and batch norm as in eval mode
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise _capture_error(model, exc) from exc
+    finally:
+        model.train(was_training)
+
+    if device != cap_device:
+        ep = torch.export.passes.move_to_device_pass(ep, device)
+    gm = ep.module()
+    _check_dynamic(gm, leaves, dims, varying, samples, param_names)
+
+    for node in gm.graph.nodes:
+        node.meta[META_KEY] = NodeRecord(module_path=module_path(node) if node.op == "call_function" else "")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = pytree.tree_leaves(output.args[0])
+    gm.meta[META_KEY] = GraphRecord(
+        target=torch.float16,
+        output_dtypes=tuple(float_dtype(o.meta.get("val")) if isinstance(o, torch.fx.Node) else None for o in outputs),
+    )
+    return gm
+
+
+def _check_dynamic(gm, leaves, dims, varying, samples, param_names) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(leaves):  # not expected from torch.export; skip the check, not fail
+        log.warning(
+            "capture: %d graph inputs for %d sample leaves; dynamic dims not checked", len(placeholders), len(leaves)
+        )
+        return
+    for i, ((path, _), node) in enumerate(zip(leaves, placeholders, strict=True)):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        name = _describe(path, param_names)
+        for d in sorted(dims[i]):
+            size = val.shape[d]
+            if free_symbols(size):  # still symbolic: dynamic, as asked
+                continue
+            size = int(size)
+            if d in varying.get(i, ()):
+                sizes = sorted({pytree.tree_leaves(s)[i].shape[d] for s in samples})
+                raise CaptureError(
+                    f"dim {d} of input {name} varies across calibration samples ({sizes}), but "
+                    f"torch.export specialized it to {size}: the model's code fixes that size "
+                    "(a shape check, or a view/reshape with a literal size). Give samples of one size in "
+                    "that dim, or make that code shape-generic; TORCH_LOGS=+dynamic shows the guard."
+                )
+            warnings.warn(
+                f"mpcompiler: dim {d} of input {name} is static ({size}): "
+                + (
+                    "a size-1 dim in the capture sample cannot be made dynamic; capture with a batch of 2 or more"
+                    if size == 1
+                    else "torch.export specialized it"
+                )
+                + "; the compiled module accepts only that size",
+                stacklevel=3,
+            )
+
+
+def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    msg = str(exc)
+    if "data-dependent" in msg or "GuardOnDataDependent" in type(exc).__name__:
+        hint = (
+            "the model branches on a tensor's value; make the branch depend on shapes or constants, or use torch.cond"
+        )
+    elif "Dynamic" in type(exc).__name__ or "Constraints violated" in msg:
+        hint = "a dim marked dynamic cannot stay dynamic; give calibration samples of one shape in that dim"
+    else:
+        hint = (
+            "check that model(*args, **kwargs) runs on the first calibration sample, and see "
+            "torch.export's troubleshooting guide (torch.export.draft_export reports every issue at once)"
+        )
+    return CaptureError(
+        f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}\nTry: {hint}"
+    )

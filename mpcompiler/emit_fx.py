@@ -1,0 +1,33 @@
+"""Emit the FX artifact: a plain ``torch.fx.GraphModule`` holding the rewritten graph.
+
+Its parameters are stored in their planned dtypes (no per-call casts of weights), its forward has the
+model's signature and output structure (torch.export's pytree codegen), and it runs on CPU and CUDA
+and under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from mpcompiler.ir import META_KEY
+
+
+def emit_fx(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A fresh GraphModule over ``gm``'s graph (the exported module's wrapper class refuses .eval())."""
+    out = torch.fx.GraphModule(gm, gm.graph, class_name="MpCompiledModule")
+    out.meta[META_KEY] = gm.meta[META_KEY]
+    out.eval()
+    out.requires_grad_(False)
+    return out
+
+
+def retarget(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Move ``gm`` to ``device``, including device constants the export burnt into the graph."""
+    for node in gm.graph.nodes:
+        if "device" in node.kwargs and node.kwargs["device"] is not None:
+            node.kwargs = {**node.kwargs, "device": device}
+        if node.target is torch.ops.aten.to.device:
+            node.args = (node.args[0], device, *node.args[2:])
+    gm.recompile()
+    gm.to(device)

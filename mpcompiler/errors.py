@@ -1,0 +1,21 @@
+"""mpcompiler's errors: each names the cause (op, sample, module path) and what to try."""
+
+
+class MpCompilerError(Exception):
+    """Base class of mpcompiler's errors."""
+
+
+class CaptureError(MpCompilerError):
+    """The model could not be captured with torch.export, or the samples do not fit one graph."""
+
+
+class CalibrationError(MpCompilerError):
+    """A calibration sample could not be run, or gave NaN in the fp32 model's outputs."""
+
+
+class PassError(MpCompilerError):
+    """A pass failed or left an invalid graph; the message names the pass and where its IR is."""
+
+
+class OptionError(MpCompilerError, ValueError):
+    """An option of compile() has a bad value, or names nothing in the model (keep_fp32)."""

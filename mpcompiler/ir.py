@@ -1,0 +1,151 @@
+"""The IR: the FX graph of the exported program, plus one typed record per node.
+
+Every node carries a :class:`NodeRecord` under ``node.meta["mpcompiler"]`` and the graph module a
+:class:`GraphRecord` under ``gm.meta["mpcompiler"]``. Passes read and write these records; nothing
+else in ``meta`` belongs to mpcompiler.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+META_KEY = "mpcompiler"
+
+# The largest magnitude each low-precision dtype holds, and fp16's smallest normal number.
+FP16_MAX = float(torch.finfo(torch.float16).max)
+FP16_TINY = float(torch.finfo(torch.float16).tiny)
+
+
+class OpClass(str, enum.Enum):
+    """What an op's precision depends on."""
+
+    LOW = "low"  # compute-bound (matmul, conv, attention): runs in the target dtype
+    FOLLOW = "follow"  # elementwise and data movement: runs in the dtype of its inputs
+    FP32 = "fp32"  # numerically fragile: needs fp32 math (in the kernel, or by casting around it)
+    FIXED = "fixed"  # its dtype is written in the program (a user's cast, a factory with dtype=)
+
+
+@dataclass(frozen=True)
+class RangeStats:
+    """What calibration saw of one value, over all samples (finite values only in min/max/absmax)."""
+
+    min: float
+    max: float
+    absmax: float
+    p9999: float  # 99.99th percentile of |x|
+    nan: int  # NaN elements seen
+    inf: int  # +-inf elements seen
+    subnormal_share: float  # share of nonzero finite values below fp16's smallest normal (6.1e-5)
+    samples: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class NodeRecord:
+    """mpcompiler's facts and decisions for one FX node."""
+
+    module_path: str = ""  # innermost module that produced the node ("" for graph-level code)
+    op_class: OpClass | None = None  # None: not a float value, or not an op (inputs, params)
+    dtype: torch.dtype | None = None  # planned dtype of the node's float value; None if it has none
+    math_dtype: torch.dtype | None = None  # where the kernel computes wider than its I/O (layer_norm)
+    rule: str = ""  # which rule decided dtype: "op class", "follows inputs", "range", "keep_fp32", ...
+    reason: str = ""  # the decision in words, for dumps and the report
+    range: RangeStats | None = None
+    inserted: bool = False  # a cast that mpcompiler inserted (not written by the user)
+
+
+@dataclass
+class GraphRecord:
+    """mpcompiler's facts for the whole graph."""
+
+    target: torch.dtype  # the low-precision dtype asked for
+    output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit
+    calib_samples: int = 0
+    casts_inserted: bool = False  # after insert_casts, each planned dtype must equal the node's dtype
+
+
+def record(node: torch.fx.Node) -> NodeRecord:
+    """The node's record, created empty on first use (capture gives every node one)."""
+    rec = node.meta.get(META_KEY)
+    if rec is None:
+        rec = node.meta[META_KEY] = NodeRecord(module_path=module_path(node))
+    return rec
+
+
+def graph_record(gm: torch.fx.GraphModule) -> GraphRecord:
+    return gm.meta[META_KEY]
+
+
+def attr_of(gm: torch.nn.Module, target: str):
+    """The attribute a get_attr node names (``encoder.layer.0.attention.self.query.weight``)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Innermost module path from torch.export's ``nn_module_stack`` (``encoder.layer.0.attention``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else ""
+
+
+def value_of(node: torch.fx.Node):
+    """The node's (fake) value from the last shape propagation."""
+    return node.meta.get("val")
+
+
+def float_dtype(val) -> torch.dtype | None:
+    """The floating dtype of a value: a tensor's, or the first float tensor's in a tuple/list."""
+    if isinstance(val, torch.Tensor):
+        return val.dtype if val.dtype.is_floating_point else None
+    if isinstance(val, (tuple, list)):
+        for v in val:
+            d = float_dtype(v)
+            if d is not None:
+                return d
+    return None
+
+
+def planned_dtype(node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype a node's float value has under the plan (its record), else as captured."""
+    rec = node.meta.get(META_KEY)
+    if rec is not None and rec.dtype is not None:
+        return rec.dtype
+    return float_dtype(value_of(node))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """Short op name: ``linear`` for aten.linear.default, ``getitem`` for operator.getitem."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        ns, name = target._schema.name.split("::", 1)
+        return name if ns == "aten" else f"{ns}.{name}"
+    if node.op == "call_function":
+        return getattr(target, "__name__", str(target))
+    return str(target)
+
+
+SHORT_DTYPE = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "b8",
+}
+
+
+def short_dtype(dtype: torch.dtype | None) -> str:
+    return SHORT_DTYPE.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else "-"

@@ -1,0 +1,133 @@
+"""The pass manager: runs an explicit, ordered list of passes over the IR, dumping and verifying.
+
+A pass rewrites the graph module in place and returns a :class:`PassResult`. After each pass the
+manager writes ``NN_<pass>.txt`` to ``dump_dir`` when the pass changed something (every pass in
+debug runs), and in debug runs verifies the IR (``graph.lint()``, a record on every node, the graph
+re-typed through fake tensors, the precision plan realised). A failure raises :class:`PassError`
+naming the pass and the passes before it, with the IR it failed on written to a file.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from mpcompiler.errors import MpCompilerError, PassError
+from mpcompiler.files import write_atomic
+from mpcompiler.ir import META_KEY, float_dtype, graph_record, short_dtype
+from mpcompiler.printer import format_graph
+
+
+@dataclass(frozen=True)
+class PassResult:
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class Pass:
+    """A graph rewrite. Subclasses take keyword-only options in ``__init__`` and implement ``call``."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def name(cls) -> str:
+        """``InsertCasts`` -> ``insert_casts``: the pass's file, class and dump share one name."""
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+
+@dataclass(frozen=True)
+class PassRun:
+    index: int
+    name: str
+    result: PassResult
+    ms: float
+
+
+def retype(gm: torch.fx.GraphModule) -> None:
+    """Re-run shape/dtype propagation with the export's fake tensors (dynamic dims kept).
+
+    Refreshes every node's ``meta["val"]``; raises if the graph no longer type-checks (a kernel
+    refusing mixed dtypes, say).
+    """
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(inputs)
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def verify(gm: torch.fx.GraphModule) -> None:
+    """Check the IR's invariants; raises AssertionError/RuntimeError naming the broken node."""
+    gm.graph.lint()
+    for node in gm.graph.nodes:
+        if node.op != "output" and META_KEY not in node.meta:
+            raise AssertionError(f"node %{node.name} has no mpcompiler record")
+    retype(gm)
+    if graph_record(gm).casts_inserted:
+        for node in gm.graph.nodes:
+            want = node.meta[META_KEY].dtype if node.op != "output" else None
+            got = float_dtype(node.meta.get("val"))
+            if want is not None and got is not None and want != got and node.op == "call_function":
+                raise AssertionError(
+                    f"node %{node.name} is planned {short_dtype(want)} but computes {short_dtype(got)}"
+                )
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], *, dump_dir: str | Path | None = None, debug: bool = False):
+        self.passes = passes
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.debug = debug
+
+    def run(self, gm: torch.fx.GraphModule) -> list[PassRun]:
+        runs: list[PassRun] = []
+        if self.dump_dir is not None:
+            _dump(self.dump_dir, gm, "00_capture.txt", "after 00 capture")
+        for index, p in enumerate(self.passes, start=1):
+            name = p.name()
+            start = time.perf_counter()
+            try:
+                result = p.call(gm)
+                if self.debug:
+                    verify(gm)
+            except MpCompilerError:
+                raise  # already says what is wrong with the model, the data or an option
+            except Exception as exc:
+                before = ", ".join(["capture"] + [r.name for r in runs])
+                where = self._write_failed(gm, index, name)
+                raise PassError(
+                    f"pass {index:02d} {name} failed (after {before}): {type(exc).__name__}: {exc}\n"
+                    f"The IR it failed on is in {where}"
+                ) from exc
+            ms = (time.perf_counter() - start) * 1e3
+            runs.append(PassRun(index, name, result, ms))
+            if self.dump_dir is not None and (result.modified or self.debug):
+                stats = "".join(f"; {k}={v}" for k, v in result.stats.items())
+                state = "changed" if result.modified else "unchanged"
+                _dump(
+                    self.dump_dir,
+                    gm,
+                    f"{index:02d}_{name}.txt",
+                    f"after {index:02d} {name} ({state}{stats}; {ms:.1f} ms)",
+                )
+        return runs
+
+    def _write_failed(self, gm, index: int, name: str) -> Path:
+        folder = self.dump_dir or Path(tempfile.mkdtemp(prefix="mpcompiler-"))
+        filename = f"{index:02d}_{name}.failed.txt"
+        try:
+            return _dump(folder, gm, filename, f"IR when {index:02d} {name} failed")
+        except Exception:  # the graph may be too broken to print; say so rather than mask the error
+            return write_atomic(folder / filename, "\n".join(map(str, gm.graph.nodes)) + "\n")
+
+
+def _dump(folder: Path, gm: torch.fx.GraphModule, filename: str, title: str) -> Path:
+    return write_atomic(folder / filename, format_graph(gm, title))

@@ -1,0 +1,116 @@
+"""The report: what was decided for every node, and why (``compiled.report``, ``report.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from mpcompiler.files import write_atomic
+from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name, short_dtype
+from mpcompiler.pass_manager import PassRun
+
+
+def _dtype_name(d: torch.dtype | None) -> str | None:
+    return str(d).removeprefix("torch.") if d is not None else None
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    """One node of the compiled graph as the report shows it."""
+
+    name: str
+    op: str
+    module_path: str
+    dtype: str | None  # planned (and, after insert_casts, actual) dtype of its float value
+    math_dtype: str | None  # set where the kernel computes wider than its I/O
+    op_class: str | None
+    rule: str
+    reason: str
+    range: dict | None
+    inserted_cast: bool
+
+
+@dataclass
+class Report:
+    """Per-node precision decisions, with summary helpers; ``str(report)`` is a readable summary."""
+
+    target: str
+    calib_samples: int
+    nodes: list[NodeDecision]
+    passes: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun]) -> Report:
+        nodes = []
+        for n in gm.graph.nodes:
+            rec = n.meta.get(META_KEY)
+            if n.op != "call_function" or rec is None:
+                continue
+            nodes.append(
+                NodeDecision(
+                    name=n.name,
+                    op=op_name(n),
+                    module_path=rec.module_path,
+                    dtype=_dtype_name(rec.dtype),
+                    math_dtype=_dtype_name(rec.math_dtype),
+                    op_class=rec.op_class.value if rec.op_class else None,
+                    rule=rec.rule,
+                    reason=rec.reason,
+                    range=rec.range.to_dict() if rec.range else None,
+                    inserted_cast=rec.inserted,
+                )
+            )
+        g = graph_record(gm)
+        passes = [
+            {"index": r.index, "name": r.name, "modified": r.result.modified, "ms": round(r.ms, 2), **r.result.stats}
+            for r in runs
+        ]
+        return cls(target=_dtype_name(g.target), calib_samples=g.calib_samples, nodes=nodes, passes=passes)
+
+    def ops(self) -> list[NodeDecision]:
+        """Float-valued ops of the model (inserted casts left out)."""
+        return [n for n in self.nodes if n.dtype is not None and not n.inserted_cast]
+
+    def counts(self, op_class: str | None = None) -> dict[str, int]:
+        """Number of float-valued ops per dtype, optionally of one op class ("low", "follow", ...)."""
+        return dict(Counter(n.dtype for n in self.ops() if op_class is None or n.op_class == op_class))
+
+    def casts(self) -> int:
+        return sum(n.inserted_cast for n in self.nodes)
+
+    def kept_high(self) -> list[NodeDecision]:
+        """Ops not in the target dtype, each with its reason."""
+        return [n for n in self.ops() if n.dtype != self.target]
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "calib_samples": self.calib_samples,
+            "counts": self.counts(),
+            "casts": self.casts(),
+            "passes": self.passes,
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{short_dtype(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
+        low = self.counts(OpClass.LOW.value)
+        lines = [
+            f"mpcompiler report: target {self.target}, {self.calib_samples} calibration samples",
+            f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
+        ]
+        high = self.kept_high()
+        if high:
+            lines.append(f"  {len(high)} ops not in {self.target}:")
+            lines += [f"    %{n.name:<24} {n.dtype:<8} @ {n.module_path or '-'}: {n.reason}" for n in high[:40]]
+            if len(high) > 40:
+                lines.append(f"    ... {len(high) - 40} more in report.json")
+        return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""mpcompiler's passes, one per file; ``mpcompiler.api.pipeline`` lists them in order."""
+
+from mpcompiler.passes.assign_precision import AssignPrecision
+from mpcompiler.passes.calibrate_ranges import CalibrateRanges
+from mpcompiler.passes.clean_graph import CleanGraph
+from mpcompiler.passes.eliminate_casts import EliminateCasts
+from mpcompiler.passes.insert_casts import InsertCasts
+
+__all__ = ["AssignPrecision", "CalibrateRanges", "CleanGraph", "EliminateCasts", "InsertCasts"]

@@ -1,0 +1,169 @@
+"""insert_casts: realise the precision plan.
+
+- Where a consumer runs in another dtype than a value it reads, insert one cast of that value (shared
+  by every consumer that needs the same dtype), right after the value is produced.
+- Parameters and buffers are converted once, here, at compile time: the attribute itself is replaced
+  by its converted tensor (or, if consumers need two dtypes, a converted copy is added beside it).
+- Graph outputs are cast back to the model's own output dtypes.
+- Nodes whose dtype the program writes (a user's ``x.float()``) take their input as it comes.
+
+Afterwards the graph is re-typed through fake tensors, and every node's dtype equals its plan.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from mpcompiler.ir import (
+    META_KEY,
+    NodeRecord,
+    OpClass,
+    attr_of,
+    float_dtype,
+    graph_record,
+    planned_dtype,
+    record,
+    short_dtype,
+)
+from mpcompiler.ops import positional_names, rule_for
+from mpcompiler.pass_manager import Pass, PassResult, retype
+
+CAST = torch.ops.aten._to_copy.default
+
+
+class InsertCasts(Pass):
+    """Insert casts at precision boundaries and convert parameters once."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        rewrite = _Rewrite(gm)
+        for node in list(gm.graph.nodes):
+            if node.op == "output":
+                rewrite.outputs(node, graph_record(gm).output_dtypes)
+            elif (
+                node.op == "call_function"
+                and record(node).dtype is not None
+                and record(node).op_class is not OpClass.FIXED
+            ):
+                rewrite.inputs(node)
+            elif node.op in ("call_function", "call_module"):
+                rewrite.note_param_reads(node)
+        converted = rewrite.convert_params()
+        gm.recompile()
+        retype(gm)
+        graph_record(gm).casts_inserted = True
+        stats = {"casts_inserted": len(rewrite.casts), "params_converted": converted}
+        return PassResult(modified=any(stats.values()), stats=stats)
+
+
+class _Rewrite:
+    """The state of one insert_casts run over one graph."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.casts: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
+        # parameter target -> (get_attr node, consumer, dtype the consumer reads it in)
+        self.param_reads: dict[str, list[tuple[torch.fx.Node, torch.fx.Node, torch.dtype]]] = {}
+        self.last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+    def inputs(self, node: torch.fx.Node) -> None:
+        """Make each float input of ``node`` arrive in the node's dtype (fp32 for ``fp32_args``)."""
+        dtype, fp32_args = record(node).dtype, set(rule_for(node).fp32_args)
+        names = positional_names(node)
+
+        def want(name: str | None) -> torch.dtype:
+            return torch.float32 if name in fp32_args else dtype
+
+        node.args = tuple(
+            self._map(a, node, want(names[i] if i < len(names) else None)) for i, a in enumerate(node.args)
+        )
+        node.kwargs = {k: self._map(v, node, want(k)) for k, v in node.kwargs.items()}
+
+    def outputs(self, node: torch.fx.Node, dtypes: tuple[torch.dtype | None, ...]) -> None:
+        """Cast the graph's outputs back to the model's dtypes (leaves in pytree order)."""
+        leaves, spec = pytree.tree_flatten(node.args[0])
+        leaves = [
+            self._value(v, d, node) if isinstance(v, torch.fx.Node) else v for v, d in zip(leaves, dtypes, strict=True)
+        ]
+        node.args = (pytree.tree_unflatten(leaves, spec),)
+
+    def note_param_reads(self, node: torch.fx.Node) -> None:
+        """Nodes outside the plan read parameters in their own dtype."""
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and float_dtype(a.meta.get("val")) is not None:
+                self.param_reads.setdefault(a.target, []).append((a, node, float_dtype(a.meta["val"])))
+
+    def _map(self, arg, consumer: torch.fx.Node, want: torch.dtype):
+        return torch.fx.node.map_arg(arg, lambda a: self._value(a, want, consumer))
+
+    def _value(self, value: torch.fx.Node, want: torch.dtype | None, consumer: torch.fx.Node) -> torch.fx.Node:
+        """``value`` as ``consumer`` needs it: itself, or a cast of it to ``want``."""
+        val = value.meta.get("val")
+        if want is None or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            return value
+        if value.op == "get_attr":
+            self.param_reads.setdefault(value.target, []).append((value, consumer, want))
+            return value
+        have = planned_dtype(value)
+        if have == want:
+            return value
+        if (value, want) not in self.casts:
+            graph = value.graph
+            with graph.inserting_after(self.last_input if value.op == "placeholder" else value):
+                name = f"{value.name}_{short_dtype(want)}"
+                cast = graph.create_node("call_function", CAST, (value,), {"dtype": want}, name=name)
+            cast.meta["val"] = val
+            cast.meta[META_KEY] = NodeRecord(
+                module_path=record(consumer).module_path if consumer.op != "output" else "",
+                op_class=OpClass.FIXED,
+                dtype=want,
+                rule="cast",
+                reason=f"%{value.name} is {short_dtype(have)}; %{consumer.name} reads it as {short_dtype(want)}",
+                range=record(value).range,
+                inserted=True,
+            )
+            self.casts[value, want] = cast
+        return self.casts[value, want]
+
+    def convert_params(self) -> int:
+        """Replace each parameter by its converted tensor; add converted copies where dtypes differ."""
+        gm, converted = self.gm, 0
+        for target, reads in self.param_reads.items():
+            original = attr_of(gm, target)
+            dtypes = {want for _, _, want in reads}
+            in_place = len(dtypes) == 1  # one dtype read: replace the attribute itself
+            for dtype in sorted(dtypes - {original.dtype}, key=str):
+                converted += 1
+                name = target if in_place else f"{target}_{short_dtype(dtype)}"
+                _set_attr(gm, name, original.detach().to(dtype), like=target)
+                copy = None
+                for node, consumer, want in reads:
+                    if want != dtype:
+                        continue
+                    if in_place:
+                        record(node).dtype = dtype
+                        continue
+                    if copy is None:
+                        with gm.graph.inserting_after(node):
+                            copy = gm.graph.get_attr(name)
+                        copy.meta["val"] = node.meta["val"]
+                        copy.meta[META_KEY] = NodeRecord(
+                            dtype=dtype, rule="parameter", reason=f"{target} converted once", range=record(node).range
+                        )
+                    consumer.replace_input_with(node, copy)
+        return converted
+
+
+def _set_attr(gm: torch.nn.Module, target: str, tensor: torch.Tensor, *, like: str) -> None:
+    """Set ``target`` to ``tensor`` as the same kind of attribute (parameter, buffer, plain) as ``like``."""
+    like_owner_path, _, like_name = like.rpartition(".")
+    like_owner = gm.get_submodule(like_owner_path)
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    if like_name in like_owner._parameters:
+        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    elif like_name in like_owner._buffers:
+        owner.register_buffer(name, tensor)
+    else:
+        setattr(owner, name, tensor)

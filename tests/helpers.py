@@ -1,0 +1,79 @@
+"""Small models and measures shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import mpcompiler
+from mpcompiler.api import Options, pipeline
+from mpcompiler.capture import capture, collect_samples
+from mpcompiler.pass_manager import PassManager
+
+
+def rel_err(got, ref) -> float:
+    """Relative L2 error of got vs ref (fp32 math)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm())
+
+
+class Tiny(nn.Module):
+    """linear -> layer_norm -> relu -> linear -> softmax: one op of each class."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.ln = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.fc2(torch.relu(self.ln(self.fc1(x)))), dim=-1)
+
+
+class Overflow(nn.Module):
+    """Activations past fp16's max (65504) in the middle; small again at the output.
+
+    fc1 scales its input up ~1e5x, fc2 scales back down: plain ``.half()`` overflows to inf/NaN.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(16, 32)
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 8)
+        with torch.no_grad():
+            self.fc1.weight.mul_(3e5)
+            self.fc2.weight.mul_(1e-5)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(torch.tanh(self.fc0(x)))))))
+
+
+def stages(model, data, *, upto: str, **options):
+    """Capture ``model`` and run the pipeline up to and including the pass named ``upto``."""
+    opts = Options.parse(
+        dtype=options.pop("dtype", "float16"),
+        keep_fp32=options.pop("keep_fp32", ()),
+        dump_dir=None,
+        device=None,
+        debug=True,
+    )
+    samples = collect_samples(data)
+    gm = capture(model, samples, device=torch.device("cpu"))
+    passes = pipeline(opts, samples, torch.device("cpu"))
+    names = [p.name() for p in passes]
+    PassManager(passes[: names.index(upto) + 1], debug=True).run(gm)
+    return gm
+
+
+def nodes_by_op(gm, op: str):
+    from mpcompiler.ir import op_name
+
+    return [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == op]
+
+
+def compile_tiny(**options):
+    model = Tiny().eval()
+    data = [torch.randn(8, 16) for _ in range(4)]
+    return model, mpcompiler.compile(model, data, **options)

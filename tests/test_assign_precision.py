@@ -1,0 +1,96 @@
+"""assign_precision: op classes, the range rule and keep_fp32, checked on decisions and on numbers."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mpcompiler
+from mpcompiler.ir import OpClass, record
+from tests.helpers import Overflow, Tiny, nodes_by_op, rel_err, stages
+
+
+def _tiny_data():
+    return [torch.randn(8, 16) for _ in range(3)]
+
+
+def test_op_classes_on_tiny():
+    gm = stages(Tiny().eval(), _tiny_data(), upto="assign_precision")
+    (fc1, fc2), (ln,), (relu,), (sm,) = (nodes_by_op(gm, o) for o in ("linear", "layer_norm", "relu", "softmax"))
+    assert record(fc1).dtype == record(fc2).dtype == torch.float16 and record(fc1).op_class is OpClass.LOW
+    assert record(relu).dtype == torch.float16 and record(relu).rule == "follows inputs"
+    for fragile in (ln, sm):  # fp32 math inside the kernel, fp16 I/O
+        assert record(fragile).dtype == torch.float16 and record(fragile).math_dtype == torch.float32
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert record(x).dtype == torch.float32  # inputs stay as the user passes them
+
+
+class ExpHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.emb = nn.Embedding(20, 8)
+
+    def forward(self, x, ids):
+        return torch.exp(self.fc(x)) + self.emb(ids)
+
+
+def test_fragile_op_runs_fp32_and_parameter_only_op_goes_low():
+    data = [(torch.randn(4, 8), torch.randint(0, 20, (4,))) for _ in range(2)]
+    gm = stages(ExpHead().eval(), data, upto="assign_precision")
+    (exp,), (emb,), (add,) = nodes_by_op(gm, "exp"), nodes_by_op(gm, "embedding"), nodes_by_op(gm, "add")
+    assert record(exp).dtype == torch.float32 and "exp" in record(exp).reason
+    assert record(emb).dtype == torch.float16 and "parameters" in record(emb).reason
+    assert record(add).dtype == torch.float32  # f32 + f16 promotes
+    model = ExpHead().eval()
+    compiled = mpcompiler.compile(model, data)
+    x, ids = torch.randn(3, 8), torch.randint(0, 20, (3,))
+    assert rel_err(compiled(x, ids), model(x, ids)) < 5e-3
+
+
+def test_range_rule_names_output_and_input_overflow():
+    gm = stages(Overflow().eval(), [torch.randn(16, 16) for _ in range(4)], upto="assign_precision")
+    fc0, fc1, fc2, fc3 = nodes_by_op(gm, "linear")
+    assert record(fc0).dtype == record(fc3).dtype == torch.float16
+    assert record(fc1).dtype == torch.float32 and record(fc1).rule == "range"
+    assert record(fc1).reason.startswith("output reaches")
+    assert record(fc2).dtype == torch.float32 and record(fc2).reason.startswith("input %relu reaches")
+
+
+def test_bfloat16_has_fp32_range_so_the_range_rule_does_not_fire():
+    gm = stages(Overflow().eval(), [torch.randn(16, 16) for _ in range(4)], upto="assign_precision", dtype="bfloat16")
+    assert all(record(n).dtype == torch.bfloat16 for n in nodes_by_op(gm, "linear"))
+
+
+def test_keep_fp32_by_module_path_and_op_name():
+    gm = stages(Tiny().eval(), _tiny_data(), upto="assign_precision", keep_fp32=["fc2", "relu"])
+    fc1, fc2 = nodes_by_op(gm, "linear")
+    (relu,) = nodes_by_op(gm, "relu")
+    assert record(fc1).dtype == torch.float16
+    assert record(fc2).dtype == torch.float32 and record(fc2).reason == "keep_fp32 names 'fc2'"
+    assert record(relu).dtype == torch.float32 and record(relu).rule == "keep_fp32"
+
+
+def test_keep_fp32_that_matches_nothing_is_an_error():
+    with pytest.raises(mpcompiler.OptionError, match=r"\['decoder'\] match no module path.*'fc1'"):
+        mpcompiler.compile(Tiny().eval(), _tiny_data(), keep_fp32="decoder")
+
+
+def test_keep_fp32_module_numbers_match_fp32_closer():
+    model = Tiny().eval()
+    data = _tiny_data()
+    x = torch.randn(64, 16)
+    low = rel_err(mpcompiler.compile(model, data)(x), model(x))
+    high = rel_err(mpcompiler.compile(model, data, keep_fp32=["fc1", "ln", "relu", "fc2", "softmax"])(x), model(x))
+    assert high < 1e-6 < low < 5e-3
+
+
+def test_model_input_beyond_fp16_is_not_cast_down():
+    model = Tiny().eval()
+    data = [torch.randn(8, 16) * 1e5 for _ in range(2)]
+    gm = stages(model, data, upto="assign_precision")
+    fc1 = nodes_by_op(gm, "linear")[0]
+    x_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert record(x_node).range.absmax > 65504
+    assert record(fc1).dtype == torch.float32 and record(fc1).rule == "range"
+    x = torch.randn(4, 16) * 1e5
+    assert rel_err(mpcompiler.compile(model, data)(x), model(x)) < 5e-3

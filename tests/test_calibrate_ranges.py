@@ -1,0 +1,71 @@
+"""calibrate_ranges: exact statistics on known values, merged over samples; errors name node and sample."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mpcompiler
+from mpcompiler.ir import record
+from passes.calibrate_ranges import _Stats
+from tests.helpers import Tiny, nodes_by_op, stages
+
+
+def test_stats_of_known_values():
+    st = _Stats()
+    st.update(torch.tensor([-3.0, 0.0, 1e-6, 2.0, float("nan"), float("inf")]))
+    st.update(torch.tensor([5.0, -1e-5, 0.5]))
+    r = st.finish()
+    assert (r.min, r.max, r.absmax) == (-3.0, 5.0, 5.0)
+    assert (r.nan, r.inf, r.samples) == (1, 1, 2)
+    assert r.subnormal_share == pytest.approx(2 / 6)  # 1e-6 and 1e-5 of six nonzero finite values
+
+
+def test_percentile_within_a_bin():
+    st = _Stats()
+    values = torch.logspace(-3, 3, 100_000)  # |x| spread over six decades
+    st.update(values)
+    exact = float(torch.quantile(values, 0.9999))
+    assert exact <= st.finish().p9999 <= exact * 2 ** (1 / 4) * 1.0001
+
+
+def test_large_tensors_are_histogrammed_on_a_sample():
+    st = _Stats()
+    x = torch.randn(3_000_000)
+    st.update(x)
+    r = st.finish()
+    assert r.absmax == float(x.abs().max())
+    assert 3.0 < r.p9999 < 5.5  # |N(0,1)|'s 99.99th percentile is 3.9
+
+
+def test_ranges_cover_all_samples_and_views_share_their_input():
+    model = Tiny().eval()
+    data = [torch.randn(4, 16), torch.randn(4, 16) * 10]
+    gm = stages(model, data, upto="calibrate_ranges")
+    fc1 = nodes_by_op(gm, "linear")[0]
+    with torch.no_grad():
+        outs = [model.fc1(x) for x in data]
+    r = record(fc1).range
+    assert r.max == pytest.approx(max(float(o.max()) for o in outs), rel=1e-6)
+    assert r.min == pytest.approx(min(float(o.min()) for o in outs), rel=1e-6)
+    assert r.samples == 2
+    weight = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "fc1.weight")
+    assert record(weight).range.absmax == pytest.approx(float(model.fc1.weight.detach().abs().max()))
+
+
+class NaNAfterLog(nn.Module):
+    def forward(self, x):
+        return torch.log(x - 1.0) * 2
+
+
+def test_nan_output_names_the_first_nan_node_and_sample():
+    with pytest.raises(mpcompiler.CalibrationError, match=r"sample 1; the first NaN appears at %log \(log\)"):
+        mpcompiler.compile(NaNAfterLog(), [torch.rand(2, 4) + 2, torch.rand(2, 4)])
+
+
+def test_sample_that_fails_names_the_sample_and_node():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    ids = [torch.randint(0, 10, (2, 5)), torch.tensor([[1, 2, 50, 3, 4]] * 2)]  # id 50: past the vocabulary
+    with pytest.raises(
+        mpcompiler.CalibrationError, match=r"sample 1 failed at %embedding \(embedding\) in 0: IndexError"
+    ):
+        mpcompiler.compile(model, ids)

@@ -1,0 +1,58 @@
+"""clean_graph: asserts, eval dropout, no-op casts and dead code go; in-place ops go out of place."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mpcompiler
+from mpcompiler.ir import op_name
+from tests.helpers import nodes_by_op, rel_err, stages
+
+
+class Messy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        y = self.drop(self.fc(x)).to(x.device)  # export writes this as to(dtype=float32, device=...)
+        y.relu_()
+        z = y.clone()
+        z.add_(1.0)
+        unused = y * 3  # noqa: F841 - dead code
+        return z + y + mask.to(torch.float32)  # int -> float: a real conversion, kept
+
+
+def _data():
+    return [(torch.randn(4, 8), torch.randint(0, 2, (4, 8))) for _ in range(2)]
+
+
+def test_clean_graph_rewrites_and_keeps_numbers():
+    model = Messy().eval()
+    gm = stages(model, _data(), upto="clean_graph")
+    ops = [op_name(n) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "dropout" not in ops and "_assert_tensor_metadata" not in ops
+    assert "relu_" not in ops and "add_" not in ops and "relu" in ops
+    casts = nodes_by_op(gm, "to")
+    assert len(casts) == 1 and casts[0].args[0].name == "mask"  # only the int -> float conversion stays
+    x, mask = _data()[0]
+    assert torch.equal(gm(x, mask), model(x, mask))
+
+
+class MutatesInput(nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x + 1
+
+
+def test_mutating_an_input_in_place_is_an_error_naming_the_op():
+    with pytest.raises(mpcompiler.CaptureError, match="op mul_ at top level writes in place into model input x"):
+        mpcompiler.compile(MutatesInput(), [torch.randn(2, 4)])
+
+
+def test_compiled_inplace_model_matches_fp32():
+    model = Messy().eval()
+    compiled = mpcompiler.compile(model, _data())
+    x, mask = torch.randn(3, 8), torch.randint(0, 2, (3, 8))
+    assert rel_err(compiled(x, mask), model(x, mask)) < 5e-3

@@ -1,0 +1,78 @@
+"""Dumps: a numbered file per pass that changed the graph, and their text checked against golden files.
+
+Regenerate the golden files with MPCOMPILER_UPDATE_GOLDEN=1 after a deliberate format change.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import mpcompiler
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+class Small(nn.Module):
+    """Fixed weights, so the dump is the same on every machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.arange(12.0).reshape(3, 4) / 10 - 0.5)
+            self.fc.bias.fill_(0.25)
+            self.head.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.5, -1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return torch.log_softmax(self.head(torch.relu(self.fc(x))) * 100.0, dim=-1)
+
+
+def _compile(tmp_path, debug):
+    data = [torch.linspace(-2, 2, 8).reshape(2, 4), torch.linspace(-1, 3, 12).reshape(3, 4)]
+    return mpcompiler.compile(Small().eval(), data, dump_dir=tmp_path, debug=debug)
+
+
+def _stable(text: str) -> str:
+    return re.sub(r"; [\d.]+ ms\)", "; <ms>)", text)
+
+
+def test_dump_files_and_golden_text(tmp_path):
+    _compile(tmp_path, debug=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [
+        "00_capture.txt",
+        "02_calibrate_ranges.txt",
+        "03_assign_precision.txt",
+        "04_insert_casts.txt",
+        "report.json",
+    ]
+    for name in ("03_assign_precision.txt", "04_insert_casts.txt"):
+        got = _stable((tmp_path / name).read_text())
+        golden = GOLDEN / f"small_{name}"
+        if os.environ.get("MPCOMPILER_UPDATE_GOLDEN"):
+            golden.write_text(got)
+        assert got == golden.read_text(), f"{name} differs from {golden}"
+
+
+def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
+    compiled = _compile(tmp_path, debug=True)
+    assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "05_eliminate_casts.txt"
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["target"] == "float16" and data["calib_samples"] == 2
+    assert [p["name"] for p in data["passes"]] == [
+        "clean_graph",
+        "calibrate_ranges",
+        "assign_precision",
+        "insert_casts",
+        "eliminate_casts",
+    ]
+    by_name = {n["name"]: n for n in data["nodes"]}
+    assert by_name["log_softmax"]["math_dtype"] == "float32" and by_name["linear"]["dtype"] == "float16"
+    assert all(n["reason"] for n in data["nodes"])
+    assert data["counts"] == compiled.report.counts()

@@ -1,0 +1,113 @@
+"""eliminate_casts: each rule fires where it may, never where it must not, and never changes a result."""
+
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mpcompiler.passes import EliminateCasts
+
+import mpcompiler
+from mpcompiler.ops import is_cast
+from tests.helpers import rel_err, stages
+
+H, F, B, D = torch.float16, torch.float32, torch.bfloat16, torch.float64
+
+
+class Chains(nn.Module):
+    def forward(self, x):
+        keep = x.half().float()  # f32 -> f16 -> f32 rounds: must survive
+        h = x.half()
+        back = h.float().half()  # f16 -> f32 -> f16 is h
+        dup1, dup2 = h.double(), h.double()  # one cast is enough
+        return keep, back, dup1 + dup2
+
+
+def _casts(gm):
+    return [(n.args[0].name, n.args[1] if len(n.args) > 1 else n.kwargs["dtype"]) for n in gm.graph.nodes if is_cast(n)]
+
+
+def test_rules_fire_where_safe_and_the_rounding_round_trip_survives():
+    model = Chains()
+    gm = stages(model, [torch.randn(4, 8)], upto="clean_graph")
+    x = torch.randn(4, 8)
+    before = gm(x)
+    result = EliminateCasts().call(gm)
+    # x.half() twice, h.float() twice (keep's and back's), h.double() twice: three duplicates;
+    # back = h.float().half() -> h.half() (exact chain) -> h (identity)
+    assert result.stats == {"identity": 1, "exact_chain": 1, "dead": 0, "duplicate": 3}
+    assert _casts(gm) == [("x", H), ("to", F), ("to", D)]  # the f32 -> f16 -> f32 pair stays
+    for a, b in zip(gm(x), before, strict=True):
+        assert torch.equal(a, b)
+
+
+class RoundTrip(nn.Module):
+    def forward(self, x):
+        h = x.half()
+        return h.float().half() * 2
+
+
+def test_inner_cast_left_without_readers_is_removed():
+    gm = stages(RoundTrip(), [torch.randn(4, 8)], upto="clean_graph")
+    result = EliminateCasts().call(gm)
+    assert result.stats == {"identity": 1, "exact_chain": 1, "dead": 1, "duplicate": 0}
+    assert _casts(gm) == [("x", H)]
+
+
+class HalfBlock(nn.Module):
+    """A model with an fp16 part: its .float() widens on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8).half()
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x.half()).float()
+        return self.out(torch.exp(y * 0.1))
+
+
+def test_user_widening_cast_is_kept():
+    model = HalfBlock().eval()
+    compiled = mpcompiler.compile(model, [torch.randn(4, 8) for _ in range(2)])
+    gm = compiled.graph_module
+    widen = [n for n in gm.graph.nodes if is_cast(n) and n.args[0].name == "linear"]
+    assert len(widen) == 1 and widen[0].args[1] == F
+    x = torch.randn(3, 8)
+    assert rel_err(compiled(x), model(x)) < 5e-3
+
+
+_STEP = st.one_of(st.sampled_from([H, F, B, D]), st.sampled_from(["add", "mul", "relu", "neg"]))
+
+
+class Program(nn.Module):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, x):
+        outs = []
+        for s in self.steps:
+            if isinstance(s, torch.dtype):
+                x = x.to(s)
+            elif s == "add":
+                x = x + 1.5
+            elif s == "mul":
+                x = x * 0.37
+            elif s == "relu":
+                x = torch.relu(x)
+            else:
+                x = -x
+            outs.append(x)
+        return tuple(outs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(_STEP, min_size=2, max_size=7))
+def test_property_elimination_never_changes_a_result(steps):
+    gm = stages(Program(steps), [torch.randn(3, 5)], upto="clean_graph")
+    x = torch.randn(3, 5) * 100
+    before = gm(x)
+    EliminateCasts().call(gm)
+    after = gm(x)
+    for a, b in zip(after, before, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -1,0 +1,83 @@
+"""insert_casts: casts only at boundaries, parameters converted once, numbers against fp32."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mpcompiler
+from mpcompiler.ir import record
+from tests.helpers import Tiny, nodes_by_op, rel_err, stages
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiny_casts_at_boundaries_only_and_matches_fp32(dtype):
+    model = Tiny().eval()
+    data = [torch.randn(8, 16) for _ in range(3)]
+    gm = stages(model, data, upto="insert_casts", dtype=dtype)
+    casts = [n for n in gm.graph.nodes if n.op == "call_function" and record(n).inserted]
+    assert [(c.args[0].name, c.kwargs["dtype"]) for c in casts] == [("x", dtype), ("softmax", torch.float32)]
+    for name, p in gm.named_parameters():
+        assert p.dtype == dtype, name
+    x = torch.randn(32, 16)
+    out = gm(x)
+    assert out.dtype == torch.float32
+    assert rel_err(out, model(x)) < TOL[dtype]
+
+
+class SharedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.rand(8))
+
+    def forward(self, x):
+        # x feeds two fp16 linears (one cast); scale feeds an fp16 mul and an fp32 exp (two dtypes)
+        return self.a(x) * self.scale + self.b(x) + torch.exp(self.scale).sum()
+
+
+def test_one_cast_per_value_and_dtype_and_parameter_in_two_dtypes():
+    model = SharedInput().eval()
+    gm = stages(model, [torch.randn(4, 8) for _ in range(2)], upto="insert_casts")
+    casts_of_x = [n for n in gm.graph.nodes if record(n).inserted and n.args[0].name == "x"]
+    assert len(casts_of_x) == 1 and len(casts_of_x[0].users) == 2
+    assert gm.scale.dtype == torch.float32 and gm.scale_f16.dtype == torch.float16
+    (exp,) = nodes_by_op(gm, "exp")
+    assert exp.args[0].target == "scale"
+    x = torch.randn(5, 8)
+    assert rel_err(gm(x), model(x)) < 5e-3
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(1e-5, 1e-4)  # subnormal in fp16: must stay fp32
+            self.bn.running_mean.normal_()
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_batch_norm_parameters_stay_fp32_with_fp16_io():
+    model = ConvBN().eval()
+    gm = stages(model, [torch.randn(2, 3, 8, 8) for _ in range(2)], upto="insert_casts")
+    assert gm.conv.weight.dtype == torch.float16
+    assert gm.bn.running_var.dtype == gm.bn.weight.dtype == torch.float32
+    (bn,) = nodes_by_op(gm, "batch_norm")
+    assert record(bn).dtype == torch.float16 and record(bn).math_dtype == torch.float32
+    x = torch.randn(2, 3, 8, 8)
+    assert rel_err(gm(x), model(x)) < 5e-3
+
+
+def test_weights_take_half_the_bytes_and_user_model_is_untouched():
+    model = Tiny().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = mpcompiler.compile(model, [torch.randn(8, 16)] * 2)
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert nbytes(compiled.graph_module) * 2 == nbytes(model)
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])

