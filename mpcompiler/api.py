@@ -15,7 +15,14 @@ from mpcompiler.capture import capture, collect_samples, model_device
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.errors import CaptureError, OptionError
 from mpcompiler.pass_manager import Pass, PassManager
-from mpcompiler.passes import AssignPrecision, CalibrateRanges, CleanGraph, EliminateCasts, InsertCasts
+from mpcompiler.passes import (
+    AssignPrecision,
+    CalibrateRanges,
+    CleanGraph,
+    EliminateCasts,
+    FoldBatchNorm,
+    InsertCasts,
+)
 from mpcompiler.report import Report
 
 log = logging.getLogger("mpcompiler")
@@ -73,6 +80,7 @@ def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass
     """The passes, in order."""
     return [
         CleanGraph(),
+        FoldBatchNorm(),
         CalibrateRanges(samples=samples, device=device),
         AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32),
         InsertCasts(),

@@ -4,6 +4,7 @@ from mpcompiler.passes.assign_precision import AssignPrecision
 from mpcompiler.passes.calibrate_ranges import CalibrateRanges
 from mpcompiler.passes.clean_graph import CleanGraph
 from mpcompiler.passes.eliminate_casts import EliminateCasts
+from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
 
-__all__ = ["AssignPrecision", "CalibrateRanges", "CleanGraph", "EliminateCasts", "InsertCasts"]
+__all__ = ["AssignPrecision", "CalibrateRanges", "CleanGraph", "EliminateCasts", "FoldBatchNorm", "InsertCasts"]

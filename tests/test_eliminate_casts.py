@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mpcompiler.passes import EliminateCasts
 
 import mpcompiler
 from mpcompiler.ops import is_cast
+from mpcompiler.passes import EliminateCasts
 from tests.helpers import rel_err, stages
 
 H, F, B, D = torch.float16, torch.float32, torch.bfloat16, torch.float64

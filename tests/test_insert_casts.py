@@ -59,7 +59,7 @@ class ConvBN(nn.Module):
             self.bn.running_mean.normal_()
 
     def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)))
+        return self.bn(torch.relu(self.conv(x)))  # after a relu: not folded into the conv
 
 
 def test_batch_norm_parameters_stay_fp32_with_fp16_io():

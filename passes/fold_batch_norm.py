@@ -1,0 +1,93 @@
+"""fold_batch_norm: fold inference batch norm into the conv or linear that feeds it, at compile time.
+
+    y = (conv(x, W, b) - mean) / sqrt(var + eps) * gamma + beta
+      = conv(x, W * s, (b - mean) * s + beta)          with s = gamma / sqrt(var + eps)
+
+The folded weights are computed in float64 and stored in the weights' dtype (fp32), before any
+precision decision: the later fp16 cast rounds the folded weight once. A batch norm is folded only
+when it is the sole reader of a conv/linear whose weight nothing else reads, with constant
+statistics; others stay (and run with fp16 I/O and fp32 parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from mpcompiler.ir import attr_of, op_name, record
+from mpcompiler.ops import bound_args
+from mpcompiler.pass_manager import Pass, PassResult, retype
+
+_FOLDABLE = {"conv1d", "conv2d", "conv3d", "linear"}
+
+
+def _constant(gm, node) -> torch.Tensor | None:
+    return attr_of(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+class FoldBatchNorm(Pass):
+    """Fold eval-mode batch_norm into the preceding conv or linear's weight and bias."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        folded = 0
+        for bn in list(gm.graph.nodes):
+            if bn.op == "call_function" and op_name(bn) == "batch_norm" and self._fold(gm, bn):
+                folded += 1
+        if folded:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            retype(gm)  # shapes and dtypes of the new bias attributes
+        return PassResult(modified=folded > 0, stats={"folded": folded})
+
+    def _fold(self, gm: torch.fx.GraphModule, bn: torch.fx.Node) -> bool:
+        a = bound_args(bn)
+        producer = a["input"]
+        if a.get("training") or not isinstance(producer, torch.fx.Node) or op_name(producer) not in _FOLDABLE:
+            return False
+        if len(producer.users) != 1:
+            return False
+        p = bound_args(producer)
+        w_node = p["weight"]
+        weight, mean, var = _constant(gm, w_node), _constant(gm, a["running_mean"]), _constant(gm, a["running_var"])
+        if weight is None or mean is None or var is None or len(w_node.users) != 1:
+            return False
+        b_node = p.get("bias")
+        if b_node is not None and (_constant(gm, b_node) is None or len(b_node.users) != 1):
+            return False
+        gamma = _constant(gm, a["weight"]) if a.get("weight") is not None else torch.ones_like(var)
+        beta = _constant(gm, a["bias"]) if a.get("bias") is not None else torch.zeros_like(var)
+        if gamma is None or beta is None:
+            return False
+
+        f64 = torch.float64
+        scale = gamma.detach().to(f64) / torch.sqrt(var.detach().to(f64) + a["eps"])
+        bias = _constant(gm, b_node).detach().to(f64) if b_node is not None else torch.zeros_like(scale)
+        new_w = weight.detach().to(f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+        new_b = (bias - mean.detach().to(f64)) * scale + beta.detach().to(f64)
+        _replace_param(gm, w_node.target, new_w.to(weight.dtype))
+        if b_node is not None:
+            _replace_param(gm, b_node.target, new_b.to(weight.dtype))
+        else:
+            target = _new_param(gm, w_node.target.rpartition(".")[0], "bias", new_b.to(weight.dtype))
+            with gm.graph.inserting_before(producer):
+                b_node = gm.graph.get_attr(target)
+            record(b_node)
+            args = list(producer.args) + [None] * (3 - len(producer.args))
+            args[2] = b_node
+            producer.args = tuple(args)
+        bn.replace_all_uses_with(producer)
+        gm.graph.erase_node(bn)
+        return True
+
+
+def _replace_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    gm.get_submodule(owner_path).register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _new_param(gm: torch.nn.Module, owner_path: str, name: str, value: torch.Tensor) -> str:
+    owner = gm.get_submodule(owner_path)
+    while hasattr(owner, name):
+        name += "_folded"
+    owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    return f"{owner_path}.{name}" if owner_path else name
