@@ -24,8 +24,11 @@ from mpcompiler.passes import (
     InsertCasts,
 )
 from mpcompiler.report import Report
+from mpcompiler.verify import measure, output_names, references
 
 log = logging.getLogger("mpcompiler")
+
+MAX_HELD_OUT = 4  # samples held back from calibration to measure the error on, by default
 
 _DTYPES = {
     "float16": torch.float16,
@@ -89,13 +92,20 @@ def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass
 
 
 class CompiledModule(torch.nn.Module):
-    """The compiled model: call it like the original; ``graph_module`` and ``report`` show what it is."""
+    """The compiled model: call it like the original; ``graph_module`` and ``report`` show what it is.
 
-    def __init__(self, graph_module: torch.fx.GraphModule, report: Report, options: Options):
+    ``val_samples`` and ``val_refs`` are the samples held back from calibration and the fp32
+    model's flat outputs on them: ``report.accuracy`` was measured on them, and export_onnx()
+    checks the ONNX artifact on them.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, report: Report, options: Options, val_samples, val_refs):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self.options = options
+        self.val_samples = val_samples
+        self.val_refs = val_refs
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -116,6 +126,7 @@ def compile(
     *,
     dtype: str | torch.dtype = "float16",
     keep_fp32: str | Sequence[str] = (),
+    val_data: Iterable | None = None,
     dump_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     debug: bool | None = None,
@@ -129,6 +140,9 @@ def compile(
         dtype: the low-precision dtype, ``"float16"`` or ``"bfloat16"``.
         keep_fp32: module paths (``"encoder.layer.3.attention"``, matching that module and all
             inside it) and op names (``"softmax"``) to keep in fp32.
+        val_data: samples to measure the error vs fp32 on (``report.accuracy``). Default: the last
+            fifth of calib_data (at most 4 samples) is held back from calibration for that; with
+            fewer than 5 samples none is held back and the error is measured on calibration samples.
         dump_dir: where to write one IR dump per pass that changed the graph and ``report.json``.
         device: where the compiled module runs (and calibration runs); default: the model's device.
         debug: verify the IR after every pass and dump every pass (default: env MPCOMPILER_DEBUG).
@@ -140,14 +154,22 @@ def compile(
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     options = Options.parse(dtype=dtype, keep_fp32=keep_fp32, dump_dir=dump_dir, device=device, debug=debug)
     samples = collect_samples(calib_data)
+    if val_data is not None:
+        val, held_out = collect_samples(val_data, "validation"), True
+    else:
+        held = min(MAX_HELD_OUT, len(samples) // 5)
+        held_out = held > 0
+        val = samples[len(samples) - held :] if held_out else samples[:MAX_HELD_OUT]
+        samples = samples[: len(samples) - held]
     target_device = options.device or model_device(model)
-    gm = capture(model, samples, device=target_device)
-    runs = PassManager(pipeline(options, samples, target_device), dump_dir=options.dump_dir, debug=options.debug).run(
-        gm
-    )
+    gm = capture(model, samples + val if held_out else samples, device=target_device)
+    passes = pipeline(options, samples, target_device)
+    runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
+    refs = references(model, val, model_device(model))
     graph_module = emit_fx(gm)
-    report = Report.from_graph(graph_module, runs)
+    accuracy = measure(graph_module, val, refs, output_names(graph_module), device=target_device, held_out=held_out)
+    report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:
         report.save(options.dump_dir / "report.json")
     log.info("%s", report)
-    return CompiledModule(graph_module, report, options)
+    return CompiledModule(graph_module, report, options, val, refs)

@@ -8,6 +8,7 @@ a batch dim it specializes is a warning (the graph then takes only that batch si
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 Sample = tuple[tuple, dict]  # (positional args, keyword args)
 
 
-def as_sample(sample, index: int) -> Sample:
+def as_sample(sample, index: int, what: str = "calibration") -> Sample:
     """A calibration sample as (args, kwargs): a tensor, a tuple/list of args, or a dict of kwargs."""
     if isinstance(sample, torch.Tensor):
         return (sample,), {}
@@ -36,31 +37,44 @@ def as_sample(sample, index: int) -> Sample:
     if isinstance(sample, dict) or hasattr(sample, "keys"):  # dict, or a tokenizer's BatchEncoding
         return (), dict(sample)
     raise CaptureError(
-        f"calibration sample {index} is a {type(sample).__name__}; a sample must be a tensor, "
+        f"{what} sample {index} is a {type(sample).__name__}; a sample must be a tensor, "
         "a tuple/list of positional arguments, or a dict of keyword arguments"
     )
 
 
-def collect_samples(calib_data: Iterable) -> list[Sample]:
-    """Read ``calib_data`` once (it may be a generator) into a list of (args, kwargs) samples."""
-    if isinstance(calib_data, (torch.Tensor, dict)):
+def collect_samples(data: Iterable, what: str = "calibration") -> list[Sample]:
+    """Read ``data`` once (it may be a generator) into a list of (args, kwargs) samples."""
+    name = "calib_data" if what == "calibration" else "val_data"
+    if isinstance(data, (torch.Tensor, dict)):
         raise CaptureError(
-            "calib_data must be an iterable of samples (a list, a DataLoader, a generator); "
-            f"got a single {type(calib_data).__name__}: wrap it in a list"
+            f"{name} must be an iterable of samples (a list, a DataLoader, a generator); "
+            f"got a single {type(data).__name__}: wrap it in a list"
         )
     try:
-        samples = [as_sample(s, i) for i, s in enumerate(calib_data)]
+        samples = [as_sample(s, i, what) for i, s in enumerate(data)]
     except TypeError as exc:
         if "not iterable" in str(exc):
-            raise CaptureError(f"calib_data must be iterable; got {type(calib_data).__name__}") from exc
+            raise CaptureError(f"{name} must be iterable; got {type(data).__name__}") from exc
         raise
     if not samples:
-        raise CaptureError("calib_data is empty: give at least one sample")
+        raise CaptureError(f"{name} is empty: give at least one sample")
     return samples
 
 
 def to_device(sample: Sample, device: torch.device) -> Sample:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), sample)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (an inference compiler captures eval-mode dropout and batch norm),
+    back in its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -133,14 +147,11 @@ def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.devi
 
     cap_device = model_device(model)
     args, kwargs = to_device(samples[0], cap_device)
-    was_training = model.training
-    model.eval()  # inference compiler: capture dropout and batch norm as in eval mode
-    try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:
-        raise _capture_error(model, exc) from exc
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            raise _capture_error(model, exc) from exc
 
     if device != cap_device:
         ep = torch.export.passes.move_to_device_pass(ep, device)
@@ -153,6 +164,7 @@ def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.devi
     outputs = pytree.tree_leaves(output.args[0])
     gm.meta[META_KEY] = GraphRecord(
         target=torch.float16,
+        dynamic_shapes=dynamic_shapes,
         output_dtypes=tuple(float_dtype(o.meta.get("val")) if isinstance(o, torch.fx.Node) else None for o in outputs),
     )
     return gm

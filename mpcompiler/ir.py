@@ -65,6 +65,7 @@ class GraphRecord:
     """mpcompiler's facts for the whole graph."""
 
     target: torch.dtype  # the low-precision dtype asked for
+    dynamic_shapes: dict | None = None  # torch.export's spec at capture, by forward() argument name
     output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit
     calib_samples: int = 0
     casts_inserted: bool = False  # after insert_casts, each planned dtype must equal the node's dtype

@@ -13,6 +13,7 @@ import torch.fx
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name, short_dtype
 from mpcompiler.pass_manager import PassRun
+from mpcompiler.verify import Accuracy
 
 
 def _dtype_name(d: torch.dtype | None) -> str | None:
@@ -43,9 +44,10 @@ class Report:
     calib_samples: int
     nodes: list[NodeDecision]
     passes: list[dict] = field(default_factory=list)
+    accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
 
     @classmethod
-    def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun]) -> Report:
+    def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
         nodes = []
         for n in gm.graph.nodes:
             rec = n.meta.get(META_KEY)
@@ -70,7 +72,9 @@ class Report:
             {"index": r.index, "name": r.name, "modified": r.result.modified, "ms": round(r.ms, 2), **r.result.stats}
             for r in runs
         ]
-        return cls(target=_dtype_name(g.target), calib_samples=g.calib_samples, nodes=nodes, passes=passes)
+        return cls(
+            target=_dtype_name(g.target), calib_samples=g.calib_samples, nodes=nodes, passes=passes, accuracy=accuracy
+        )
 
     def ops(self) -> list[NodeDecision]:
         """Float-valued ops of the model (inserted casts left out)."""
@@ -93,6 +97,7 @@ class Report:
             "calib_samples": self.calib_samples,
             "counts": self.counts(),
             "casts": self.casts(),
+            "accuracy": self.accuracy.to_dict() if self.accuracy else None,
             "passes": self.passes,
             "nodes": [asdict(n) for n in self.nodes],
         }
@@ -107,6 +112,8 @@ class Report:
             f"mpcompiler report: target {self.target}, {self.calib_samples} calibration samples",
             f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
         ]
+        if self.accuracy is not None:
+            lines.append(f"  {self.accuracy}")
         high = self.kept_high()
         if high:
             lines.append(f"  {len(high)} ops not in {self.target}:")

@@ -57,3 +57,30 @@ def test_compiled_module_api(tmp_path):
     with pytest.raises(mpcompiler.OptionError, match="compile again with dtype"):
         compiled.to(torch.float32)
     assert compiled.to("cpu") is compiled
+
+
+def test_held_out_samples_measure_the_error_and_are_not_calibrated_on():
+    model = Tiny().eval()
+    data = [torch.randn(4, 16) for _ in range(9)] + [torch.randn(4, 16) * 50]  # the last one is far wider
+    compiled = mpcompiler.compile(model, data)
+    acc = compiled.report.accuracy
+    assert acc.held_out and acc.samples == 2 and compiled.report.calib_samples == 8
+    assert list(acc.per_output) == ["output"] and 0 < acc.max < 5e-3
+    with torch.no_grad():
+        direct = rel_err(
+            torch.cat([compiled(s[0][0]) for s in compiled.val_samples]), torch.cat([model(d) for d in data[8:]])
+        )
+    assert acc.max == pytest.approx(direct, rel=1e-6)
+    fc1 = next(n for n in compiled.report.nodes if n.op == "linear")
+    assert fc1.range["samples"] == 8  # calibration never saw the held-out samples
+
+
+def test_val_data_and_too_few_samples():
+    model = Tiny().eval()
+    compiled = mpcompiler.compile(model, [torch.randn(4, 16)] * 3, val_data=[torch.randn(2, 16)])
+    assert compiled.report.accuracy.held_out and compiled.report.calib_samples == 3
+    few = mpcompiler.compile(model, [torch.randn(4, 16)] * 2)
+    assert not few.report.accuracy.held_out and few.report.accuracy.samples == 2
+    assert "none held out" in str(few.report)
+    with pytest.raises(mpcompiler.CaptureError, match="validation sample 0 is a str"):
+        mpcompiler.compile(model, [torch.randn(4, 16)], val_data=["x"])
