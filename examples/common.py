@@ -27,21 +27,29 @@ def compile_timed(model, calib, **options) -> tuple[mpcompiler.CompiledModule, f
     return compiled, time.perf_counter() - start
 
 
-def finish(
-    name: str, compiled: mpcompiler.CompiledModule, metrics: dict, outputs, out_dir: Path, seconds: float
-) -> None:
-    """Print the summary and write results.json, outputs.pt and graph_module.py beside the dumps."""
+def finish(name: str, compiled, metrics: dict, outputs, out_dir: Path, seconds: float, onnx_name: str) -> None:
+    """Export ONNX; print the summary; write results.json, outputs.pt and graph_module.py beside the dumps."""
     report = compiled.report
+    start = time.perf_counter()
+    artifact = compiled.export_onnx(out_dir / onnx_name)
+    onnx_seconds = time.perf_counter() - start
+    metrics = {
+        **metrics,
+        "onnx_verified_with": artifact.verified_with,
+        "onnx_rel_l2_error_vs_fp32": artifact.error_vs_fp32,
+    }
     results = {
         "model": name,
         "dtype": report.target,
         "calibration_samples": report.calib_samples,
         "compile_seconds": round(seconds, 2),
+        "onnx_export_seconds": round(onnx_seconds, 2),
         "ops_per_dtype": report.counts(),
         "compute_ops_per_dtype": report.counts("low"),
         "casts": report.casts(),
         "kept_high": [{"node": n.name, "module": n.module_path, "reason": n.reason} for n in report.kept_high()],
         **metrics,
+        "onnx": str(artifact.path),
         "torch": torch.__version__,
         "mpcompiler": mpcompiler.__version__,
     }
@@ -55,3 +63,4 @@ def finish(
     print(f"   ops per dtype: {report.counts()}; compute-bound (matmul/conv/attention): {report.counts('low')}")
     print(f"   casts inserted: {report.casts()}; ops not in {report.target}: {len(report.kept_high())}")
     print(f"   dumps and report.json: {out_dir / 'dumps'}; results: {out_dir / 'results.json'}")
+    print(f"   ONNX: {artifact.path}, handoff {artifact.handoff} (exported and verified in {onnx_seconds:.1f} s)")

@@ -109,7 +109,9 @@ def main() -> None:
     model = model.to(args.device)
     move = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
     calib, held_out = [move(b) for b in calib], [move(b) for b in held_out]
-    compiled, seconds = compile_timed(model, calib, dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps")
+    compiled, seconds = compile_timed(
+        model, calib, val_data=held_out, dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps"
+    )
     with torch.no_grad():
         ref = torch.cat([model(**b) for b in held_out])
         out = torch.cat([compiled(**b) for b in held_out])
@@ -121,7 +123,7 @@ def main() -> None:
         "cosine_vs_fp32_mean": round(float(cos.mean()), 7),
         "rel_l2_error_vs_fp32": float((out.double() - ref.double()).norm() / ref.double().norm()),
     }
-    finish("all-MiniLM-L6-v2 sentence embeddings", compiled, metrics, out.cpu(), out_dir, seconds)
+    finish("all-MiniLM-L6-v2 sentence embeddings", compiled, metrics, out.cpu(), out_dir, seconds, "minilm.onnx")
 
 
 if __name__ == "__main__":

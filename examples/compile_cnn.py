@@ -36,7 +36,9 @@ def main() -> None:
     images = digit_images(24).to(args.device)
     calib = [images[i : i + 4] for i in range(0, 16, 4)]  # 16 images to calibrate on
     held_out = images[16:24]  # 8 it never saw
-    compiled, seconds = compile_timed(model, calib, dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps")
+    compiled, seconds = compile_timed(
+        model, calib, val_data=[held_out], dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps"
+    )
     with torch.no_grad():
         ref = model(held_out)
         out = compiled(held_out)
@@ -45,7 +47,7 @@ def main() -> None:
         "rel_l2_error_vs_fp32": float((out.double() - ref.double()).norm() / ref.double().norm()),
         "top1_agreement_vs_fp32": float((out.argmax(1) == ref.argmax(1)).float().mean()),
     }
-    finish("resnet50", compiled, metrics, out.cpu(), out_dir, seconds)
+    finish("resnet50", compiled, metrics, out.cpu(), out_dir, seconds, "resnet50.onnx")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ compiled = mpcompiler.compile(model, calib_data)   # fp16 by default; dtype="bfl
 y = compiled(*args, **kwargs)                      # same signature and outputs as model
 compiled.graph_module                              # the emitted torch.fx.GraphModule
 compiled.report                                    # per node: op, module path, dtype, range, reason
+compiled.export_onnx("model.onnx")                 # ONNX for ONNX Runtime, verified, with a handoff file
 """
 
 from mpcompiler.api import CompiledModule, Options, compile
-from mpcompiler.errors import CalibrationError, CaptureError, MpCompilerError, OptionError, PassError
+from mpcompiler.emit_onnx import OnnxArtifact
+from mpcompiler.errors import CalibrationError, CaptureError, ExportError, MpCompilerError, OptionError, PassError
 from mpcompiler.report import Report
 
 __version__ = "0.1.0"
@@ -17,7 +19,9 @@ __all__ = [
     "CalibrationError",
     "CaptureError",
     "CompiledModule",
+    "ExportError",
     "MpCompilerError",
+    "OnnxArtifact",
     "OptionError",
     "Options",
     "PassError",

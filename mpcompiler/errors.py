@@ -19,3 +19,7 @@ class PassError(MpCompilerError):
 
 class OptionError(MpCompilerError, ValueError):
     """An option of compile() has a bad value, or names nothing in the model (keep_fp32)."""
+
+
+class ExportError(MpCompilerError):
+    """The compiled module could not be exported to ONNX, or the artifact failed its checks."""

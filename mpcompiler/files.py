@@ -15,6 +15,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the artifact from the people it is for
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,433 @@
+"""Emit the ONNX artifact: ``torch.onnx.export(dynamo=True)`` of the compiled FX module, plus what is ours.
+
+torch.onnx covers the ops. mpcompiler owns: the precision plan (already in the FX graph: the export
+keeps its casts and fp16 initializers), model input/output names and readable dynamic dims, provenance
+(every ONNX node carries the FX node, module path and dtype it came from), the precision summary in
+the model's metadata, checking (onnx.checker's full check with shape inference), an atomic write,
+verification in ONNX Runtime against fp32 and the FX module, and the deployment handoff file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+import torch.fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+
+import mpcompiler
+from mpcompiler.capture import to_device
+from mpcompiler.errors import ExportError
+from mpcompiler.files import write_atomic
+from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
+from mpcompiler.pass_manager import retype
+from mpcompiler.verify import flat_outputs, output_names, rel_l2
+
+EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
+DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
+_PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """What export_onnx wrote and measured."""
+
+    path: Path
+    handoff: Path  # the deployment team's markdown; its JSON twin is beside it
+    external_data: Path | None
+    verified_with: str | None  # ONNX Runtime provider, or None if not verified
+    error_vs_fp32: dict[str, float]
+    error_vs_fx: dict[str, float]
+
+
+def export_onnx(
+    compiled,
+    path,
+    *,
+    opset: int | None = None,
+    io_dtype: str | torch.dtype | None = None,
+    external_data: bool | None = None,
+    verify: str = "error",
+    tolerance: float = DEFAULT_TOLERANCE,
+    providers: list[str] | None = None,
+) -> OnnxArtifact:
+    """Write ``compiled`` as an ONNX model to ``path``; see ``CompiledModule.export_onnx``."""
+    if verify not in ("error", "warn", "off"):
+        raise ExportError(f"verify={verify!r}: use 'error', 'warn' or 'off'")
+    path = Path(path)
+    gm = compiled.graph_module
+    target = graph_record(gm).target
+    io = _io_dtype(io_dtype, target)
+    program = _low_precision_io(gm, io) if io is not None else gm
+    args, kwargs = _example(compiled, io)
+    onnx_program = _export(program, args, kwargs, graph_record(gm).dynamic_shapes, opset)
+    model = onnx_program.model
+    _name_io(model, output_names(gm))
+    _annotate(model, onnx_program.exported_program, gm, compiled.report, io, tolerance)
+    if external_data is None:
+        external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
+
+    # Written, checked and verified in a folder beside path; moved into place only when all passed.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        files = _save_checked(model, tmp / path.name, external_data)
+        provider, errors_fp32, errors_fx = None, {}, {}
+        if verify != "off":
+            provider, errors_fp32, errors_fx = _verify(compiled, tmp / path.name, io, providers, tolerance, verify)
+        for f in reversed(files):  # the weights first, the model that points at them last
+            f.replace(path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset_of(model))
+    data_path = path.parent / files[1].name if len(files) > 1 else None
+    return OnnxArtifact(path, handoff, data_path, provider, errors_fp32, errors_fx)
+
+
+def opset_of(model: ir.Model) -> int:
+    return model.opset_imports.get("", 0)
+
+
+def _io_dtype(io_dtype, target: torch.dtype) -> torch.dtype | None:
+    if io_dtype is None:
+        return None
+    dtype = {"float16": torch.float16, torch.float16: torch.float16}.get(io_dtype)
+    if dtype is None or target != torch.float16:
+        raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
+    return dtype
+
+
+def _low_precision_io(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModule:
+    """A twin of ``gm`` (sharing its weights) whose float inputs and outputs are ``dtype``.
+
+    Each float input gets a cast back to its old dtype in front of its readers, and each output its
+    cast to ``dtype``; eliminate_casts then folds the pairs this makes (f16 -> f32 -> f16 is exact).
+    """
+    from mpcompiler.passes import EliminateCasts  # passes import the IR; keep the IR import-light
+
+    twin = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name="MpCompiledModuleIO")
+    twin.meta[META_KEY] = gm.meta[META_KEY]
+    graph = twin.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for p in placeholders:
+        val = p.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            continue
+        with graph.inserting_after(placeholders[-1]):
+            back = graph.call_function(torch.ops.aten._to_copy.default, (p,), {"dtype": val.dtype})
+        p.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
+        p.meta["val"] = val.to(dtype)
+        back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule="cast", inserted=True)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        outs = []
+        for o in output.args[0]:
+            val = o.meta.get("val") if isinstance(o, torch.fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dtype != dtype:
+                o = graph.call_function(torch.ops.aten._to_copy.default, (o,), {"dtype": dtype})
+                o.meta[META_KEY] = NodeRecord(dtype=dtype, rule="cast", inserted=True)
+            outs.append(o)
+    output.args = (tuple(outs),)
+    twin.recompile()
+    retype(twin)
+    EliminateCasts().call(twin)
+    return twin
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    new._codegen = graph._codegen
+    return new
+
+
+def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:
+    device = next((t.device for t in compiled.graph_module.state_dict().values()), torch.device("cpu"))
+    sample = to_device(compiled.val_samples[0], device)
+    return _with_io_dtype(sample, io) if io is not None else sample
+
+
+def _with_io_dtype(tree, dtype: torch.dtype):
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.dtype.is_floating_point else t, tree)
+
+
+def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.meta["custom"] = {**node.meta.get("custom", {}), _PROVENANCE: node.name}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                gm, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False
+            )
+    except Exception as exc:
+        raise _export_error(gm, exc) from exc
+
+
+def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
+    """Name the op torch.onnx could not translate, and where it sits in the model."""
+    text = str(exc)
+    match = re.search(r"target=torch\.ops\.([\w.]+)", text) or re.search(
+        r"OpOverload\(op='([\w.]+)', overload='(\w+)'", text
+    )
+    if match:
+        qualname = match.group(1) if match.lastindex == 1 else f"{match.group(1)}.{match.group(2)}"
+        paths = sorted({module_path(n) or "top level" for n in gm.graph.nodes if str(n.target) == qualname})
+        where = f" at {', '.join(paths)}" if paths else ""
+        return ExportError(
+            f"ONNX export: torch.onnx has no translation for op {qualname}{where}. Register one with "
+            "torch.onnx.export(custom_translation_table=...) or keep the op out of the model."
+        )
+    summary = text.split("## Exception summary")[-1].strip().splitlines()
+    return ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(summary[:3])}")
+
+
+def _name_io(model: ir.Model, names: list[str]) -> None:
+    """Outputs take the model's names; symbolic dims become ``<input>_dim<k>`` by first appearance."""
+    graph = model.graph
+    if len(graph.outputs) == len(names):
+        for value, name in zip(graph.outputs, names, strict=True):
+            if value.name != name and not any(v.name == name for v in graph.inputs):
+                value.name = name
+    dims: dict[str, str] = {}
+    for value in graph.inputs:
+        for k, d in enumerate(value.shape or ()):
+            if isinstance(d, ir.SymbolicDim) and d.value not in dims:
+                dims[d.value] = f"{value.name}_dim{k}"
+    values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in value.shape):
+            value.shape = ir.Shape([_rename(d, dims) for d in value.shape])
+
+
+def _rename(d, dims: dict[str, str]):
+    if not isinstance(d, ir.SymbolicDim) or d.value is None:
+        return d
+    return re.sub(r"\b[su]\d+\b", lambda m: dims.get(m.group(0), m.group(0)), d.value)
+
+
+def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
+    """Provenance on every node, the precision summary on the model."""
+    by_export_name = {n.name: n.meta.get("custom", {}).get(_PROVENANCE) for n in exported.graph.nodes}
+    ours = {n.name: n for n in gm.graph.nodes}
+    for node in model.graph:
+        fx = dict(node.metadata_props).get("pkg.torch.onnx.fx_node", "")
+        m = re.match(r"%(\w+)", fx)
+        source = ours.get(by_export_name.get(m.group(1)) if m else None)
+        if source is None:
+            continue
+        rec = source.meta[META_KEY]
+        node.metadata_props["mpcompiler.fx_node"] = source.name
+        node.metadata_props["mpcompiler.module_path"] = rec.module_path
+        node.metadata_props["mpcompiler.dtype"] = short_dtype(rec.dtype)
+        if rec.reason:
+            node.metadata_props["mpcompiler.reason"] = rec.reason
+    summary = {
+        "mpcompiler.version": mpcompiler.__version__,
+        "mpcompiler.dtype": report.target,
+        "mpcompiler.io_dtype": str(io).removeprefix("torch.") if io else "as the model",
+        "mpcompiler.ops_per_dtype": json.dumps(report.counts()),
+        "mpcompiler.compute_ops_per_dtype": json.dumps(report.counts("low")),
+        "mpcompiler.casts": str(report.casts()),
+        "mpcompiler.calibration_samples": str(report.calib_samples),
+        "mpcompiler.tolerance": f"{tolerance:g}",
+        "mpcompiler.fx_error_vs_fp32": json.dumps(report.accuracy.to_dict() if report.accuracy else None),
+    }
+    model.metadata_props.update(summary)
+    model.producer_name = "mpcompiler"
+    model.producer_version = mpcompiler.__version__
+
+
+def _save_checked(model: ir.Model, path: Path, external: bool) -> list[Path]:
+    """Save ``model`` (weights in ``<path>.data`` if ``external``) and run onnx.checker's full check,
+    which includes strict shape inference. Returns the files written, the model first."""
+    data_name = f"{path.name}.data" if external else None
+    ir.save(model, path, external_data=data_name)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported ONNX model fails onnx.checker's full check: {exc}") from exc
+    return [path, path.with_name(data_name)] if data_name else [path]
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(
+            "verifying the ONNX artifact needs ONNX Runtime: pip install onnxruntime-gpu (or onnxruntime "
+            "on a CPU machine), or export with verify='off'"
+        ) from exc
+    return onnxruntime
+
+
+def _verify(compiled, path, io, providers, tolerance, mode):
+    """Run the artifact in ONNX Runtime on the held-out samples; compare with fp32 and the FX module."""
+    ort = _onnxruntime()
+
+    gm = compiled.graph_module
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if graph_record(gm).target == torch.bfloat16 and providers[0] == "CPUExecutionProvider":
+        warnings.warn(
+            "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
+        )
+        return None, {}, {}
+    sess = ort.InferenceSession(str(path), providers=providers)
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    wanted = {i.name for i in sess.get_inputs()}
+    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+    onnx_outs, fx_outs = [], []
+    with torch.no_grad():
+        for sample in compiled.val_samples:
+            args, kwargs = to_device(sample, device)
+            flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
+            if io is not None:
+                flat = _with_io_dtype(flat, io)
+            feeds = {n: v.detach().cpu().numpy() for n, v in zip(names, flat, strict=True) if n in wanted}
+            onnx_outs.append([torch.from_numpy(np.asarray(o)) for o in sess.run(None, feeds)])
+            fx_outs.append(flat_outputs(gm(*args, **kwargs)))
+    out_names = output_names(gm)
+    vs_fp32 = rel_l2(onnx_outs, compiled.val_refs, out_names)
+    vs_fx = rel_l2(onnx_outs, [[t.cpu() if t is not None else None for t in o] for o in fx_outs], out_names)
+    worst = max([*vs_fp32.values(), *vs_fx.values()], default=0.0)
+    if not worst <= tolerance:
+        msg = (
+            f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
+            f"({sess.get_providers()[0]}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
+        )
+        if mode == "error":
+            raise ExportError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return sess.get_providers()[0], vs_fp32, vs_fx
+
+
+def _tensor_info(value: ir.Value) -> dict:
+    shape = [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (value.shape or ())]
+    return {"name": value.name, "dtype": value.dtype.name.lower() if value.dtype else None, "shape": shape}
+
+
+def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset) -> Path:
+    inputs = [_tensor_info(v) for v in model.graph.inputs]
+    outputs = [_tensor_info(v) for v in model.graph.outputs]
+    report = compiled.report
+    info = {
+        "model_file": path.name,
+        "opset": opset,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dynamic_axes": {
+            v["name"]: {k: d for k, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs
+        },
+        "precision": {
+            "dtype": report.target,
+            "io_dtype": str(io).removeprefix("torch.") if io else "as the model (float32 / int64)",
+            "ops_per_dtype": report.counts(),
+            "casts": report.casts(),
+            "calibration_samples": report.calib_samples,
+        },
+        "verified_with": {
+            "onnxruntime": _onnxruntime().__version__,
+            "provider": provider,
+            "samples": len(compiled.val_samples),
+            "held_out": report.accuracy.held_out if report.accuracy else None,
+        }
+        if provider
+        else None,
+        "error_vs_fp32": vs_fp32,
+        "error_vs_fx_module": vs_fx,
+        "exported_by": {"mpcompiler": mpcompiler.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+    }
+    json_path = path.with_name(path.name + ".json")
+    write_atomic(json_path, json.dumps(info, indent=1) + "\n")
+    md_path = path.with_name(path.name + ".md")
+    write_atomic(md_path, _handoff_markdown(info))
+    return md_path
+
+
+def _handoff_markdown(info: dict) -> str:
+    def row(v):
+        return f"| `{v['name']}` | {v['dtype']} | [{', '.join(map(str, v['shape']))}] |"
+
+    verified = info["verified_with"]
+    lines = [
+        f"# {info['model_file']}",
+        "",
+        f"ONNX opset {info['opset']}, exported by mpcompiler {info['exported_by']['mpcompiler']} "
+        f"(torch {info['exported_by']['torch']}). Precision: {info['precision']['dtype']} where the plan says, "
+        f"fp32 elsewhere; inputs and outputs {info['precision']['io_dtype']}.",
+        "",
+        "| input | dtype | shape |",
+        "| --- | --- | --- |",
+        *[row(v) for v in info["inputs"]],
+        "",
+        "| output | dtype | shape |",
+        "| --- | --- | --- |",
+        *[row(v) for v in info["outputs"]],
+        "",
+        "Named dims are dynamic: "
+        + (
+            ", ".join(f"`{name}`" for name in sorted({d for a in info["dynamic_axes"].values() for d in a.values()}))
+            or "none"
+        )
+        + ".",
+        "",
+    ]
+    if verified:
+        errs = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fp32"].items())
+        errs_fx = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fx_module"].items())
+        held = "held-out" if verified["held_out"] else "calibration"
+        lines += [
+            f"Verified with ONNX Runtime {verified['onnxruntime']} ({verified['provider']}) on {verified['samples']} "
+            f"{held} samples: relative L2 error vs the fp32 model {errs}; vs mpcompiler's FX module {errs_fx}.",
+        ]
+    else:
+        lines.append("Not verified in ONNX Runtime (see the export's warnings).")
+    lines += [
+        "",
+        "## Run it (ONNX Runtime, CUDA, inputs and outputs bound on the GPU)",
+        "",
+        "```python",
+        _snippet(info),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _snippet(info: dict) -> str:
+    np_types = {
+        "float": "np.float32",
+        "float16": "np.float16",
+        "int64": "np.int64",
+        "int32": "np.int32",
+        "bool": "np.bool_",
+    }
+    feeds = "\n".join(
+        f'binding.bind_ortvalue_input("{v["name"]}", ort.OrtValue.ortvalue_from_numpy(\n'
+        f'    np.ascontiguousarray({v["name"]}, dtype={np_types.get(v["dtype"], "np.float32")}), "cuda", 0))'
+        for v in info["inputs"]
+    )
+    outs = "\n".join(f'binding.bind_output("{v["name"]}", "cuda")' for v in info["outputs"])
+    return (
+        "import numpy as np\nimport onnxruntime as ort\n\n"
+        f'sess = ort.InferenceSession("{info["model_file"]}", providers=["CUDAExecutionProvider"])\n'
+        "binding = sess.io_binding()\n"
+        f"# {', '.join(v['name'] for v in info['inputs'])}: numpy arrays shaped as in the table above\n"
+        f"{feeds}\n{outs}\n"
+        "sess.run_with_iobinding(binding)\n"
+        f"{', '.join(v['name'] for v in info['outputs'])} = binding.copy_outputs_to_cpu()"
+    )
