@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import warnings
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.export.passes import move_to_device_pass
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from mpcompiler.errors import CaptureError
@@ -78,11 +80,15 @@ def eval_mode(model: torch.nn.Module):
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def normalize_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:0`` (the current device), so that equal devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _describe(path, param_names: list[str]) -> str:
@@ -145,7 +151,8 @@ def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.devi
         raise CaptureError(f"sample 0 does not fit {type(model).__name__}.forward: {exc}") from exc
     dynamic_shapes = dict(bound.arguments)
 
-    cap_device = model_device(model)
+    cap_device = normalize_device(model_device(model))
+    device = normalize_device(device)
     args, kwargs = to_device(samples[0], cap_device)
     with eval_mode(model):
         try:
@@ -154,7 +161,7 @@ def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.devi
             raise _capture_error(model, exc) from exc
 
     if device != cap_device:
-        ep = torch.export.passes.move_to_device_pass(ep, device)
+        ep = move_to_device_pass(ep, device)
     gm = ep.module()
     _check_dynamic(gm, leaves, dims, varying, samples, param_names)
 
