@@ -19,7 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import re
+from collections import Counter
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torchvision
@@ -125,7 +129,25 @@ def _capture_stderr(fn, path: Path | None):
 
 
 def placements(log: str) -> list[str]:
-    return [line.strip() for line in log.splitlines() if "placed on [" in line or "Node placements" in line]
+    return [line.split("] ", 1)[-1].strip() for line in log.splitlines() if "placed on [" in line]
+
+
+def cpu_nodes(log: str, model_path: Path) -> dict:
+    """The nodes ONNX Runtime's log lists under the CPU provider, and the dtypes they produce."""
+    names, inside = [], False
+    for line in log.splitlines():
+        if "placed on [" in line:
+            inside = "CPUExecutionProvider" in line
+        elif inside and re.match(r"\s+\w+ \(.+\)$", line):
+            names.append(re.match(r"\s+(\w+) \((.+)\)$", line).group(2))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    by_name = {n.name: n for n in model.graph.node}
+    dtypes = Counter(
+        onnx.TensorProto.DataType.Name(types.get(o, 0)) for n in names if n in by_name for o in by_name[n].output
+    )
+    ops = Counter(by_name[n].op_type for n in names if n in by_name)
+    return {"count": len(names), "ops": dict(ops), "output_dtypes": dict(dtypes)}
 
 
 def check(name, model, calib, val, dynamic_shapes, out: Path) -> dict:
@@ -182,7 +204,7 @@ def check(name, model, calib, val, dynamic_shapes, out: Path) -> dict:
         "export_verification_error_vs_fp32": art.error_vs_fp32,
         "io_binding_error_vs_fp32": err_onnx,
         "ort_placements": placements(log),
-        "cpu_nodes": sum("CPUExecutionProvider" in line for line in placements(log)),
+        "cpu_nodes": cpu_nodes(log, art.path),
         "rows": {k: {"median_ms": round(v[0], 3), "rel_l2_vs_fp32": v[1]} for k, v in rows.items()},
         "report": str(compiled.report),
     }
@@ -211,6 +233,7 @@ def main():
         print(f"\n== {r['workload']}: compile {r['compile_s']} s, export+verify {r['export_and_verify_s']} s")
         print(f"   verified with {r['verified_with']}: {r['export_verification_error_vs_fp32']}")
         print(f"   io_binding rel. L2 vs fp32 {r['io_binding_error_vs_fp32']:.2e}; placements: {r['ort_placements']}")
+        print(f"   on the CPU provider: {r['cpu_nodes']}")
         for k, v in result["rows"].items():
             print(f"   {k:<34} {v['median_ms']:>9.3f} ms   rel. L2 vs fp32 {v['rel_l2_vs_fp32']:.2e}")
 

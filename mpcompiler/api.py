@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler.capture import capture, collect_samples, model_device
+from mpcompiler.capture import capture, collect_samples, model_device, on_device
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
 from mpcompiler.errors import CaptureError, OptionError
@@ -198,11 +198,12 @@ def compile(
         val = samples[len(samples) - held :] if held_out else samples[:MAX_HELD_OUT]
         samples = samples[: len(samples) - held]
     target_device = options.device or model_device(model)
-    gm = capture(model, samples + val if held_out else samples, device=target_device)
-    passes = pipeline(options, samples, target_device)
-    runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
-    refs = references(model, val, model_device(model))
-    graph_module = emit_fx(gm)
+    with on_device(model, target_device):
+        gm = capture(model, samples + val if held_out else samples)
+        passes = pipeline(options, samples, target_device)
+        runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
+        refs = references(model, val, target_device)
+        graph_module = emit_fx(gm, model)
     accuracy = measure(graph_module, val, refs, output_names(graph_module), device=target_device, held_out=held_out)
     report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:

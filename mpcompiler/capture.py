@@ -1,5 +1,8 @@
 """Capture: calibration samples in, an FX graph module out (torch.export, non-strict).
 
+The model is captured where it is; compile() first moves it to the target device (and back after),
+so that export, calibration and the compiled module all see the device the module will run on.
+
 High-level ATen ops (linear, layer_norm, scaled_dot_product_attention, conv2d) stay whole: the
 exported program is not decomposed. Dims that vary across calibration samples are dynamic, and so
 is every input's first (batch) dim; a varying dim that torch.export has to specialize is an error,
@@ -19,7 +22,6 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
-from torch.export.passes import move_to_device_pass
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from mpcompiler.errors import CaptureError
@@ -65,6 +67,32 @@ def collect_samples(data: Iterable, what: str = "calibration") -> list[Sample]:
 
 def to_device(sample: Sample, device: torch.device) -> Sample:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), sample)
+
+
+@contextlib.contextmanager
+def on_device(model: torch.nn.Module, device: torch.device):
+    """The model on ``device`` (capture and calibration run where the compiled module will), back
+    on its own device afterwards. Its parameters keep their identity; only their storage moves."""
+    home = model_device(model)
+    if normalize_device(home) == normalize_device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """fp32 math that is fp32: no TF32 in CUDA matmuls and convolutions (cuDNN allows it by default)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -135,8 +163,8 @@ def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, 
     return dims, varying
 
 
-def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.device) -> torch.fx.GraphModule:
-    """Export ``model`` on ``samples[0]`` with dynamic dims; return the module, on ``device``."""
+def capture(model: torch.nn.Module, samples: list[Sample]) -> torch.fx.GraphModule:
+    """Export ``model`` on ``samples[0]`` with dynamic dims, on the model's device."""
     params = list(inspect.signature(model.forward).parameters.values())
     param_names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     dims, varying = _dynamic_dims(samples, param_names)
@@ -151,17 +179,13 @@ def capture(model: torch.nn.Module, samples: list[Sample], *, device: torch.devi
         raise CaptureError(f"sample 0 does not fit {type(model).__name__}.forward: {exc}") from exc
     dynamic_shapes = dict(bound.arguments)
 
-    cap_device = normalize_device(model_device(model))
-    device = normalize_device(device)
-    args, kwargs = to_device(samples[0], cap_device)
+    args, kwargs = to_device(samples[0], model_device(model))
     with eval_mode(model):
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:
             raise _capture_error(model, exc) from exc
 
-    if device != cap_device:
-        ep = move_to_device_pass(ep, device)
     gm = ep.module()
     _check_dynamic(gm, leaves, dims, varying, samples, param_names)
 

@@ -13,8 +13,23 @@ import torch.fx
 from mpcompiler.ir import META_KEY
 
 
-def emit_fx(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A fresh GraphModule over ``gm``'s graph (the exported module's wrapper class refuses .eval())."""
+def emit_fx(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphModule:
+    """A fresh GraphModule over ``gm``'s graph (the exported module's wrapper class refuses .eval()),
+    owning its weights: a tensor still shared with ``model`` (one the plan left in its dtype) is
+    copied, so that the model's later moves or edits do not reach the compiled module."""
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for module in gm.modules():
+        for name, value in (
+            list(vars(module).items()) + list(module._parameters.items()) + list(module._buffers.items())
+        ):
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in shared:
+                copy = value.detach().clone()
+                if name in module._parameters:
+                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
+                elif name in module._buffers:
+                    module._buffers[name] = copy
+                else:
+                    setattr(module, name, copy)
     out = torch.fx.GraphModule(gm, gm.graph, class_name="MpCompiledModule")
     out.meta[META_KEY] = gm.meta[META_KEY]
     out.eval()

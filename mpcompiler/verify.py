@@ -14,7 +14,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.capture import Sample, eval_mode, to_device
+from mpcompiler.capture import Sample, eval_mode, strict_fp32, to_device
 from mpcompiler.errors import CalibrationError
 
 
@@ -66,7 +66,7 @@ def flat_outputs(out) -> list[torch.Tensor | None]:
 def references(model: torch.nn.Module, samples: Sequence[Sample], device: torch.device) -> list[list]:
     """The fp32 model's flat outputs on each sample (eval mode, no grad), on the CPU."""
     refs = []
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), strict_fp32(), torch.no_grad():
         for index, (args, kwargs) in enumerate(samples):
             args, kwargs = to_device((args, kwargs), device)
             try:

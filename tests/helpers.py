@@ -60,7 +60,7 @@ def stages(model, data, *, upto: str, **options):
         debug=True,
     )
     samples = collect_samples(data)
-    gm = capture(model, samples, device=torch.device("cpu"))
+    gm = capture(model, samples)
     passes = pipeline(opts, samples, torch.device("cpu"))
     names = [p.name() for p in passes]
     PassManager(passes[: names.index(upto) + 1], debug=True).run(gm)

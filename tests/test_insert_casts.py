@@ -81,3 +81,15 @@ def test_weights_take_half_the_bytes_and_user_model_is_untouched():
     assert nbytes(compiled.graph_module) * 2 == nbytes(model)
     for k, v in model.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, before[k])
+
+
+def test_compiled_module_owns_its_weights():
+    model = SharedInput().eval()
+    compiled = mpcompiler.compile(model, [torch.randn(4, 8) for _ in range(2)])
+    model_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not any(t.untyped_storage().data_ptr() in model_storage for t in compiled.graph_module.state_dict().values())
+    x = torch.randn(3, 8)
+    before = compiled(x)
+    with torch.no_grad():
+        model.scale.mul_(3)  # the user edits the model afterwards: the artifact does not change
+    assert torch.equal(compiled(x), before)
