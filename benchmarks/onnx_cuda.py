@@ -14,13 +14,12 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
-from pathlib import Path
-
-import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
