@@ -135,10 +135,12 @@ def cpu_nodes(log: str, model_path: Path) -> dict:
     """The nodes ONNX Runtime's log lists under the CPU provider, and the dtypes they produce."""
     names, inside = [], False
     for line in log.splitlines():
-        if "placed on [" in line:
-            inside = "CPUExecutionProvider" in line
-        elif inside and re.match(r"\s+\w+ \(.+\)$", line):
-            names.append(re.match(r"\s+(\w+) \((.+)\)$", line).group(2))
+        text = line.split("VerifyEachNodeIsAssignedToAnEp]", 1)[-1]  # drop the log line's prefix
+        node = re.match(r"\s+(\w+) \((.+)\)$", text)
+        if "placed on [" in text:
+            inside = "CPUExecutionProvider" in text
+        elif inside and node:
+            names.append(node.group(2))
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
     by_name = {n.name: n for n in model.graph.node}
