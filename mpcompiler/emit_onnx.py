@@ -390,9 +390,10 @@ def _handoff_markdown(info: dict) -> str:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fp32"].items())
         errs_fx = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fx_module"].items())
         held = "held-out" if verified["held_out"] else "calibration"
+        samples = f"{verified['samples']} {held} sample{'s' if verified['samples'] != 1 else ''}"
         lines += [
-            f"Verified with ONNX Runtime {verified['onnxruntime']} ({verified['provider']}) on {verified['samples']} "
-            f"{held} samples: relative L2 error vs the fp32 model {errs}; vs mpcompiler's FX module {errs_fx}.",
+            f"Verified with ONNX Runtime {verified['onnxruntime']} ({verified['provider']}) on {samples}: "
+            f"relative L2 error vs the fp32 model {errs}; vs mpcompiler's FX module {errs_fx}.",
         ]
     else:
         lines.append("Not verified in ONNX Runtime (see the export's warnings).")

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpcompiler.errors import MpCompilerError, PassError
 from mpcompiler.files import write_atomic
@@ -60,7 +61,9 @@ def retype(gm: torch.fx.GraphModule) -> None:
     """
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(inputs)
-    with mode:
+    # Shapes and dtypes do not depend on the attention backend; CUDA's fused ones need concrete
+    # sizes to pick a kernel (fp32 SDPA with dynamic dims fails on torch 2.11), the math one does not.
+    with mode, sdpa_kernel(SDPBackend.MATH):
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
