@@ -13,7 +13,7 @@ import torch.fx
 
 from mpcompiler.capture import capture, collect_samples, model_device, on_device
 from mpcompiler.emit_fx import emit_fx, retarget
-from mpcompiler.emit_onnx import DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
+from mpcompiler.emit_onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
 from mpcompiler.errors import CaptureError, OptionError
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
@@ -23,6 +23,7 @@ from mpcompiler.passes import (
     EliminateCasts,
     FoldBatchNorm,
     InsertCasts,
+    LowerFused,
 )
 from mpcompiler.report import Report
 from mpcompiler.verify import measure, output_names, references
@@ -85,6 +86,7 @@ def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass
     return [
         CleanGraph(),
         FoldBatchNorm(),
+        LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
         CalibrateRanges(samples=samples, device=device),
         AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32),
         InsertCasts(),
@@ -115,7 +117,8 @@ class CompiledModule(torch.nn.Module):
         self,
         path: str | os.PathLike,
         *,
-        opset: int | None = None,
+        opset: int = DEFAULT_OPSET,
+        target: str = "ort-cuda",
         io_dtype: str | None = None,
         external_data: bool | None = None,
         verify: str = "error",
@@ -126,7 +129,9 @@ class CompiledModule(torch.nn.Module):
 
         Args:
             path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
-            opset: the ONNX opset (default: torch.onnx's).
+            opset: the ONNX opset; 23 (the default) writes attention as one ``Attention`` node.
+            target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
+                kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
             io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
             external_data: weights in ``<path>.data``; default: only when they pass 2 GB.
             verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32
@@ -139,6 +144,7 @@ class CompiledModule(torch.nn.Module):
             self,
             path,
             opset=opset,
+            target=target,
             io_dtype=io_dtype,
             external_data=external_data,
             verify=verify,

@@ -29,11 +29,14 @@ import mpcompiler
 from mpcompiler.capture import to_device
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
+from mpcompiler.fused import ONNX_TRANSLATIONS
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import retype
+from mpcompiler.passes import EliminateCasts, LowerFused
 from mpcompiler.verify import flat_outputs, output_names, rel_l2
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
+DEFAULT_OPSET = 23  # the first with an Attention op: SDPA exports as one node, not MatMul/Softmax
 DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
 
@@ -54,7 +57,8 @@ def export_onnx(
     compiled,
     path,
     *,
-    opset: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    target: str = "ort-cuda",
     io_dtype: str | torch.dtype | None = None,
     external_data: bool | None = None,
     verify: str = "error",
@@ -64,16 +68,20 @@ def export_onnx(
     """Write ``compiled`` as an ONNX model to ``path``; see ``CompiledModule.export_onnx``."""
     if verify not in ("error", "warn", "off"):
         raise ExportError(f"verify={verify!r}: use 'error', 'warn' or 'off'")
+    if target not in ("ort-cuda", "ort-cpu"):
+        raise ExportError(f"target={target!r}: use 'ort-cuda' or 'ort-cpu'")
     path = Path(path)
     gm = compiled.graph_module
-    target = graph_record(gm).target
-    io = _io_dtype(io_dtype, target)
-    program = _low_precision_io(gm, io) if io is not None else gm
+    io = _io_dtype(io_dtype, graph_record(gm).target)
+    program = _twin(gm)
+    if io is not None:
+        _low_precision_io(program, io)
+    LowerFused(target=target).call(program)
     args, kwargs = _example(compiled, io)
     onnx_program = _export(program, args, kwargs, graph_record(gm).dynamic_shapes, opset)
     model = onnx_program.model
     _name_io(model, output_names(gm))
-    _annotate(model, onnx_program.exported_program, gm, compiled.report, io, tolerance)
+    _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
     if external_data is None:
         external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
 
@@ -98,25 +106,28 @@ def opset_of(model: ir.Model) -> int:
     return model.opset_imports.get("", 0)
 
 
-def _io_dtype(io_dtype, target: torch.dtype) -> torch.dtype | None:
+def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     if io_dtype is None:
         return None
     dtype = {"float16": torch.float16, torch.float16: torch.float16}.get(io_dtype)
-    if dtype is None or target != torch.float16:
+    if dtype is None or plan_dtype != torch.float16:
         raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
     return dtype
 
 
-def _low_precision_io(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.GraphModule:
-    """A twin of ``gm`` (sharing its weights) whose float inputs and outputs are ``dtype``.
+def _twin(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s graph over the same weights, for export-only rewrites."""
+    twin = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name="MpCompiledModuleONNX")
+    twin.meta[META_KEY] = gm.meta[META_KEY]
+    return twin
+
+
+def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
+    """Make the float inputs and outputs of ``twin`` ``dtype``.
 
     Each float input gets a cast back to its old dtype in front of its readers, and each output its
     cast to ``dtype``; eliminate_casts then folds the pairs this makes (f16 -> f32 -> f16 is exact).
     """
-    from mpcompiler.passes import EliminateCasts  # passes import the IR; keep the IR import-light
-
-    twin = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name="MpCompiledModuleIO")
-    twin.meta[META_KEY] = gm.meta[META_KEY]
     graph = twin.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for p in placeholders:
@@ -141,7 +152,6 @@ def _low_precision_io(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.
     twin.recompile()
     retype(twin)
     EliminateCasts().call(twin)
-    return twin
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -170,7 +180,14 @@ def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
-                gm, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False
+                gm,
+                args,
+                kwargs=kwargs,
+                dynamic_shapes=dynamic_shapes,
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=ONNX_TRANSLATIONS,
+                verbose=False,
             )
     except Exception as exc:
         raise _export_error(gm, exc) from exc

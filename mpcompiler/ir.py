@@ -58,6 +58,7 @@ class NodeRecord:
     reason: str = ""  # the decision in words, for dumps and the report
     range: RangeStats | None = None
     inserted: bool = False  # a cast that mpcompiler inserted (not written by the user)
+    fused: str = ""  # the rewrite that made this node, if lower_fused did ("eager attention -> ...")
 
 
 @dataclass

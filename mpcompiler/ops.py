@@ -29,6 +29,9 @@ class OpRule:
     op_class: OpClass
     fp32_inside: bool = False  # the kernel computes in fp32 on fp16/bf16 inputs (I/O may stay low)
     fp32_args: tuple[str, ...] = ()  # schema arguments kept fp32 whatever the I/O dtype
+    # arguments whose values past the low dtype's range all mean the same (an additive attention mask:
+    # -3.4e38 and -65504 both mask out); they are clamped to its range when cast, not a range problem
+    saturating_args: tuple[str, ...] = ()
     why: str = ""
 
 
@@ -39,6 +42,8 @@ LOW_OPS = frozenset(
     _scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention
     _scaled_dot_product_flash_attention_for_cpu""".split()
 )
+
+SATURATING = {"scaled_dot_product_attention": ("attn_mask",)}
 
 # Batch norm in inference is an affine map with constant statistics; its kernels take fp16/bf16
 # activations with fp32 parameters, and running_var near eps (1e-5) is subnormal in fp16.
@@ -134,7 +139,7 @@ def rule_for(node: torch.fx.Node) -> OpRule:
     if written_dtype(node) is not None:
         return OpRule(OpClass.FIXED, why="its dtype is written in the program")
     if name in LOW_OPS:
-        return OpRule(OpClass.LOW, why=f"compute-bound op ({name})")
+        return OpRule(OpClass.LOW, saturating_args=SATURATING.get(name, ()), why=f"compute-bound op ({name})")
     if name in FP32_INSIDE:
         return OpRule(
             OpClass.FP32,

@@ -34,6 +34,7 @@ class NodeDecision:
     reason: str
     range: dict | None
     inserted_cast: bool
+    fused: str  # the fusion that made the node, if any
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Report:
                     reason=rec.reason,
                     range=rec.range.to_dict() if rec.range else None,
                     inserted_cast=rec.inserted,
+                    fused=rec.fused,
                 )
             )
         g = graph_record(gm)

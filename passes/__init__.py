@@ -6,5 +6,14 @@ from mpcompiler.passes.clean_graph import CleanGraph
 from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
+from mpcompiler.passes.lower_fused import LowerFused
 
-__all__ = ["AssignPrecision", "CalibrateRanges", "CleanGraph", "EliminateCasts", "FoldBatchNorm", "InsertCasts"]
+__all__ = [
+    "AssignPrecision",
+    "CalibrateRanges",
+    "CleanGraph",
+    "EliminateCasts",
+    "FoldBatchNorm",
+    "InsertCasts",
+    "LowerFused",
+]

@@ -22,7 +22,7 @@ import torch.fx
 
 from mpcompiler.errors import OptionError
 from mpcompiler.ir import OpClass, float_dtype, graph_record, op_name, planned_dtype, record, short_dtype
-from mpcompiler.ops import rule_for, written_dtype
+from mpcompiler.ops import bound_args, rule_for, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
 
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
@@ -119,7 +119,9 @@ class AssignPrecision(Pass):
     def _out_of_range(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
         """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""
         limit = torch.finfo(dtype).max / self.margin
-        for what, source in [("output", node)] + [(f"input %{a.name}", a) for a in _float_inputs(node)]:
+        saturating = {bound_args(node).get(name) for name in rule_for(node).saturating_args}
+        inputs = [(f"input %{a.name}", a) for a in _float_inputs(node) if a not in saturating]
+        for what, source in [("output", node), *inputs]:
             r = record(source).range
             if r is not None and r.absmax > limit:
                 return (

@@ -62,23 +62,22 @@ class _Rewrite:
 
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
-        self.casts: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
+        self.casts: dict[tuple[torch.fx.Node, torch.dtype, bool], torch.fx.Node] = {}
         # parameter target -> (get_attr node, consumer, dtype the consumer reads it in)
         self.param_reads: dict[str, list[tuple[torch.fx.Node, torch.fx.Node, torch.dtype]]] = {}
         self.last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
 
     def inputs(self, node: torch.fx.Node) -> None:
         """Make each float input of ``node`` arrive in the node's dtype (fp32 for ``fp32_args``)."""
-        dtype, fp32_args = record(node).dtype, set(rule_for(node).fp32_args)
+        dtype, rule = record(node).dtype, rule_for(node)
         names = positional_names(node)
 
-        def want(name: str | None) -> torch.dtype:
-            return torch.float32 if name in fp32_args else dtype
+        def convert(arg, name: str | None):
+            want = torch.float32 if name in rule.fp32_args else dtype
+            return self._map(arg, node, want, saturate=name in rule.saturating_args)
 
-        node.args = tuple(
-            self._map(a, node, want(names[i] if i < len(names) else None)) for i, a in enumerate(node.args)
-        )
-        node.kwargs = {k: self._map(v, node, want(k)) for k, v in node.kwargs.items()}
+        node.args = tuple(convert(a, names[i] if i < len(names) else None) for i, a in enumerate(node.args))
+        node.kwargs = {k: convert(v, k) for k, v in node.kwargs.items()}
 
     def outputs(self, node: torch.fx.Node, dtypes: tuple[torch.dtype | None, ...]) -> None:
         """Cast the graph's outputs back to the model's dtypes (leaves in pytree order)."""
@@ -94,11 +93,14 @@ class _Rewrite:
             if a.op == "get_attr" and float_dtype(a.meta.get("val")) is not None:
                 self.param_reads.setdefault(a.target, []).append((a, node, float_dtype(a.meta["val"])))
 
-    def _map(self, arg, consumer: torch.fx.Node, want: torch.dtype):
-        return torch.fx.node.map_arg(arg, lambda a: self._value(a, want, consumer))
+    def _map(self, arg, consumer: torch.fx.Node, want: torch.dtype, saturate: bool = False):
+        return torch.fx.node.map_arg(arg, lambda a: self._value(a, want, consumer, saturate))
 
-    def _value(self, value: torch.fx.Node, want: torch.dtype | None, consumer: torch.fx.Node) -> torch.fx.Node:
-        """``value`` as ``consumer`` needs it: itself, or a cast of it to ``want``."""
+    def _value(
+        self, value: torch.fx.Node, want: torch.dtype | None, consumer: torch.fx.Node, saturate: bool = False
+    ) -> torch.fx.Node:
+        """``value`` as ``consumer`` needs it: itself, or a cast of it to ``want`` (clamped first to
+        ``want``'s range when ``saturate`` and the value reaches past it)."""
         val = value.meta.get("val")
         if want is None or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
             return value
@@ -108,11 +110,28 @@ class _Rewrite:
         have = planned_dtype(value)
         if have == want:
             return value
-        if (value, want) not in self.casts:
+        r = record(value).range
+        saturate = saturate and r is not None and r.absmax > torch.finfo(want).max
+        if (value, want, saturate) not in self.casts:
             graph = value.graph
+            source = value
             with graph.inserting_after(self.last_input if value.op == "placeholder" else value):
+                if saturate:
+                    limit = float(torch.finfo(want).max)
+                    source = graph.call_function(torch.ops.aten.clamp.default, (value, -limit, limit))
+                    source.meta["val"] = val
+                    source.meta[META_KEY] = NodeRecord(
+                        module_path=record(consumer).module_path,
+                        op_class=OpClass.FOLLOW,
+                        dtype=have,
+                        rule="cast",
+                        reason=f"clamps %{value.name} to {short_dtype(want)}'s range: beyond it, all values mask alike",
+                        range=r,
+                        inserted=True,
+                    )
+            with graph.inserting_after(source):
                 name = f"{value.name}_{short_dtype(want)}"
-                cast = graph.create_node("call_function", CAST, (value,), {"dtype": want}, name=name)
+                cast = graph.create_node("call_function", CAST, (source,), {"dtype": want}, name=name)
             cast.meta["val"] = val
             cast.meta[META_KEY] = NodeRecord(
                 module_path=record(consumer).module_path if consumer.op != "output" else "",
@@ -123,8 +142,8 @@ class _Rewrite:
                 range=record(value).range,
                 inserted=True,
             )
-            self.casts[value, want] = cast
-        return self.casts[value, want]
+            self.casts[value, want, saturate] = cast
+        return self.casts[value, want, saturate]
 
     def convert_params(self) -> int:
         """Replace each parameter by its converted tensor; add converted copies where dtypes differ."""

@@ -47,12 +47,12 @@ def test_dump_files_and_golden_text(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [
         "00_capture.txt",
-        "03_calibrate_ranges.txt",
-        "04_assign_precision.txt",
-        "05_insert_casts.txt",
+        "04_calibrate_ranges.txt",
+        "05_assign_precision.txt",
+        "06_insert_casts.txt",
         "report.json",
     ]
-    for name in ("04_assign_precision.txt", "05_insert_casts.txt"):
+    for name in ("05_assign_precision.txt", "06_insert_casts.txt"):
         got = _stable((tmp_path / name).read_text())
         golden = GOLDEN / f"small_{name}"
         if os.environ.get("MPCOMPILER_UPDATE_GOLDEN"):
@@ -62,12 +62,13 @@ def test_dump_files_and_golden_text(tmp_path):
 
 def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     compiled = _compile(tmp_path, debug=True)
-    assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "06_eliminate_casts.txt"
+    assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "07_eliminate_casts.txt"
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["target"] == "float16" and data["calib_samples"] == 2
     assert [p["name"] for p in data["passes"]] == [
         "clean_graph",
         "fold_batch_norm",
+        "lower_fused",
         "calibrate_ranges",
         "assign_precision",
         "insert_casts",

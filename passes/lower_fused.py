@@ -1,0 +1,264 @@
+"""lower_fused: rewrite op patterns into fused ops the target runs as one kernel.
+
+Runs twice, with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
+
+- in the pipeline, before precision work, for the FX artifact (``fx-cuda``/``fx-cpu``): eager
+  attention -> scaled_dot_product_attention, a GELU written as a formula -> ``aten.gelu``; fragile
+  math (softmax, tanh/erf chains) is then one kernel that keeps fp32 inside, with no cast islands;
+- in export_onnx, on the planned graph, for ONNX Runtime (``ort-cuda``/``ort-cpu``): residual add +
+  layer_norm -> SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu, where the table
+  says the target has the kernel for the node's dtype.
+
+Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.fx
+
+from mpcompiler.fused import has_kernel
+from mpcompiler.ir import META_KEY, record
+from mpcompiler.ops import bound_args
+from mpcompiler.pass_manager import Pass, PassResult, retype
+
+aten = torch.ops.aten
+Match = dict | str  # captured values, or why the rule does not apply
+
+
+def _op(node, *names: str) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and getattr(node.target, "_schema", None) is not None
+        and node.target._schema.name.split("::")[-1] in names
+    )
+
+
+def _only_user(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+    return list(node.users) == [user]
+
+
+def _const(x, value: float, rel: float = 1e-4) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isclose(x, value, rel_tol=rel)
+
+
+def _split_const(node: torch.fx.Node) -> tuple[torch.fx.Node | None, float | None]:
+    """A binary op's (tensor operand, scalar operand), in either order."""
+    a, b = node.args[0], node.args[1]
+    if isinstance(a, torch.fx.Node) and isinstance(b, (int, float)):
+        return a, float(b)
+    if isinstance(b, torch.fx.Node) and isinstance(a, (int, float)):
+        return b, float(a)
+    return None, None
+
+
+def _rank(node) -> int:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+# ---- eager attention: matmul(q, k^T) [* scale | / scale] [+ mask] -> softmax(-1) -> matmul(., v)
+
+
+def _match_attention(out: torch.fx.Node) -> Match:
+    if not _op(out, "matmul") or _rank(out) != 4:
+        return "not a rank-4 matmul"
+    probs, v = out.args
+    if not _op(probs, "softmax", "_softmax", "_safe_softmax") or not _only_user(probs, out):
+        return "first operand is not a softmax read only here"
+    dim = probs.args[1]
+    if dim not in (-1, 3):
+        return f"softmax over dim {dim}, not the last"
+    scores, mask, scale = probs.args[0], None, None
+    if _op(scores, "add") and len(scores.users) == 1:
+        a, b = scores.args
+        scores, mask = (a, b) if _op(a, "mul", "div", "matmul") else (b, a)
+        if not isinstance(mask, torch.fx.Node) or _rank(mask) > 4:
+            return "the added mask is not a tensor of rank <= 4"
+    if _op(scores, "mul", "div") and len(scores.users) == 1:
+        tensor, c = _split_const(scores)
+        if tensor is None or c == 0:
+            return "scaled by something other than a constant"
+        scale = c if _op(scores, "mul") else 1.0 / c
+        scores = tensor
+    if not _op(scores, "matmul") or len(scores.users) != 1:
+        return "scores are not a matmul read only here"
+    q, kt = scores.args
+    if not _op(kt, "transpose") or {kt.args[1] % 4, kt.args[2] % 4} != {2, 3}:
+        return "keys are not transposed in their last two dims"
+    k = kt.args[0]
+    if min(_rank(q), _rank(k), _rank(v)) != 4:
+        return "q, k, v are not rank 4"
+    d = q.meta["val"].shape[-1]
+    return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale if scale is not None else 1.0 / math.sqrt(d)}
+
+
+def _rewrite_attention(gm, out: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(out):
+        return gm.graph.call_function(
+            aten.scaled_dot_product_attention.default, (m["q"], m["k"], m["v"], m["mask"]), {"scale": m["scale"]}
+        )
+
+
+# ---- GELU formulas: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  |  x * 0.5 * (1 + erf(x / sqrt 2))
+
+
+def _half_times(node: torch.fx.Node, x: torch.fx.Node, inner: torch.fx.Node) -> bool:
+    """node == (x * 0.5) * inner or (inner * x) * 0.5 ..., in the spellings HF models use."""
+    if not _op(node, "mul"):
+        return False
+    a, b = node.args
+    other = b if a is inner else a if b is inner else None
+    if other is None:
+        t, c = _split_const(node)  # (x * inner) * 0.5
+        return _const(c, 0.5) and _op(t, "mul") and set(t.args) == {x, inner}
+    t, c = _split_const(other) if isinstance(other, torch.fx.Node) and _op(other, "mul") else (None, None)
+    return t is x and _const(c, 0.5)
+
+
+def _match_gelu(top: torch.fx.Node) -> Match:
+    if _op(top, "tanh"):
+        inner, c = _split_const(top.args[0]) if _op(top.args[0], "mul") else (None, None)
+        if inner is None or not _const(c, math.sqrt(2 / math.pi)) or not _op(inner, "add"):
+            return "tanh of something other than sqrt(2/pi) * (x + ...)"
+        a, b = inner.args
+        cube_term = b if _op(b, "mul") else a
+        x = a if cube_term is b else b
+        p, c3 = _split_const(cube_term)
+        if not _const(c3, 0.044715) or not _op(p, "pow") or p.args[0] is not x or not _const(p.args[1], 3):
+            return "not x + 0.044715 * x^3"
+        approximate = "tanh"
+    elif _op(top, "erf"):
+        x, c = _split_const(top.args[0]) if _op(top.args[0], "mul", "div") else (None, None)
+        c = (1 / c if c else None) if _op(top.args[0], "div") else c
+        if x is None or not _const(c, 1 / math.sqrt(2)):
+            return "erf of something other than x / sqrt(2)"
+        approximate = "none"
+    else:
+        return "not tanh or erf"
+    if len(top.users) != 1:
+        return "read more than once"
+    one_plus = next(iter(top.users))
+    _, c1 = _split_const(one_plus) if _op(one_plus, "add") else (None, None)
+    if not _const(c1, 1.0) or len(one_plus.users) != 1:
+        return "not 1 + tanh/erf"
+    out = next(iter(one_plus.users))
+    if not _half_times(out, x, one_plus):
+        return "not 0.5 * x * (...)"
+    return {"x": x, "approximate": approximate, "out": out}
+
+
+def _rewrite_gelu(gm, top: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(m["out"]):
+        return gm.graph.call_function(aten.gelu.default, (m["x"],), {"approximate": m["approximate"]})
+
+
+# ---- ONNX Runtime: residual add + layer_norm, linear bias + gelu
+
+
+def _match_skip_layer_norm(ln: torch.fx.Node) -> Match:
+    if not _op(ln, "layer_norm"):
+        return "not a layer_norm"
+    a = bound_args(ln)
+    x, weight, bias = a["input"], a.get("weight"), a.get("bias")
+    if len(a["normalized_shape"]) != 1 or weight is None or bias is None:
+        return "not over the last dim with weight and bias"
+    if not _op(x, "add") or not _only_user(x, ln) or len(x.args) != 2:
+        return "input is not an add read only here"
+    a_, b_ = x.args
+    if not all(isinstance(t, torch.fx.Node) for t in (a_, b_)) or a_.meta["val"].shape != b_.meta["val"].shape:
+        return "add of differently shaped values (a broadcast)"
+    if not 2 <= _rank(a_) <= 3:
+        return "SkipLayerNormalization takes 2-D or 3-D input"
+    if len({_dtype(t) for t in (a_, b_, ln)}) != 1:
+        return "operands in different dtypes"
+    return {"x": a_, "skip": b_, "weight": weight, "bias": bias, "eps": a.get("eps", 1e-5), "out": ln}
+
+
+def _rewrite_skip_layer_norm(gm, ln: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(ln):
+        return gm.graph.call_function(
+            torch.ops.mpcompiler.skip_layer_norm.default, (m["x"], m["skip"], m["weight"], m["bias"], float(m["eps"]))
+        )
+
+
+def _match_bias_gelu(g: torch.fx.Node) -> Match:
+    if not _op(g, "gelu"):
+        return "not a gelu"
+    lin = g.args[0]
+    if not _op(lin, "linear") or not _only_user(lin, g) or len(lin.args) < 3 or lin.args[2] is None:
+        return "input is not a linear with a bias, read only here"
+    if _dtype(lin) != _dtype(g):
+        return "linear and gelu in different dtypes"
+    return {"linear": lin, "bias": lin.args[2], "approximate": g.kwargs.get("approximate", "none"), "out": g}
+
+
+def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
+    lin = m["linear"]
+    lin.args = lin.args[:2]
+    with gm.graph.inserting_before(g):
+        return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
+
+
+def _dtype(node: torch.fx.Node) -> torch.dtype | None:
+    rec = node.meta.get(META_KEY)
+    if rec is not None and rec.dtype is not None:
+        return rec.dtype
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str  # the fused op, a key of mpcompiler.fused.KERNELS
+    match: Callable[[torch.fx.Node], Match]
+    rewrite: Callable[..., torch.fx.Node]
+    why: str
+
+
+RULES = [
+    Rule("attention", _match_attention, _rewrite_attention, "eager attention -> scaled_dot_product_attention"),
+    Rule("gelu", _match_gelu, _rewrite_gelu, "GELU formula -> gelu"),
+    Rule(
+        "skip_layer_norm",
+        _match_skip_layer_norm,
+        _rewrite_skip_layer_norm,
+        "add + layer_norm -> SkipLayerNormalization",
+    ),
+    Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
+]
+
+
+class LowerFused(Pass):
+    """Rewrite patterns into the fused ops ``target`` has kernels for."""
+
+    def __init__(self, *, target: str):
+        self.target = target
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        stats = {rule.name: 0 for rule in RULES}
+        for rule in RULES:
+            for node in list(gm.graph.nodes):
+                if node.graph is not gm.graph or node.op != "call_function":
+                    continue  # erased by an earlier rewrite
+                m = rule.match(node)
+                planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
+                if isinstance(m, str) or not has_kernel(rule.name, self.target, planned):
+                    continue
+                out = m.get("out", node)
+                fused = rule.rewrite(gm, node, m)
+                fused.meta["val"] = out.meta.get("val")
+                fused.meta[META_KEY] = dataclasses.replace(record(out), fused=rule.why, inserted=False)
+                out.replace_all_uses_with(fused)
+                stats[rule.name] += 1
+            gm.graph.eliminate_dead_code()
+        modified = any(stats.values())
+        if modified:
+            gm.recompile()
+            retype(gm)
+        return PassResult(modified=modified, stats=stats)

@@ -1,0 +1,162 @@
+"""lower_fused: each fusion fires on real model graphs, not where the pattern differs, keeps the
+numbers, and emits only what the target table says the target runs."""
+
+import math
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+import transformers
+
+import mpcompiler
+from mpcompiler.fused import has_kernel
+from mpcompiler.ir import record
+from mpcompiler.passes import LowerFused
+from tests.helpers import nodes_by_op, rel_err, stages
+
+transformers.logging.set_verbosity_error()
+
+
+def _bert(impl="sdpa", layers=2):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=layers, hidden_size=128, num_attention_heads=4, intermediate_size=512, vocab_size=1000,
+        attn_implementation=impl,
+    )  # fmt: skip
+    return transformers.BertModel(cfg).eval()
+
+
+def _gpt2(impl="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_positions=128, use_cache=False, attn_implementation=impl
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _bert_sample(b, s):
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, s // 2 :] = 0
+    return {"input_ids": torch.randint(0, 1000, (b, s)), "attention_mask": mask}
+
+
+def _fused_vs_unfused(model, sample):
+    """Outputs of the captured fp32 graph before and after lower_fused, and the fused graph."""
+    before = stages(model, [sample], upto="fold_batch_norm")
+    after = stages(model, [sample], upto="lower_fused")
+    out_b, out_a = before(**sample), after(**sample)
+    first = lambda o: o[0] if isinstance(o, tuple) else next(iter(o.values()))  # noqa: E731
+    return first(out_a), first(out_b), after
+
+
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_eager_attention_becomes_sdpa(make):
+    sample = _bert_sample(2, 12) if make is _bert else {"input_ids": torch.randint(0, 1000, (2, 12))}
+    got, ref, gm = _fused_vs_unfused(make("eager"), sample)
+    assert len(nodes_by_op(gm, "scaled_dot_product_attention")) == 2
+    assert not nodes_by_op(gm, "softmax") and not nodes_by_op(gm, "matmul")
+    assert record(nodes_by_op(gm, "scaled_dot_product_attention")[0]).fused.startswith("eager attention")
+    assert rel_err(got, ref) < 1e-5
+
+
+class AttentionVariants(nn.Module):
+    """Attention-like chains that must not fuse: softmax over another dim; scores read twice."""
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.125
+        other_dim = torch.matmul(torch.softmax(s, dim=2), v)
+        s2 = torch.matmul(q, k.transpose(-1, -2)) * 0.125
+        p = torch.softmax(s2, dim=-1)
+        read_twice = torch.matmul(p, v) + p.sum()
+        return other_dim, read_twice
+
+
+def test_attention_variants_do_not_fuse():
+    x = [torch.randn(2, 4, 8, 16) for _ in range(3)]
+    gm = stages(AttentionVariants(), [tuple(x)], upto="lower_fused")
+    assert not nodes_by_op(gm, "scaled_dot_product_attention")
+    assert len(nodes_by_op(gm, "softmax")) == 2
+
+
+def test_gpt2_tanh_gelu_formula_becomes_one_gelu_and_runs_fp16():
+    sample = {"input_ids": torch.randint(0, 1000, (2, 12))}
+    got, ref, gm = _fused_vs_unfused(_gpt2(), sample)
+    gelus = nodes_by_op(gm, "gelu")
+    assert len(gelus) == 2 and gelus[0].kwargs["approximate"] == "tanh"
+    assert not nodes_by_op(gm, "pow") and not nodes_by_op(gm, "tanh")
+    assert rel_err(got, ref) < 1e-5
+    compiled = mpcompiler.compile(_gpt2(), [{"input_ids": torch.randint(0, 1000, (2, s))} for s in (8, 12, 16)])
+    assert compiled.report.counts() == {"float16": compiled.report.counts()["float16"]}  # no fp32 island left
+
+
+class GeluFormulas(nn.Module):
+    def forward(self, x):
+        erf_form = x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+        wrong_const = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.05 * torch.pow(x, 3.0))))
+        return erf_form, wrong_const
+
+
+def test_erf_formula_fuses_and_a_different_constant_does_not():
+    gm = stages(GeluFormulas(), [torch.randn(4, 8)], upto="lower_fused")
+    (gelu,) = nodes_by_op(gm, "gelu")
+    assert gelu.kwargs["approximate"] == "none" and len(nodes_by_op(gm, "tanh")) == 1
+    x = torch.randn(4, 8)
+    assert rel_err(gm(x)[0], GeluFormulas()(x)[0]) < 1e-6
+
+
+def test_resnet_has_nothing_to_fuse():
+    gm = stages(torchvision.models.resnet18().eval(), [torch.randn(2, 3, 64, 64)], upto="fold_batch_norm")
+    assert not any(LowerFused(target="fx-cuda").call(gm).stats.values())
+
+
+def _onnx_ops(path):
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gelu(tmp_path):
+    compiled = mpcompiler.compile(
+        _bert(), [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8), (3, 12)]]
+    )
+    art = compiled.export_onnx(tmp_path / "b.onnx")
+    ops = _onnx_ops(tmp_path / "b.onnx")
+    assert ops["Attention"] == 2 and ops["Softmax"] == 0
+    assert ops["SkipLayerNormalization"] == 4  # after attention and after the MLP, per layer
+    assert ops["BiasGelu"] == 2
+    assert ops["LayerNormalization"] == 1  # the embeddings' add broadcasts (position embeddings): not fused
+    assert max(art.error_vs_fp32.values()) < 5e-3
+    fused = [n for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "SkipLayerNormalization"]
+    props = {p.key: p.value for p in fused[0].metadata_props}
+    assert props["mpcompiler.module_path"].endswith("LayerNorm") and props["mpcompiler.dtype"] == "f16"
+
+    # the CPU provider has BiasGelu in fp32 only: an fp16 artifact for it keeps linear + Gelu
+    compiled.export_onnx(tmp_path / "c.onnx", target="ort-cpu")
+    cpu_ops = _onnx_ops(tmp_path / "c.onnx")
+    assert cpu_ops["BiasGelu"] == 0 and cpu_ops["SkipLayerNormalization"] == 4
+    assert not has_kernel("bias_gelu", "ort-cpu", torch.float16)
+
+
+def test_gpt2_residual_read_twice_is_not_a_skip_layer_norm(tmp_path):
+    compiled = mpcompiler.compile(_gpt2(), [{"input_ids": torch.randint(0, 1000, (2, s))} for s in (8, 12, 16, 10, 14)])
+    compiled.export_onnx(tmp_path / "g.onnx")
+    ops = _onnx_ops(tmp_path / "g.onnx")
+    # in a pre-norm block the residual sum feeds the next layer norm and the next residual: only the
+    # final ln_f reads an add nothing else reads
+    assert ops["SkipLayerNormalization"] == 1 and ops["LayerNormalization"] == 4 and ops["Attention"] == 2
+
+
+def test_additive_mask_is_clamped_so_attention_stays_fp16_and_masked_rows_stay_finite():
+    model = _bert("eager")
+    calib = [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20)]]
+    compiled = mpcompiler.compile(model, calib)
+    sdpa = [n for n in compiled.report.nodes if n.op == "scaled_dot_product_attention"]
+    assert [n.dtype for n in sdpa] == ["float16", "float16"]
+    assert any(n.op == "clamp" and n.inserted_cast for n in compiled.report.nodes)
+    held = _bert_sample(3, 10)
+    held["attention_mask"][1] = 0  # a row with every key masked
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+    out = compiled(**held).last_hidden_state
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 5e-3
