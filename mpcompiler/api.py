@@ -13,7 +13,7 @@ import torch.fx
 
 from mpcompiler.capture import capture, collect_samples, model_device, on_device
 from mpcompiler.emit_fx import emit_fx, retarget
-from mpcompiler.emit_onnx import DEFAULT_OPSET, DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
+from mpcompiler.emit_onnx import DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
 from mpcompiler.errors import CaptureError, OptionError
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
@@ -117,7 +117,7 @@ class CompiledModule(torch.nn.Module):
         self,
         path: str | os.PathLike,
         *,
-        opset: int = DEFAULT_OPSET,
+        opset: int | None = None,
         target: str = "ort-cuda",
         io_dtype: str | None = None,
         external_data: bool | None = None,
@@ -129,7 +129,8 @@ class CompiledModule(torch.nn.Module):
 
         Args:
             path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
-            opset: the ONNX opset; 23 (the default) writes attention as one ``Attention`` node.
+            opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node),
+                else 20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
             target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
                 kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
             io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).

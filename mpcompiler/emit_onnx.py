@@ -36,7 +36,10 @@ from mpcompiler.passes import EliminateCasts, LowerFused
 from mpcompiler.verify import flat_outputs, output_names, rel_l2
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
-DEFAULT_OPSET = 23  # the first with an Attention op: SDPA exports as one node, not MatMul/Softmax
+# Opset 23 is the first with an Attention op (SDPA exports as one node, not MatMul/Softmax), but ONNX
+# Runtime 1.31's CUDA provider runs opset-23 convolutions with prefer_nhwc about 5x slower and cannot
+# capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.0 ms; docs/perf.md).
+ATTENTION_OPSET, BASE_OPSET = 23, 20
 DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
 
@@ -57,7 +60,7 @@ def export_onnx(
     compiled,
     path,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     target: str = "ort-cuda",
     io_dtype: str | torch.dtype | None = None,
     external_data: bool | None = None,
@@ -77,6 +80,9 @@ def export_onnx(
     if io is not None:
         _low_precision_io(program, io)
     LowerFused(target=target).call(program)
+    if opset is None:
+        attention = any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes)
+        opset = ATTENTION_OPSET if attention else BASE_OPSET
     args, kwargs = _example(compiled, io)
     onnx_program = _export(program, args, kwargs, graph_record(gm).dynamic_shapes, opset)
     model = onnx_program.model
