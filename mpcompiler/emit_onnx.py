@@ -37,8 +37,8 @@ from mpcompiler.verify import flat_outputs, output_names, rel_l2
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
 # Opset 23 is the first with an Attention op (SDPA exports as one node, not MatMul/Softmax), but ONNX
-# Runtime 1.31's CUDA provider runs opset-23 convolutions with prefer_nhwc about 5x slower and cannot
-# capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.0 ms; docs/perf.md).
+# Runtime 1.31's CUDA provider runs opset-23 convolutions with prefer_nhwc 4.6x slower and cannot
+# capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.2 ms; docs/perf.md).
 ATTENTION_OPSET, BASE_OPSET = 23, 20
 DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
@@ -372,6 +372,9 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset) -
         else None,
         "error_vs_fp32": vs_fp32,
         "error_vs_fx_module": vs_fx,
+        # fastest measured on ONNX Runtime's CUDA provider (docs/perf.md); CUDA graphs need fixed shapes
+        "cuda_provider_options": {"enable_cuda_graph": "1"}
+        | ({"prefer_nhwc": "1"} if any(node.op_type == "Conv" for node in model.graph) else {}),
         "exported_by": {"mpcompiler": mpcompiler.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
     }
     json_path = path.with_name(path.name + ".json")
@@ -448,10 +451,12 @@ def _snippet(info: dict) -> str:
     outs = "\n".join(f'binding.bind_output("{v["name"]}", "cuda")' for v in info["outputs"])
     return (
         "import numpy as np\nimport onnxruntime as ort\n\n"
-        f'sess = ort.InferenceSession("{info["model_file"]}", providers=["CUDAExecutionProvider"])\n'
+        "# fastest measured; enable_cuda_graph needs the same input shapes on every run of a session\n"
+        f"options = {info['cuda_provider_options']}\n"
+        f'sess = ort.InferenceSession("{info["model_file"]}", providers=[("CUDAExecutionProvider", options)])\n'
         "binding = sess.io_binding()\n"
         f"# {', '.join(v['name'] for v in info['inputs'])}: numpy arrays shaped as in the table above\n"
         f"{feeds}\n{outs}\n"
         "sess.run_with_iobinding(binding)\n"
-        f"{', '.join(v['name'] for v in info['outputs'])} = binding.copy_outputs_to_cpu()"
+        f"[{', '.join(v['name'] for v in info['outputs'])}] = binding.copy_outputs_to_cpu()"
     )
