@@ -13,7 +13,7 @@ import torch.fx
 
 from mpcompiler.capture import capture, collect_samples, model_device, on_device
 from mpcompiler.emit_fx import emit_fx, retarget
-from mpcompiler.emit_onnx import DEFAULT_TOLERANCE, OnnxArtifact, export_onnx
+from mpcompiler.emit_onnx import export_onnx
 from mpcompiler.errors import CaptureError, OptionError
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
@@ -113,45 +113,7 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
 
-    def export_onnx(
-        self,
-        path: str | os.PathLike,
-        *,
-        opset: int | None = None,
-        target: str = "ort-cuda",
-        io_dtype: str | None = None,
-        external_data: bool | None = None,
-        verify: str = "error",
-        tolerance: float = DEFAULT_TOLERANCE,
-        providers: list[str] | None = None,
-    ) -> OnnxArtifact:
-        """Write the compiled model as ONNX for ONNX Runtime, with its handoff file; verify it.
-
-        Args:
-            path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
-            opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node),
-                else 20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
-            target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
-                kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
-            io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
-            external_data: weights in ``<path>.data``; default: only when they pass 2 GB.
-            verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32
-                and the FX module: ``"error"`` (default) raises past ``tolerance``, ``"warn"`` warns,
-                ``"off"`` skips.
-            tolerance: the relative L2 error accepted, vs fp32 and vs the FX module.
-            providers: ONNX Runtime providers to verify with (default: CUDA if present, else CPU).
-        """
-        return export_onnx(
-            self,
-            path,
-            opset=opset,
-            target=target,
-            io_dtype=io_dtype,
-            external_data=external_data,
-            verify=verify,
-            tolerance=tolerance,
-            providers=providers,
-        )
+    export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring
 
     def to(self, *args, **kwargs):
         """Move to another device. The dtypes are the compiled plan's: to change them, compile again."""

@@ -68,7 +68,24 @@ def export_onnx(
     tolerance: float = DEFAULT_TOLERANCE,
     providers: list[str] | None = None,
 ) -> OnnxArtifact:
-    """Write ``compiled`` as an ONNX model to ``path``; see ``CompiledModule.export_onnx``."""
+    """Write the compiled model as ONNX for ONNX Runtime, with its handoff file; verify it.
+
+    Called as ``compiled.export_onnx(path, ...)``.
+
+    Args:
+        path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
+        opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node), else
+            20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
+        target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
+            kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
+        io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
+        external_data: weights in ``<path>.data``; default: only when they pass 2 GB.
+        verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32 and
+            the FX module: ``"error"`` (default) raises past ``tolerance``, ``"warn"`` warns, ``"off"``
+            skips.
+        tolerance: the relative L2 error accepted, vs fp32 and vs the FX module.
+        providers: ONNX Runtime providers to verify with (default: CUDA if present, else CPU).
+    """
     if verify not in ("error", "warn", "off"):
         raise ExportError(f"verify={verify!r}: use 'error', 'warn' or 'off'")
     if target not in ("ort-cuda", "ort-cpu"):
@@ -103,13 +120,9 @@ def export_onnx(
             f.replace(path.parent / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset_of(model))
+    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset)
     data_path = path.parent / files[1].name if len(files) > 1 else None
     return OnnxArtifact(path, handoff, data_path, provider, errors_fp32, errors_fx)
-
-
-def opset_of(model: ir.Model) -> int:
-    return model.opset_imports.get("", 0)
 
 
 def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:

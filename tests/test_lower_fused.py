@@ -120,7 +120,9 @@ def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gel
     compiled = mpcompiler.compile(
         _bert(), [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8), (3, 12)]]
     )
+    fx_code = compiled.graph_module.code
     art = compiled.export_onnx(tmp_path / "b.onnx")
+    assert compiled.graph_module.code == fx_code  # the ONNX lowering ran on a copy
     ops = _onnx_ops(tmp_path / "b.onnx")
     assert ops["Attention"] == 2 and ops["Softmax"] == 0
     assert ops["SkipLayerNormalization"] == 4  # after attention and after the MLP, per layer
