@@ -243,9 +243,9 @@ class LowerFused(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats = {rule.name: 0 for rule in RULES}
         for rule in RULES:
-            for node in list(gm.graph.nodes):
-                if node.graph is not gm.graph or node.op != "call_function":
-                    continue  # erased by an earlier rewrite
+            for node in list(gm.graph.nodes):  # a rewrite leaves the old nodes dead, removed below
+                if node.op != "call_function":
+                    continue
                 m = rule.match(node)
                 planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
                 if isinstance(m, str) or not has_kernel(rule.name, self.target, planned):
