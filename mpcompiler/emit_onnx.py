@@ -26,7 +26,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 import mpcompiler
-from mpcompiler.capture import to_device
+from mpcompiler.capture import model_device, to_device
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
 from mpcompiler.fused import ONNX_TRANSLATIONS
@@ -182,7 +182,7 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:
-    device = next((t.device for t in compiled.graph_module.state_dict().values()), torch.device("cpu"))
+    device = model_device(compiled.graph_module)
     sample = to_device(compiled.val_samples[0], device)
     return _with_io_dtype(sample, io) if io is not None else sample
 
@@ -325,7 +325,7 @@ def _verify(compiled, path, io, providers, tolerance, mode):
     in_spec = gm.graph._codegen.pytree_info.in_spec
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     wanted = {i.name for i in sess.get_inputs()}
-    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+    device = model_device(gm)
     onnx_outs, fx_outs = [], []
     with torch.no_grad():
         for sample in compiled.val_samples:

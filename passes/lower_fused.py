@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from mpcompiler.fused import has_kernel
-from mpcompiler.ir import META_KEY, record
+from mpcompiler.ir import META_KEY, op_name, planned_dtype, record
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -31,12 +31,7 @@ Match = dict | str  # captured values, or why the rule does not apply
 
 
 def _op(node, *names: str) -> bool:
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_function"
-        and getattr(node.target, "_schema", None) is not None
-        and node.target._schema.name.split("::")[-1] in names
-    )
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and op_name(node) in names
 
 
 def _only_user(node: torch.fx.Node, user: torch.fx.Node) -> bool:
@@ -175,7 +170,7 @@ def _match_skip_layer_norm(ln: torch.fx.Node) -> Match:
         return "add of differently shaped values (a broadcast)"
     if not 2 <= _rank(a_) <= 3:
         return "SkipLayerNormalization takes 2-D or 3-D input"
-    if len({_dtype(t) for t in (a_, b_, ln)}) != 1:
+    if len({planned_dtype(t) for t in (a_, b_, ln)}) != 1:
         return "operands in different dtypes"
     return {"x": a_, "skip": b_, "weight": weight, "bias": bias, "eps": a.get("eps", 1e-5), "out": ln}
 
@@ -193,7 +188,7 @@ def _match_bias_gelu(g: torch.fx.Node) -> Match:
     lin = g.args[0]
     if not _op(lin, "linear") or not _only_user(lin, g) or len(lin.args) < 3 or lin.args[2] is None:
         return "input is not a linear with a bias, read only here"
-    if _dtype(lin) != _dtype(g):
+    if planned_dtype(lin) != planned_dtype(g):
         return "linear and gelu in different dtypes"
     return {"linear": lin, "bias": lin.args[2], "approximate": g.kwargs.get("approximate", "none"), "out": g}
 
@@ -203,14 +198,6 @@ def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
     lin.args = lin.args[:2]
     with gm.graph.inserting_before(g):
         return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
-
-
-def _dtype(node: torch.fx.Node) -> torch.dtype | None:
-    rec = node.meta.get(META_KEY)
-    if rec is not None and rec.dtype is not None:
-        return rec.dtype
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 @dataclasses.dataclass(frozen=True)
