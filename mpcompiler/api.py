@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler.capture import capture, collect_samples, model_device, on_device
+from mpcompiler.capture import as_sample, capture, collect_samples, model_device, on_device
+from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
 from mpcompiler.errors import CaptureError, OptionError
@@ -114,6 +115,15 @@ class CompiledModule(torch.nn.Module):
         return self.graph_module(*args, **kwargs)
 
     export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring
+
+    def cuda_graph(self, example) -> CudaGraphModule:
+        """The fastest mode on the GPU: this module under ``torch.compile``, captured as one CUDA graph
+        for the shapes of ``example`` (a sample as in calib_data: a tensor, a tuple of positional
+        arguments or a dict of keyword arguments); see :mod:`mpcompiler.cuda_graph`. Call the result
+        like the model with inputs of those shapes. Models with 2-D convolutions get channels_last
+        weights here, in place (this module keeps working, in NHWC)."""
+        args, kwargs = as_sample(example, 0, "example")
+        return CudaGraphModule(self.graph_module, args, kwargs)
 
     def to(self, *args, **kwargs):
         """Move to another device. The dtypes are the compiled plan's: to change them, compile again."""

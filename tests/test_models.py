@@ -106,3 +106,31 @@ def test_runs_on_cuda_after_cpu_calibration_and_when_compiled_for_cuda(bert):
     assert rel_err(moved(**on_gpu).last_hidden_state.cpu(), ref) < 5e-3
     direct = mpcompiler.compile(bert, calib, device="cuda")
     assert rel_err(direct(**on_gpu).last_hidden_state.cpu(), ref) < 5e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_graph_without_a_gpu_is_an_error(bert):
+    compiled = mpcompiler.compile(bert, [_bert_sample(2, 16)])
+    with pytest.raises(mpcompiler.OptionError, match="needs a CUDA GPU"):
+        compiled.cuda_graph(_bert_sample(2, 16))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_compiled_module(bert):
+    compiled = mpcompiler.compile(bert, [_bert_sample(4, 16), _bert_sample(2, 24)], device="cuda")
+    first, second = _bert_sample(3, 20), _bert_sample(3, 20)
+    fast = compiled.cuda_graph(first)
+    with torch.no_grad():
+        refs = [bert(**s).last_hidden_state for s in (first, second)]
+    outs = [fast(**{k: v.cuda() for k, v in s.items()}).last_hidden_state for s in (first, second)]
+    for out, ref in zip(outs, refs, strict=True):  # the first output survives the second call
+        assert rel_err(out.cpu(), ref) < 5e-3
+    with pytest.raises(mpcompiler.OptionError, match=r"captured for \(3, 20\)"):
+        fast(**_bert_sample(3, 24))
+
+    torch.manual_seed(0)
+    cnn = torchvision.models.resnet18(num_classes=10).eval()
+    compiled = mpcompiler.compile(cnn, [torch.randn(2, 3, 64, 64) for _ in range(2)], device="cuda")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(compiled.cuda_graph(x)(x.cuda()).cpu(), cnn(x)) < 5e-3

@@ -1,0 +1,99 @@
+"""The FX artifact's fastest mode on the GPU: Inductor's kernels replayed as one CUDA graph.
+
+``compiled.cuda_graph(example)`` compiles the emitted module with ``torch.compile`` (Inductor's
+fusions, no CUDA graphs of its own), captures one call on the example's shapes in a
+``torch.cuda.CUDAGraph``, and returns a callable that copies its inputs into the graph's static
+buffers and replays it. A call then costs the GPU work and one graph launch: no Python per op, no
+dynamo guards, no CUDA-graph-tree bookkeeping, which is what bounds small batches under
+``torch.compile(mode="reduce-overhead")``.
+
+Like ONNX Runtime's ``enable_cuda_graph``, a capture is for one set of input shapes and dtypes; a
+call with others is an error naming the input. Outputs are copied out of the graph's buffers, so
+they stay valid after the next call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from mpcompiler.errors import OptionError
+
+WARMUP = 3  # calls before capture: compilation, autotuning and lazy cuBLAS/cuDNN setup happen here
+
+
+def _has_conv2d(gm: torch.fx.GraphModule) -> bool:
+    convs = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+    for node in gm.graph.nodes:
+        val = node.args[0].meta.get("val") if node.target in convs else None
+        if isinstance(val, torch.Tensor) and val.dim() == 4:
+            return True
+    return False
+
+
+def _describe(path) -> str:
+    return pytree.keystr(path) or "the input"
+
+
+class CudaGraphModule:
+    """A compiled module captured as one CUDA graph for fixed input shapes. Call it like the model."""
+
+    def __init__(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
+        device = next(iter(gm.parameters()), torch.empty(0)).device
+        if not torch.cuda.is_available():
+            raise OptionError("cuda_graph() needs a CUDA GPU; torch.cuda.is_available() is False")
+        if device.type != "cuda":
+            raise OptionError(
+                f"cuda_graph() needs the compiled module on the GPU (its weights are on {device}); "
+                "compile with device='cuda' or call compiled.to('cuda') first"
+            )
+        # Convolutions run fastest in NHWC on tensor cores: weights and image inputs go channels_last.
+        self.channels_last = _has_conv2d(gm)
+        if self.channels_last:
+            gm.to(memory_format=torch.channels_last)
+        leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
+        self.paths = [p for p, _ in leaves]
+        self.static = [self._buffer(v, device) for _, v in leaves]
+        fn = torch.compile(gm, dynamic=False)
+        static_args, static_kwargs = pytree.tree_unflatten(self.static, self.spec)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(WARMUP):
+                fn(*static_args, **static_kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.outputs = fn(*static_args, **static_kwargs)
+        except RuntimeError as exc:
+            raise OptionError(
+                f"the compiled module cannot be captured as a CUDA graph (an op syncs with the CPU or "
+                f"allocates outside the graph): {exc}; use torch.compile(compiled.graph_module) instead"
+            ) from exc
+
+    def _buffer(self, value, device: torch.device):
+        if not isinstance(value, torch.Tensor):
+            return value
+        fmt = torch.channels_last if self.channels_last and value.dim() == 4 else torch.contiguous_format
+        return torch.empty_like(value, device=device, memory_format=fmt).copy_(value)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec:
+            raise OptionError(f"this CUDA graph was captured for inputs shaped like {self.spec}; got {spec}")
+        for path, buffer, value in zip(self.paths, self.static, leaves, strict=True):
+            if not isinstance(buffer, torch.Tensor):
+                if value != buffer:
+                    raise OptionError(f"{_describe(path)} was {buffer!r} at capture; got {value!r}")
+            elif not isinstance(value, torch.Tensor) or value.shape != buffer.shape or value.dtype != buffer.dtype:
+                got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+                raise OptionError(
+                    f"{_describe(path)}: this CUDA graph was captured for {tuple(buffer.shape)} {buffer.dtype}, "
+                    f"got {got}; capture another with compiled.cuda_graph(...) for that shape"
+                )
+            else:
+                buffer.copy_(value, non_blocking=True)
+        self.graph.replay()
+        return pytree.tree_map_only(torch.Tensor, torch.clone, self.outputs)
