@@ -6,6 +6,7 @@ y = compiled(*args, **kwargs)                      # same signature and outputs 
 compiled.graph_module                              # the emitted torch.fx.GraphModule
 compiled.report                                    # per node: op, module path, dtype, range, reason
 compiled.export_onnx("model.onnx")                 # ONNX for ONNX Runtime, verified, with a handoff file
+fast = compiled.cuda_graph(example)                # on the GPU: one CUDA graph replay per call, fixed shapes
 """
 
 from mpcompiler.api import CompiledModule, Options, compile
