@@ -11,7 +11,15 @@ fast = compiled.cuda_graph(example)                # on the GPU: one CUDA graph 
 
 from mpcompiler.api import CompiledModule, Options, compile
 from mpcompiler.emit_onnx import OnnxArtifact
-from mpcompiler.errors import CalibrationError, CaptureError, ExportError, MpCompilerError, OptionError, PassError
+from mpcompiler.errors import (
+    CalibrationError,
+    CaptureError,
+    ExportError,
+    MpCompilerError,
+    OptionError,
+    PassError,
+    ToleranceError,
+)
 from mpcompiler.report import Report
 
 __version__ = "0.1.0"
@@ -27,6 +35,7 @@ __all__ = [
     "Options",
     "PassError",
     "Report",
+    "ToleranceError",
     "__version__",
     "compile",
 ]

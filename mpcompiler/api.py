@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mpcompiler.capture import as_sample, capture, collect_samples, model_device
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
-from mpcompiler.errors import CaptureError, OptionError
+from mpcompiler.errors import CaptureError, OptionError, ToleranceError
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
     AssignPrecision,
@@ -25,9 +26,10 @@ from mpcompiler.passes import (
     FoldBatchNorm,
     InsertCasts,
     LowerFused,
+    SearchPrecision,
 )
 from mpcompiler.report import Report
-from mpcompiler.verify import measure, output_names, references
+from mpcompiler.verify import METRICS, Metric, measure, output_names, references
 
 log = logging.getLogger("mpcompiler")
 
@@ -53,9 +55,11 @@ class Options:
     dump_dir: Path | None = None
     device: torch.device | None = None
     debug: bool = False
+    tolerance: float | None = None
+    metric: Metric = METRICS["rel_l2"]
 
     @classmethod
-    def parse(cls, *, dtype, keep_fp32, dump_dir, device, debug) -> Options:
+    def parse(cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric="rel_l2") -> Options:
         if dtype not in _DTYPES:
             raise OptionError(f"dtype={dtype!r} is not supported; use 'float16' or 'bfloat16'")
         if isinstance(keep_fp32, str):
@@ -73,7 +77,20 @@ class Options:
             debug = os.environ.get("MPCOMPILER_DEBUG", "") not in ("", "0")
         if not isinstance(debug, bool):
             raise OptionError(f"debug must be True or False; got {debug!r}")
+        if callable(metric):
+            metric = Metric(getattr(metric, "__name__", "custom metric"), metric)
+        elif metric in METRICS:
+            metric = METRICS[metric]
+        else:
+            raise OptionError(f"metric={metric!r}: use one of {sorted(METRICS)}, or a callable(outputs, refs) -> error")
+        if tolerance is not None:
+            if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+                raise OptionError(f"tolerance must be a positive number; got {tolerance!r}")
+            if metric.higher_is_better and tolerance > 1:
+                raise OptionError(f"tolerance for metric {metric.name!r} is a similarity in (0, 1]; got {tolerance!r}")
         return cls(
+            tolerance=None if tolerance is None else float(tolerance),
+            metric=metric,
             dtype=_DTYPES[dtype],
             keep_fp32=tuple(keep_fp32),
             dump_dir=Path(dump_dir) if dump_dir is not None else None,
@@ -82,14 +99,25 @@ class Options:
         )
 
 
-def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass]:
-    """The passes, in order."""
+def pipeline(options: Options, samples: list, device: torch.device, val=(), refs=list) -> list[Pass]:
+    """The passes, in order. search_precision runs only with a tolerance; it re-plans with assign_precision."""
+    assign = AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32)
+    search = SearchPrecision(
+        tolerance=options.tolerance,
+        metric=options.metric,
+        replan=assign.call,
+        calib_samples=samples,
+        val_samples=val,
+        val_refs=refs,
+        device=device,
+    )
     return [
         CleanGraph(),
         FoldBatchNorm(),
         LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
         CalibrateRanges(samples=samples, device=device),
-        AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32),
+        assign,
+        *([search] if options.tolerance is not None else []),
         InsertCasts(),
         EliminateCasts(),
     ]
@@ -145,6 +173,8 @@ def compile(
     dump_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     debug: bool | None = None,
+    tolerance: float | None = None,
+    metric: str | Callable = "rel_l2",
 ) -> CompiledModule:
     """Compile ``model`` to mixed precision, calibrated on ``calib_data``.
 
@@ -161,13 +191,29 @@ def compile(
         dump_dir: where to write one IR dump per pass that changed the graph and ``report.json``.
         device: where the compiled module runs (and calibration runs); default: the model's device.
         debug: verify the IR after every pass and dump every pass (default: env MPCOMPILER_DEBUG).
+        tolerance: the accuracy to meet on the held-out samples, judged by ``metric``. With it, the
+            most sensitive ops are kept in fp32 until it is met (search_precision); a ToleranceError
+            says when only all-fp32 would meet it. Default None: the rules alone decide.
+        metric: ``"rel_l2"`` (relative L2 error vs fp32, the worst output; met when <= tolerance),
+            ``"cosine"`` (the lowest cosine similarity of an output to fp32's over samples; met when
+            >= tolerance), ``"top1"`` (share of rows whose argmax over the last dim of the first output
+            agrees with fp32's; met when >= tolerance), or a callable ``(outputs, refs) -> error``
+            over lists (per sample) of flat output tensors, met when <= tolerance.
 
     Returns:
         A :class:`CompiledModule`, called like ``model``.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    options = Options.parse(dtype=dtype, keep_fp32=keep_fp32, dump_dir=dump_dir, device=device, debug=debug)
+    options = Options.parse(
+        dtype=dtype,
+        keep_fp32=keep_fp32,
+        dump_dir=dump_dir,
+        device=device,
+        debug=debug,
+        tolerance=tolerance,
+        metric=metric,
+    )
     samples = collect_samples(calib_data)
     if val_data is not None:
         val, held_out = collect_samples(val_data, "validation"), True
@@ -179,13 +225,28 @@ def compile(
     target_device = options.device or model_device(model)
     with on_device(model, target_device):
         gm = capture(model, samples + val if held_out else samples)
-        passes = pipeline(options, samples, target_device)
+        # after calibration, whose errors name the node; before the search, which needs them
+        refs = functools.cache(lambda: references(model, val, target_device))
+        passes = pipeline(options, samples, target_device, val, refs)
         runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
-        refs = references(model, val, target_device)
+        refs = refs()
         graph_module = emit_fx(gm, model)
-    accuracy = measure(graph_module, val, refs, output_names(graph_module), device=target_device, held_out=held_out)
+    accuracy = measure(
+        graph_module,
+        val,
+        refs,
+        output_names(graph_module),
+        device=target_device,
+        held_out=held_out,
+        metric=options.metric,
+        tolerance=options.tolerance,
+    )
     report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:
         report.save(options.dump_dir / "report.json")
+        if report.search is not None:
+            report.plot(options.dump_dir / "precision.png")
     log.info("%s", report)
+    if accuracy.met is False:  # the search judged the same plan on the same samples: a mismatch is a bug
+        raise ToleranceError(f"the emitted module misses the tolerance the search met: {accuracy}")
     return CompiledModule(graph_module, report, options, val, refs)

@@ -23,3 +23,7 @@ class OptionError(MpCompilerError, ValueError):
 
 class ExportError(MpCompilerError):
     """The compiled module could not be exported to ONNX, or the artifact failed its checks."""
+
+
+class ToleranceError(MpCompilerError):
+    """No mixed-precision plan meets the tolerance asked for (short of running everything in fp32)."""

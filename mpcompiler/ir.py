@@ -8,7 +8,7 @@ else in ``meta`` belongs to mpcompiler.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -59,6 +59,27 @@ class NodeRecord:
     range: RangeStats | None = None
     inserted: bool = False  # a cast that mpcompiler inserted (not written by the user)
     fused: str = ""  # the rewrite that made this node, if lower_fused did ("eager attention -> ...")
+    # set by search_precision (compile(tolerance=...)):
+    sensitivity: float | None = None  # first-order rel. L2 error at the outputs if only this node is low
+    local_error: float | None = None  # rel. L2 error of this node's own output in low precision on fp32 inputs
+    flops: int | None = None  # matmul/conv/attention FLOPs per call, on the calibration samples
+    promoted: str = ""  # why the search keeps this node high ("" if it does not)
+
+
+@dataclass
+class SearchLog:
+    """What search_precision did: the tolerance, its cost and the plans it evaluated."""
+
+    tolerance: float
+    metric: str
+    candidates: int = 0  # low-precision ops that compute (not views), ranked by sensitivity
+    kept_high: int = 0  # how many of the most sensitive the plan keeps high
+    sensitivity_passes: int = 0  # forward + backward passes spent estimating sensitivity
+    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (k kept high, metric on held-out)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "evaluations": [list(e) for e in self.evaluations]}
 
 
 @dataclass
@@ -70,6 +91,7 @@ class GraphRecord:
     output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit
     calib_samples: int = 0
     casts_inserted: bool = False  # after insert_casts, each planned dtype must equal the node's dtype
+    search: SearchLog | None = None  # set when compile() was given a tolerance
 
 
 def record(node: torch.fx.Node) -> NodeRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ class NodeDecision:
     range: dict | None
     inserted_cast: bool
     fused: str  # the fusion that made the node, if any
+    sensitivity: float | None  # rel. L2 output error it would cause alone in low precision (tolerance search)
+    local_error: float | None  # its own output's rel. error in low precision on fp32 inputs
+    flops: int | None  # matmul/conv/attention FLOPs per call
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Report:
     nodes: list[NodeDecision]
     passes: list[dict] = field(default_factory=list)
     accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
+    search: dict | None = None  # what the tolerance search did (SearchLog), if it ran
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
@@ -67,6 +72,9 @@ class Report:
                     range=rec.range.to_dict() if rec.range else None,
                     inserted_cast=rec.inserted,
                     fused=rec.fused,
+                    sensitivity=rec.sensitivity,
+                    local_error=rec.local_error,
+                    flops=rec.flops,
                 )
             )
         g = graph_record(gm)
@@ -75,7 +83,12 @@ class Report:
             for r in runs
         ]
         return cls(
-            target=_dtype_name(g.target), calib_samples=g.calib_samples, nodes=nodes, passes=passes, accuracy=accuracy
+            target=_dtype_name(g.target),
+            calib_samples=g.calib_samples,
+            nodes=nodes,
+            passes=passes,
+            accuracy=accuracy,
+            search=g.search.to_dict() if g.search else None,
         )
 
     def ops(self) -> list[NodeDecision]:
@@ -93,6 +106,50 @@ class Report:
         """Ops not in the target dtype, each with its reason."""
         return [n for n in self.ops() if n.dtype != self.target]
 
+    def culprits(self, n: int = 10) -> list[NodeDecision]:
+        """The ``n`` ops that would cost the most accuracy in low precision, most first (each with its
+        module path, dtype and reason). Needs the sensitivity that compile(tolerance=...) measures."""
+        measured = [d for d in self.ops() if d.sensitivity is not None]
+        if not measured:
+            raise ValueError("no sensitivity was measured: compile with tolerance=... to rank culprits")
+        return sorted(measured, key=lambda d: -d.sensitivity)[:n]
+
+    def low_flop_share(self) -> float | None:
+        """Share of the matmul/conv/attention FLOPs that run in a low-precision dtype (None if not counted)."""
+        counted = [d for d in self.ops() if d.flops]
+        total = sum(d.flops for d in counted)
+        low = sum(d.flops for d in counted if d.dtype in ("float16", "bfloat16"))
+        return low / total if total else None
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG: per op in graph order, its sensitivity and its calibrated range (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("report.plot() needs matplotlib: pip install 'mpcompiler[plot]'") from exc
+        ops = self.ops()
+        colors = {"float16": "tab:blue", "bfloat16": "tab:green"}
+        color = [colors.get(d.dtype, "tab:red") for d in ops]
+        x = range(len(ops))
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(ops) / 25), 6), sharex=True)
+        top.scatter(x, [d.sensitivity or 0 for d in ops], c=color, s=6)
+        top.set_yscale("symlog", linthresh=1e-7)
+        top.set_ylabel("sensitivity (rel. L2 at outputs)")
+        top.set_title("blue: fp16, green: bf16, red: fp32")
+        bottom.scatter(x, [d.range["absmax"] if d.range else 0 for d in ops], c=color, s=6)
+        bottom.axhline(65504, color="gray", linestyle="--", linewidth=0.8)
+        bottom.set_yscale("symlog", linthresh=1e-6)
+        bottom.set_ylabel("calibrated |x| max")
+        bottom.set_xlabel("op, in graph order")
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        plt.close(fig)
+        return write_atomic(path, png.getvalue())
+
     def to_dict(self) -> dict:
         return {
             "target": self.target,
@@ -100,6 +157,8 @@ class Report:
             "counts": self.counts(),
             "casts": self.casts(),
             "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "search": self.search,
+            "low_flop_share": self.low_flop_share(),
             "passes": self.passes,
             "nodes": [asdict(n) for n in self.nodes],
         }
@@ -116,6 +175,17 @@ class Report:
         ]
         if self.accuracy is not None:
             lines.append(f"  {self.accuracy}")
+        if self.search is not None:
+            s = self.search
+            lines.append(
+                f"  tolerance search: {s['kept_high']} of {s['candidates']} low-precision ops kept high, "
+                f"{len(s['evaluations'])} whole-model evaluations + {s['sensitivity_passes']} sensitivity passes, "
+                f"{s['wall_s']:.1f} s; FLOPs in low precision: {self.low_flop_share():.1%}"
+            )
+            lines += [
+                f"    culprit %{d.name:<22} {d.dtype:<8} sensitivity {d.sensitivity:.2g} @ {d.module_path or '-'}"
+                for d in self.culprits(5)
+            ]
         high = self.kept_high()
         if high:
             lines.append(f"  {len(high)} ops not in {self.target}:")

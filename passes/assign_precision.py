@@ -2,7 +2,8 @@
 
 In graph order, each float-valued op gets a dtype from its op class (see ``mpcompiler.ops``):
 
-- ``keep_fp32`` (module-path prefixes or op names) wins over everything: fp32;
+- ``keep_fp32`` (module-path prefixes or op names) wins over everything: fp32; then nodes the
+  tolerance search (search_precision) promoted: fp32;
 - LOW ops get the target dtype; FOLLOW ops and fp32-inside kernels take their inputs' dtype
   (promoted if mixed; the target if their only float inputs are parameters, as in an embedding);
   FP32 ops get fp32; FIXED ops get the dtype the program writes;
@@ -79,7 +80,7 @@ class AssignPrecision(Pass):
     def _assign(self, node: torch.fx.Node, captured: torch.dtype, matched: set[str]) -> None:
         rec = record(node)
         rule = rule_for(node)
-        rec.op_class = rule.op_class
+        rec.op_class, rec.math_dtype = rule.op_class, None  # the search re-runs this pass: start afresh
         high = torch.promote_types(captured, torch.float32)  # fp32, or f64 where the model computes in f64
         key = self._keep(node)
         if key is not None:
@@ -88,6 +89,9 @@ class AssignPrecision(Pass):
             return
         if rule.op_class is OpClass.FIXED:
             rec.dtype, rec.rule, rec.reason = written_dtype(node), "fixed", rule.why
+            return
+        if rec.promoted:
+            rec.dtype, rec.rule, rec.reason = high, "sensitivity", rec.promoted
             return
         if rule.op_class is OpClass.FP32 and not rule.fp32_inside:
             rec.dtype, rec.rule, rec.reason = high, "op class", rule.why

@@ -1,0 +1,156 @@
+"""search_precision: the tolerance is met on held-out samples, by the fewest ops kept high, at small cost."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+import mpcompiler
+from tests.helpers import rel_err
+
+transformers.logging.set_verbosity_error()
+
+
+class Cancel(nn.Module):
+    """Two nearly equal large values subtracted: fp16's rounding of each swamps their difference."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn(32, 32))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        big = x * 1000.0
+        return self.head(torch.relu(self.a(big) - self.b(big)))
+
+
+def _cancel():
+    torch.manual_seed(0)
+    return Cancel().eval(), [torch.randn(16, 32) for _ in range(8)], [torch.randn(16, 32) for _ in range(3)]
+
+
+def _held_out_err(model, compiled, val):
+    with torch.no_grad():
+        return max(rel_err(compiled(x), model(x)) for x in val)
+
+
+def test_cancellation_fails_in_half_and_meets_the_tolerance():
+    model, calib, val = _cancel()
+    with torch.no_grad():
+        half = copy.deepcopy(model).half()
+        assert max(rel_err(half(x.half()).float(), model(x)) for x in val) > 1e-2
+    compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=1e-3)
+    assert compiled.report.accuracy.met and compiled.report.accuracy.value <= 1e-3
+    assert _held_out_err(model, compiled, val) <= 1e-3
+    paths = {d.module_path for d in compiled.report.culprits(3)}
+    assert {"a", "b"} <= paths, compiled.report.culprits(3)
+    assert {d.module_path for d in compiled.report.kept_high() if d.rule == "sensitivity"} >= {"a", "b"}
+    assert compiled.report.counts("low") == {"float16": 1, "float32": 2}  # a and b high, the head low
+
+
+def test_sensitivity_predicts_the_error_of_one_low_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)).eval()
+    calib, val = [torch.randn(32, 64) for _ in range(6)], [torch.randn(32, 64) for _ in range(2)]
+    searched = mpcompiler.compile(model, calib, val_data=val, tolerance=1.0)  # met at once: measures only
+    predicted = {d.module_path: d.sensitivity for d in searched.report.ops() if d.op == "linear"}
+    for low, high in (("0", "2"), ("2", "0")):
+        alone = mpcompiler.compile(model, calib, val_data=val, keep_fp32=[high, "tanh"])
+        measured = alone.report.accuracy.max
+        assert measured / 2 < predicted[low] < measured * 2, (low, predicted[low], measured)
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256, vocab_size=500
+    )
+    model = transformers.BertModel(cfg).eval()
+
+    def sample(b, s):
+        return {"input_ids": torch.randint(0, 500, (b, s)), "attention_mask": torch.ones(b, s, dtype=torch.long)}
+
+    return model, [sample(4, 16) for _ in range(6)], [sample(4, 16) for _ in range(2)]
+
+
+def test_tighter_tolerance_never_keeps_fewer_ops_high():
+    model, calib, val = _bert()
+    high, errors = [], []
+    for tol in (3e-3, 5e-4, 2e-4):
+        compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=tol)
+        report = compiled.report
+        assert report.accuracy.met and report.accuracy.value <= tol
+        high.append(len(report.kept_high()))
+        errors.append(report.accuracy.value)
+        n = report.search["candidates"]
+        assert len(report.search["evaluations"]) <= 2 * math.ceil(math.log2(n + 1)) + 2, report.search
+    assert high == sorted(high), high
+    assert high[-1] > high[0], (high, errors)  # the sweep exercises the search
+
+
+@pytest.mark.parametrize(
+    "metric,tolerance",
+    [
+        ("cosine", 0.9999),
+        ("top1", 1.0),
+        (lambda outs, refs: max(float((o[0] - r[0]).abs().max()) for o, r in zip(outs, refs, strict=True)), 0.05),
+    ],
+)
+def test_metrics(metric, tolerance):
+    model, calib, val = _cancel()
+    compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=tolerance, metric=metric)
+    accuracy = compiled.report.accuracy
+    assert accuracy.met, accuracy
+    with torch.no_grad():
+        outs, refs = [[compiled(x)] for x in val], [[model(x)] for x in val]
+    if metric == "cosine":
+        assert (
+            min(
+                float(torch.nn.functional.cosine_similarity(o[0].flatten(), r[0].flatten(), 0))
+                for o, r in zip(outs, refs, strict=True)
+            )
+            >= tolerance
+        )
+    elif metric == "top1":
+        assert all(torch.equal(o[0].argmax(-1), r[0].argmax(-1)) for o, r in zip(outs, refs, strict=True))
+    else:
+        assert metric(outs, refs) <= tolerance
+
+
+def test_an_unmeetable_tolerance_says_so():
+    model, calib, val = _cancel()
+    message = "no plan short of all-fp32 meets rel_l2 <= 1e-12 on 3 held-out samples"
+    with pytest.raises(mpcompiler.ToleranceError, match=message):
+        mpcompiler.compile(model, calib, val_data=val, tolerance=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"tolerance": -1.0}, "tolerance must be a positive number"),
+        ({"tolerance": "tight"}, "tolerance must be a positive number"),
+        ({"tolerance": 1e-3, "metric": "mse"}, "metric='mse': use one of"),
+        ({"tolerance": 2.0, "metric": "cosine"}, "similarity in \\(0, 1\\]"),
+    ],
+)
+def test_bad_tolerance_options(kwargs, message):
+    model, calib, _ = _cancel()
+    with pytest.raises(mpcompiler.OptionError, match=message):
+        mpcompiler.compile(model, calib, **kwargs)
+
+
+def test_report_plot_and_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, calib, val = _cancel()
+    compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=1e-3, dump_dir=tmp_path)
+    assert (tmp_path / "precision.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["search"]["kept_high"] == compiled.report.search["kept_high"] > 0
+    assert any(n["sensitivity"] for n in saved["nodes"])
