@@ -33,6 +33,7 @@ class NodeDecision:
     rule: str
     reason: str
     range: dict | None
+    inner: dict | None  # peak of what the op computes inside (InnerRange), for norms, reductions, matmuls
     inserted_cast: bool
     fused: str  # the fusion that made the node, if any
 
@@ -46,6 +47,7 @@ class Report:
     nodes: list[NodeDecision]
     passes: list[dict] = field(default_factory=list)
     accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
+    fallback: str | None = None  # dtype="auto": the dtype nodes past the target's range run in (bfloat16)
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
@@ -65,6 +67,7 @@ class Report:
                     rule=rec.rule,
                     reason=rec.reason,
                     range=rec.range.to_dict() if rec.range else None,
+                    inner=rec.inner.to_dict() if rec.inner else None,
                     inserted_cast=rec.inserted,
                     fused=rec.fused,
                 )
@@ -75,7 +78,12 @@ class Report:
             for r in runs
         ]
         return cls(
-            target=_dtype_name(g.target), calib_samples=g.calib_samples, nodes=nodes, passes=passes, accuracy=accuracy
+            target=_dtype_name(g.target),
+            calib_samples=g.calib_samples,
+            nodes=nodes,
+            passes=passes,
+            accuracy=accuracy,
+            fallback=_dtype_name(g.fallback),
         )
 
     def ops(self) -> list[NodeDecision]:
@@ -96,6 +104,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "target": self.target,
+            "fallback": self.fallback,
             "calib_samples": self.calib_samples,
             "counts": self.counts(),
             "casts": self.casts(),
@@ -111,7 +120,9 @@ class Report:
         counts = ", ".join(f"{short_dtype(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
         low = self.counts(OpClass.LOW.value)
         lines = [
-            f"mpcompiler report: target {self.target}, {self.calib_samples} calibration samples",
+            f"mpcompiler report: target {self.target}"
+            + (f" ({self.fallback} where it overflows or underflows)" if self.fallback else "")
+            + f", {self.calib_samples} calibration samples",
             f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
         ]
         if self.accuracy is not None:
