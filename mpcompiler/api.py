@@ -44,6 +44,7 @@ _DTYPES = {
     torch.float16: torch.float16,
     torch.bfloat16: torch.bfloat16,
 }
+AUTO = "auto"  # fp16 where it is safe, bf16 where fp16's range is too small, fp32 where bf16's is too
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Options:
     """compile()'s options, validated. Build with :meth:`parse`."""
 
     dtype: torch.dtype = torch.float16
+    fallback: torch.dtype | None = None  # dtype="auto": bf16, where the device has bf16 kernels
     keep_fp32: tuple[str, ...] = ()
     dump_dir: Path | None = None
     device: torch.device | None = None
@@ -60,8 +62,9 @@ class Options:
 
     @classmethod
     def parse(cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric="rel_l2") -> Options:
-        if dtype not in _DTYPES:
-            raise OptionError(f"dtype={dtype!r} is not supported; use 'float16' or 'bfloat16'")
+        auto = isinstance(dtype, str) and dtype == AUTO
+        if not auto and dtype not in _DTYPES:
+            raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16' or 'auto'")
         if isinstance(keep_fp32, str):
             keep_fp32 = (keep_fp32,)
         if not isinstance(keep_fp32, Sequence) or not all(isinstance(k, str) and k for k in keep_fp32):
@@ -91,7 +94,8 @@ class Options:
         return cls(
             tolerance=None if tolerance is None else float(tolerance),
             metric=metric,
-            dtype=_DTYPES[dtype],
+            dtype=torch.float16 if auto else _DTYPES[dtype],
+            fallback=torch.bfloat16 if auto else None,
             keep_fp32=tuple(keep_fp32),
             dump_dir=Path(dump_dir) if dump_dir is not None else None,
             device=device,
@@ -99,9 +103,18 @@ class Options:
         )
 
 
+def has_bf16_kernels(device: torch.device) -> bool:
+    """Whether bf16 math runs on ``device``: torch's CPU kernels have bf16; a GPU must support it."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
 def pipeline(options: Options, samples: list, device: torch.device, val=(), refs=list) -> list[Pass]:
     """The passes, in order. search_precision runs only with a tolerance; it re-plans with assign_precision."""
-    assign = AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32)
+    assign = AssignPrecision(
+        target=options.dtype,
+        fallback=options.fallback if has_bf16_kernels(device) else None,
+        keep_fp32=options.keep_fp32,
+    )
     search = SearchPrecision(
         tolerance=options.tolerance,
         metric=options.metric,
@@ -182,7 +195,9 @@ def compile(
         model: the fp32 ``torch.nn.Module``; it is captured in eval mode and left unchanged.
         calib_data: an iterable of samples (read once): a tensor, a tuple/list of positional
             arguments, or a dict of keyword arguments each. The first is the example for capture.
-        dtype: the low-precision dtype, ``"float16"`` or ``"bfloat16"``.
+        dtype: the low-precision dtype, ``"float16"`` or ``"bfloat16"``; or ``"auto"``: fp16 where
+            it is safe, bf16 for the nodes where fp16 would overflow or underflow (if the device has
+            bf16 kernels), fp32 where bf16 would overflow too.
         keep_fp32: module paths (``"encoder.layer.3.attention"``, matching that module and all
             inside it) and op names (``"softmax"``) to keep in fp32.
         val_data: samples to measure the error vs fp32 on (``report.accuracy``). Default: the last

@@ -92,6 +92,8 @@ def export_onnx(
         raise ExportError(f"target={target!r}: use 'ort-cuda' or 'ort-cpu'")
     path = Path(path)
     gm = compiled.graph_module
+    if verify != "off":
+        _check_bf16_nodes(gm, providers)
     io = _io_dtype(io_dtype, graph_record(gm).target)
     program = _twin(gm)
     if io is not None:
@@ -309,14 +311,39 @@ def _onnxruntime():
     return onnxruntime
 
 
+def _providers(providers: list[str] | None) -> list[str]:
+    """The providers asked for; default: CUDA if present, else CPU."""
+    if providers is not None:
+        return providers
+    available = _onnxruntime().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _cpu_only(providers: list[str]) -> bool:
+    return all(p == "CPUExecutionProvider" for p in providers)
+
+
+def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> None:
+    """A float16 plan with bf16 nodes (dtype="auto") cannot load in ONNX Runtime's CPU provider, which has
+    no bf16 kernels: say so before exporting, naming the nodes."""
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(META_KEY) is not None]
+    bf16 = [n.name for n in ops if n.meta[META_KEY].dtype == torch.bfloat16 and not n.meta[META_KEY].inserted]
+    if graph_record(gm).target == torch.bfloat16 or not bf16 or not _cpu_only(_providers(providers)):
+        return
+    raise ExportError(
+        f"the plan runs {len(bf16)} nodes in bf16 ({', '.join(bf16[:5])}{', ...' if len(bf16) > 5 else ''}) and "
+        "ONNX Runtime's CPU provider has no bf16 kernels; verify with providers=['CUDAExecutionProvider'], pass "
+        "verify='off', or compile with dtype='float16' (fp32 where fp16 overflows)"
+    )
+
+
 def _verify(compiled, path, io, providers, tolerance, mode):
     """Run the artifact in ONNX Runtime on the held-out samples; compare with fp32 and the FX module."""
     ort = _onnxruntime()
 
     gm = compiled.graph_module
-    if providers is None:
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    if graph_record(gm).target == torch.bfloat16 and providers[0] == "CPUExecutionProvider":
+    providers = _providers(providers)
+    if graph_record(gm).target == torch.bfloat16 and _cpu_only(providers):
         warnings.warn(
             "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
         )

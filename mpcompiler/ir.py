@@ -46,6 +46,22 @@ class RangeStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class InnerRange:
+    """The peak magnitude of a quantity an op computes inside its kernel, over all calibration samples.
+
+    An op's inputs and output can sit well inside fp16's range while what it computes on the way
+    does not: the squared deviations of a layer_norm, the running sum of a long mean, the partial
+    sums of a matmul. ``what`` names the quantity ("squared deviations over 768 elements").
+    """
+
+    absmax: float
+    what: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class NodeRecord:
     """mpcompiler's facts and decisions for one FX node."""
@@ -57,6 +73,7 @@ class NodeRecord:
     rule: str = ""  # which rule decided dtype: "op class", "follows inputs", "range", "keep_fp32", ...
     reason: str = ""  # the decision in words, for dumps and the report
     range: RangeStats | None = None
+    inner: InnerRange | None = None  # peak of what the op computes inside (norms, reductions, matmuls)
     inserted: bool = False  # a cast that mpcompiler inserted (not written by the user)
     fused: str = ""  # the rewrite that made this node, if lower_fused did ("eager attention -> ...")
     # set by search_precision (compile(tolerance=...)):
@@ -87,6 +104,7 @@ class GraphRecord:
     """mpcompiler's facts for the whole graph."""
 
     target: torch.dtype  # the low-precision dtype asked for
+    fallback: torch.dtype | None = None  # dtype="auto": bf16 where the target's range is too small
     dynamic_shapes: dict | None = None  # torch.export's spec at capture, by forward() argument name
     output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit
     calib_samples: int = 0

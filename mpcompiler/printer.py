@@ -84,11 +84,13 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
     if rec is not None:
         if rec.range is not None:
             notes.append(_fmt_range(rec.range))
+        if rec.inner is not None:
+            notes.append(f"inside={rec.inner.absmax:.3g} ({rec.inner.what})")
         if rec.module_path:
             notes.append(f"@ {rec.module_path}")
         if rec.fused:
             notes.append(f"# fused: {rec.fused}")
-        if rec.op_class is OpClass.FP32 or rec.rule in ("range", "keep_fp32", "input range"):
+        if rec.op_class is OpClass.FP32 or rec.rule in ("range", "inside", "underflow", "keep_fp32"):
             notes.append(f"# {short_dtype(rec.math_dtype or rec.dtype)}: {rec.reason}")
     return stmt, "  ".join(notes)
 

@@ -34,6 +34,7 @@ class NodeDecision:
     rule: str
     reason: str
     range: dict | None
+    inner: dict | None  # peak of what the op computes inside (InnerRange), for norms, reductions, matmuls
     inserted_cast: bool
     fused: str  # the fusion that made the node, if any
     sensitivity: float | None  # rel. L2 output error it would cause alone in low precision (tolerance search)
@@ -51,6 +52,7 @@ class Report:
     passes: list[dict] = field(default_factory=list)
     accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
     search: dict | None = None  # what the tolerance search did (SearchLog), if it ran
+    fallback: str | None = None  # dtype="auto": the dtype nodes past the target's range run in (bfloat16)
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
@@ -70,6 +72,7 @@ class Report:
                     rule=rec.rule,
                     reason=rec.reason,
                     range=rec.range.to_dict() if rec.range else None,
+                    inner=rec.inner.to_dict() if rec.inner else None,
                     inserted_cast=rec.inserted,
                     fused=rec.fused,
                     sensitivity=rec.sensitivity,
@@ -89,6 +92,7 @@ class Report:
             passes=passes,
             accuracy=accuracy,
             search=g.search.to_dict() if g.search else None,
+            fallback=_dtype_name(g.fallback),
         )
 
     def ops(self) -> list[NodeDecision]:
@@ -153,6 +157,7 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "target": self.target,
+            "fallback": self.fallback,
             "calib_samples": self.calib_samples,
             "counts": self.counts(),
             "casts": self.casts(),
@@ -170,7 +175,9 @@ class Report:
         counts = ", ".join(f"{short_dtype(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
         low = self.counts(OpClass.LOW.value)
         lines = [
-            f"mpcompiler report: target {self.target}, {self.calib_samples} calibration samples",
+            f"mpcompiler report: target {self.target}"
+            + (f" ({self.fallback} where it overflows or underflows)" if self.fallback else "")
+            + f", {self.calib_samples} calibration samples",
             f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
         ]
         if self.accuracy is not None:

@@ -10,6 +10,15 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
 - range rule: a node is never put in a low dtype if its output or any float input (parameters
   included) reaches past that dtype's max divided by ``margin`` on the calibration data. Casting
   such a value down would overflow at the cast itself.
+- inside rule: nor if what it computes inside (``NodeRecord.inner``: a matmul's partial sums, a
+  norm's squares) passes that limit, unless its kernel keeps that quantity in fp32 (``fp32_inside``;
+  the reason then says so). cuBLAS may reduce fp16 matmuls in fp16
+  (``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``), so a matmul's is not.
+- underflow rule: nor in fp16 if most of the magnitudes of its output or a float input sit below
+  fp16's smallest normal (see :data:`UNDERFLOW_SHARE`).
+
+With a ``fallback`` dtype (``dtype="auto"``: bf16, which has fp32's exponent range), a node these
+rules keep out of the target runs in the fallback instead, if the rules allow it there; else fp32.
 
 Parameters are not decided here: insert_casts converts each to the dtype its consumers run in.
 """
@@ -22,11 +31,33 @@ import torch
 import torch.fx
 
 from mpcompiler.errors import OptionError
-from mpcompiler.ir import OpClass, float_dtype, graph_record, op_name, planned_dtype, record, short_dtype
+from mpcompiler.ir import (
+    FP16_TINY,
+    OpClass,
+    float_dtype,
+    graph_record,
+    op_name,
+    planned_dtype,
+    record,
+    short_dtype,
+)
 from mpcompiler.ops import bound_args, rule_for, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
 
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
+
+# Underflow rule: a value loses precision in fp16 when most of it sits below fp16's smallest normal
+# (6.1e-5): subnormals are spaced 6e-8 apart whatever their size (a 1e-6 has 4 significant bits) and
+# below 3e-8 they round to zero. Half of the nonzero values ("most") is the threshold: then the
+# median magnitude is subnormal. Ordinary initialisations (std 0.02) have 0.2-0.5% there, but trained
+# weights have more: all-MiniLM-L6-v2's layer-5 key bias has 11%, and loses nothing that matters in
+# fp16 (a key bias shifts every score of a query alike); a 1e-6-scale weight has 100%.
+UNDERFLOW_SHARE = 0.5
+# ... unless the value's large magnitudes sit well inside the normal range: with its 99.99th percentile
+# of |x| at 2^10 x fp16's smallest normal (0.0625) or more, the rounding of those values dwarfs the
+# subnormal spacing, and the tiny ones count for little next to them in any sum (a softmax over a long
+# sequence has most of its probabilities below 6.1e-5 and loses nothing in fp16).
+UNDERFLOW_EXEMPT = 2.0**10 * FP16_TINY
 
 
 def _float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -43,13 +74,21 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
 class AssignPrecision(Pass):
     """Give every float-valued node a dtype and a reason."""
 
-    def __init__(self, *, target: torch.dtype, keep_fp32: Sequence[str] = (), margin: float = RANGE_MARGIN):
-        self.target, self.keep_fp32, self.margin = target, tuple(keep_fp32), margin
+    def __init__(
+        self,
+        *,
+        target: torch.dtype,
+        fallback: torch.dtype | None = None,
+        keep_fp32: Sequence[str] = (),
+        margin: float = RANGE_MARGIN,
+    ):
+        self.target, self.fallback, self.keep_fp32, self.margin = target, fallback, tuple(keep_fp32), margin
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph_record(gm).target = self.target
+        graph_record(gm).fallback = self.fallback
         matched: set[str] = set()
-        counts = {"low": 0, "high": 0}
+        counts = {"low": 0, "high": 0} if self.fallback is None else {"low": 0, "fallback": 0, "high": 0}
         for node in gm.graph.nodes:
             rec = record(node)
             dtype = float_dtype(node.meta.get("val"))
@@ -61,7 +100,8 @@ class AssignPrecision(Pass):
             if node.op != "call_function" or dtype is None:
                 continue
             self._assign(node, dtype, matched)
-            counts["low" if rec.dtype == self.target else "high"] += 1
+            kind = {self.target: "low", self.fallback: "fallback"}.get(rec.dtype, "high")
+            counts[kind] += 1
         unmatched = [k for k in self.keep_fp32 if k not in matched]
         if unmatched:
             raise OptionError(
@@ -115,22 +155,69 @@ class AssignPrecision(Pass):
             why,
         )
         if dtype in (torch.float16, torch.bfloat16):
-            over = self._out_of_range(node, dtype)
-            if over:
-                rec.dtype, rec.rule, rec.reason = high, "range", over
+            problem = self._problem(node, dtype)
+            if problem and self.fallback is not None and dtype != self.fallback:
+                rule_name, why = problem
+                second = self._problem(node, self.fallback)
+                if second:
+                    rec.dtype, (rec.rule, rec.reason) = high, second
+                else:
+                    rec.dtype, rec.rule, rec.reason = self.fallback, rule_name, f"{why}: {short_dtype(self.fallback)}"
+            elif problem:
+                rec.dtype, (rec.rule, rec.reason) = high, problem
+            elif rule.fp32_inside and self._inside_past(node, dtype):
+                rec.reason += f"; {self._inside_past(node, dtype)}, computed in fp32 inside the kernel"
         rec.math_dtype = torch.float32 if rule.fp32_inside and rec.dtype != high else None
+
+    def _problem(self, node: torch.fx.Node, dtype: torch.dtype) -> tuple[str, str] | None:
+        """(rule, reason) of the first rule that keeps ``node`` out of ``dtype``; None if none does."""
+        over = self._out_of_range(node, dtype)
+        if over:
+            return "range", over
+        inside = self._inside_past(node, dtype)
+        if inside and not rule_for(node).fp32_inside:
+            return "inside", f"{inside}, and the kernel may keep it in {short_dtype(dtype)}"
+        under = self._underflow(node, dtype)
+        if under:
+            return "underflow", under
+        return None
+
+    def _limit(self, dtype: torch.dtype) -> str:
+        return f"past {short_dtype(dtype)}'s max {torch.finfo(dtype).max:.6g} / margin {self.margin:g}"
+
+    def _checked_values(self, node: torch.fx.Node) -> list[tuple[str, torch.fx.Node]]:
+        """The node's output and the float inputs that are cast to its dtype: less arguments that saturate
+        when cast (attention masks) and those its kernel takes in fp32 whatever its dtype (batch norm's)."""
+        rule, args = rule_for(node), bound_args(node)
+        spared = {args.get(name) for name in rule.saturating_args + rule.fp32_args}
+        return [("output", node)] + [(f"input %{a.name}", a) for a in _float_inputs(node) if a not in spared]
 
     def _out_of_range(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
         """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""
         limit = torch.finfo(dtype).max / self.margin
-        saturating = {bound_args(node).get(name) for name in rule_for(node).saturating_args}
-        inputs = [(f"input %{a.name}", a) for a in _float_inputs(node) if a not in saturating]
-        for what, source in [("output", node), *inputs]:
+        for what, source in self._checked_values(node):
             r = record(source).range
             if r is not None and r.absmax > limit:
+                return f"{what} reaches {r.absmax:.3g} on calibration data, {self._limit(dtype)}"
+        return ""
+
+    def _inside_past(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
+        """What ``node`` computes inside, if it passes ``dtype``'s max / margin ("" if it does not)."""
+        inner = record(node).inner
+        if inner is None or inner.absmax <= torch.finfo(dtype).max / self.margin:
+            return ""
+        return f"{inner.what}: peak {inner.absmax:.3g} on calibration data, {self._limit(dtype)}"
+
+    def _underflow(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
+        """Why ``node`` loses its small values in ``dtype`` ("" if it does not). bf16's normal range is fp32's."""
+        if dtype != torch.float16:
+            return ""
+        for what, source in self._checked_values(node):
+            r = record(source).range
+            if r is not None and r.subnormal_share > UNDERFLOW_SHARE and r.p9999 < UNDERFLOW_EXEMPT:
                 return (
-                    f"{what} reaches {r.absmax:.3g} on calibration data, past {short_dtype(dtype)}'s max "
-                    f"{torch.finfo(dtype).max:.6g} / margin {self.margin:g}"
+                    f"{what}: {r.subnormal_share:.0%} of its nonzero values on calibration data are below "
+                    f"f16's smallest normal {FP16_TINY:.2g} (subnormal or zero in f16; share > {UNDERFLOW_SHARE:.0%})"
                 )
         return ""
 

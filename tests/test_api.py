@@ -15,7 +15,7 @@ def _data():
     "options,match",
     [
         ({"dtype": "int8"}, "dtype='int8' is not supported"),
-        ({"dtype": "auto"}, "dtype='auto' is not supported"),
+        ({"dtype": "float8"}, "dtype='float8' is not supported; use 'float16', 'bfloat16' or 'auto'"),
         ({"keep_fp32": [3]}, "keep_fp32 must be a module path or op name"),
         ({"keep_fp32": [""]}, "keep_fp32 must be"),
         ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
