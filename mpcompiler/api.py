@@ -24,6 +24,7 @@ from mpcompiler.passes import (
     FoldBatchNorm,
     InsertCasts,
     LowerFused,
+    PlaceCasts,
 )
 from mpcompiler.report import Report
 from mpcompiler.verify import measure, output_names, references
@@ -89,6 +90,7 @@ def pipeline(options: Options, samples: list, device: torch.device) -> list[Pass
         LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
         CalibrateRanges(samples=samples, device=device),
         AssignPrecision(target=options.dtype, keep_fp32=options.keep_fp32),
+        PlaceCasts(),
         InsertCasts(),
         EliminateCasts(),
     ]

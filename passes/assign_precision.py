@@ -28,15 +28,30 @@ from mpcompiler.pass_manager import Pass, PassResult
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
 
 
-def _float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+def float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.all_input_nodes if float_dtype(a.meta.get("val")) is not None]
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+def promote(dtypes: list[torch.dtype]) -> torch.dtype:
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
     return out
+
+
+def out_of_range(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGIN) -> str:
+    """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""
+    limit = torch.finfo(dtype).max / margin
+    saturating = {bound_args(node).get(name) for name in rule_for(node).saturating_args}
+    inputs = [(f"input %{a.name}", a) for a in float_inputs(node) if a not in saturating]
+    for what, source in [("output", node), *inputs]:
+        r = record(source).range
+        if r is not None and r.absmax > limit:
+            return (
+                f"{what} reaches {r.absmax:.3g} on calibration data, past {short_dtype(dtype)}'s max "
+                f"{torch.finfo(dtype).max:.6g} / margin {margin:g}"
+            )
+    return ""
 
 
 class AssignPrecision(Pass):
@@ -95,11 +110,11 @@ class AssignPrecision(Pass):
         if rule.op_class is OpClass.LOW:
             dtype, why = self.target, rule.why
         else:  # FOLLOW, or a kernel that keeps fp32 math inside on low-precision I/O
-            acts = [a for a in _float_inputs(node) if a.op != "get_attr"]
+            acts = [a for a in float_inputs(node) if a.op != "get_attr"]
             if acts:
-                dtype = _promote([planned_dtype(a) for a in acts])
+                dtype = promote([planned_dtype(a) for a in acts])
                 why = f"follows its input{'s' if len(acts) > 1 else ''} ({short_dtype(dtype)})"
-            elif _float_inputs(node):
+            elif float_inputs(node):
                 dtype, why = self.target, "its float inputs are parameters, converted once"
             else:
                 dtype, why = captured, "creates its value; dtype as captured"
@@ -111,24 +126,10 @@ class AssignPrecision(Pass):
             why,
         )
         if dtype in (torch.float16, torch.bfloat16):
-            over = self._out_of_range(node, dtype)
+            over = out_of_range(node, dtype, self.margin)
             if over:
                 rec.dtype, rec.rule, rec.reason = high, "range", over
         rec.math_dtype = torch.float32 if rule.fp32_inside and rec.dtype != high else None
-
-    def _out_of_range(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
-        """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""
-        limit = torch.finfo(dtype).max / self.margin
-        saturating = {bound_args(node).get(name) for name in rule_for(node).saturating_args}
-        inputs = [(f"input %{a.name}", a) for a in _float_inputs(node) if a not in saturating]
-        for what, source in [("output", node), *inputs]:
-            r = record(source).range
-            if r is not None and r.absmax > limit:
-                return (
-                    f"{what} reaches {r.absmax:.3g} on calibration data, past {short_dtype(dtype)}'s max "
-                    f"{torch.finfo(dtype).max:.6g} / margin {self.margin:g}"
-                )
-        return ""
 
 
 def _example_paths(gm: torch.fx.GraphModule) -> list[str]:
