@@ -213,3 +213,31 @@ def test_ties_go_low():
     (relu,) = nodes_by_op(gm, "relu")
     assert record(relu).dtype == F16 and record(relu).rule == "placement"
     assert "ties go to f16" in record(relu).reason
+
+
+class Float64Island(nn.Module):
+    """An f64 region written in the program: nodes touching it keep their plan."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        d = torch.relu(self.fc1(x).double())  # relu follows its f64 input
+        return self.fc2(torch.tanh(d).float() + torch.exp(x.clamp(max=3)))
+
+
+def test_nodes_touching_other_dtypes_keep_their_plan():
+    torch.manual_seed(0)
+    model = Float64Island().eval()
+    data = [torch.randn(4, 16) for _ in range(5)]
+    gm = stages(model, data[:2], upto="assign_precision")
+    plan = {n: record(n).dtype for n in gm.graph.nodes}
+    place(gm)
+    for op in ("relu", "tanh"):
+        (n,) = nodes_by_op(gm, op)
+        assert record(n).dtype == plan[n] == torch.float64 and record(n).rule == "follows inputs"
+    (add,) = nodes_by_op(gm, "add")
+    assert record(add).dtype == F32  # two fp32 inputs, one fp16 reader: one cast after it is cheapest
+    compiled = mpcompiler.compile(model, data)
+    assert compiled.report.accuracy.max < 1e-3
