@@ -80,7 +80,10 @@ def place(gm: torch.fx.GraphModule, *, margin: float = RANGE_MARGIN) -> dict[str
         raise ValueError("place_casts runs on a plan, before insert_casts")
     target, reads = g.target, _reads(gm)
     before = cast_bytes(gm, reads)
-    free = [n for n in gm.graph.nodes if _is_free(n, target, reads)]
+    free: dict[Node, None] = {}  # ordered
+    for n in gm.graph.nodes:  # in graph order, so a tuple's producer is decided before its readers
+        if _is_free(n, target, reads) and all(_castable(a) or a in free for a in _acts(n)):
+            free[n] = None  # (a reader of a fixed node's tuple has that node's dtype: not free)
     over = {n: out_of_range(n, target, margin) for n in free}
     high = _min_cut(gm, reads, set(free), target, {n for n, why in over.items() if why})
 
@@ -162,16 +165,21 @@ def _traffic(value: Node, src: torch.dtype, dst: torch.dtype) -> int:
 def _is_free(node: Node, target: torch.dtype, reads: Reads) -> bool:
     """Follows its inputs by assign_precision's rules, has float inputs, and touches only LOW/HIGH."""
     rec = record(node)
-    if node.op != "call_function" or rec.rule not in ("follows inputs", "op class"):
+    if node.op != "call_function" or rec.rule not in ("follows inputs", "op class", "placement"):
         return False
     if rec.op_class is not OpClass.FOLLOW and not (rec.op_class is OpClass.FP32 and rule_for(node).fp32_inside):
         return False
     inputs = float_inputs(node)
     if not inputs:  # creates its value: the dtype it computes in is as captured
         return False
-    touched = {rec.dtype} | {planned_dtype(a) for a in inputs if a.op != "get_attr"}
+    touched = {rec.dtype} | {planned_dtype(a) for a in _acts(node)}
     touched |= {fixed or record(r).dtype for r, fixed in reads.get(node, [])}
     return touched <= {target, torch.float32}
+
+
+def _acts(node: Node) -> list[Node]:
+    """Float inputs computed at run time (parameters left out)."""
+    return [a for a in float_inputs(node) if a.op != "get_attr"]
 
 
 def _min_cut(gm, reads: Reads, free: set[Node], target: torch.dtype, forced_high: set[Node]) -> set[Node]:
@@ -235,7 +243,7 @@ def _min_cut(gm, reads: Reads, free: set[Node], target: torch.dtype, forced_high
 
 def _follows(node: Node, target: torch.dtype) -> bool:
     """The node has the dtype assign_precision's follow rule would give it under the current plan."""
-    acts = [a for a in float_inputs(node) if a.op != "get_attr"]
+    acts = _acts(node)
     return record(node).dtype == (promote([planned_dtype(a) for a in acts]) if acts else target)
 
 
@@ -243,6 +251,9 @@ def _why(node: Node, reads: Reads, target: torch.dtype) -> str:
     """The bytes this node's dtype saves over the other one, the rest of the plan as it is."""
     here = record(node).dtype
     there = torch.float32 if here == target else target
+    tuples = [a for a in _acts(node) if not _castable(a)]
+    if tuples:
+        return f"reads %{tuples[0].name}, a tuple, which cannot be cast: takes its dtype"
     values = [node, *[a for a in node.all_input_nodes if a in reads]]
 
     def local(dtype_of) -> int:

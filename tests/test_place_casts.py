@@ -79,7 +79,8 @@ def test_cast_bytes_estimates_the_plan_and_place_is_callable_from_another_pass()
     before = cast_bytes(gm)
     stats = place(gm)
     assert stats["bytes_cast_before"] == before and stats["bytes_cast_after"] == cast_bytes(gm) < before
-    assert place(gm)["moved"] == 0  # a fixed point: the cut of a placed plan is the plan
+    again = place(gm)  # moved nodes stay free: the cut of a placed plan is the plan
+    assert again["free"] == stats["free"] and again["moved"] == again["changed"] == 0
     # 16x64 elements read as f32 and written as f16: 6 bytes each
     (exp,) = nodes_by_op(gm, "exp")
     assert cast_bytes(gm) >= 16 * 64 * 6 and record(exp).dtype == F32
@@ -241,3 +242,28 @@ def test_nodes_touching_other_dtypes_keep_their_plan():
     assert record(add).dtype == F32  # two fp32 inputs, one fp16 reader: one cast after it is cheapest
     compiled = mpcompiler.compile(model, data)
     assert compiled.report.accuracy.max < 1e-3
+
+
+class Chunks(nn.Module):
+    """A tuple (chunk's list) cannot be cast: its getitems move with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 16)
+
+    def forward(self, x):
+        a, b = torch.exp(x.clamp(max=3)).chunk(2, dim=-1)  # fp32 op, then a list of two values
+        c, d = self.fc3(x).chunk(2, dim=-1)  # fp16 op
+        return self.fc1(a) + self.fc2(b) + torch.log(torch.cat([c, d], -1).abs() + 1).sum(-1, keepdim=True)
+
+
+def test_tuple_values_move_with_their_readers():
+    torch.manual_seed(0)
+    model = Chunks().eval()
+    data = [torch.randn(4, 16) for _ in range(5)]
+    gm = stages(model, data[:3], upto="insert_casts")  # debug: every node computes its planned dtype
+    for chunk in nodes_by_op(gm, "chunk"):
+        assert {planned_dtype(g) for g in chunk.users} == {planned_dtype(chunk)}
+    (chunk, _) = nodes_by_op(gm, "chunk")
+    assert all("a tuple, which cannot be cast" in record(g).reason for g in chunk.users)
+    assert mpcompiler.compile(model, data).report.accuracy.max < 1e-3
