@@ -25,6 +25,8 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
 - Ties go low: the cut taken is the one with the smallest high side (the vertices that can still
   reach HIGH in the residual network), since the low dtype moves half the bytes.
 - Nodes touching other dtypes (float64 models) keep their plan; only LOW vs HIGH is decided.
+- A tuple (split's, chunk's) cannot be cast: it and its readers (getitem) are tied together, and
+  the readers of a fixed node's tuple are not free.
 
 Records: a node whose dtype changed, or that no longer has its inputs' dtype, gets rule
 ``"placement"`` and a reason with the bytes it saves; a free node out of the target's range gets
