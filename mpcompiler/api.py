@@ -26,6 +26,7 @@ from mpcompiler.passes import (
     FoldBatchNorm,
     InsertCasts,
     LowerFused,
+    PlaceCasts,
     SearchPrecision,
 )
 from mpcompiler.report import Report
@@ -109,16 +110,18 @@ def has_bf16_kernels(device: torch.device) -> bool:
 
 
 def pipeline(options: Options, samples: list, device: torch.device, val=(), refs=list) -> list[Pass]:
-    """The passes, in order. search_precision runs only with a tolerance; it re-plans with assign_precision."""
+    """The passes, in order. search_precision runs only with a tolerance; it re-plans with
+    assign_precision and place_casts."""
     assign = AssignPrecision(
         target=options.dtype,
         fallback=options.fallback if has_bf16_kernels(device) else None,
         keep_fp32=options.keep_fp32,
     )
+    place = PlaceCasts()
     search = SearchPrecision(
         tolerance=options.tolerance,
         metric=options.metric,
-        replan=assign.call,
+        replan=lambda gm: (assign.call(gm), place.call(gm)),
         calib_samples=samples,
         val_samples=val,
         val_refs=refs,
@@ -130,6 +133,7 @@ def pipeline(options: Options, samples: list, device: torch.device, val=(), refs
         LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
         CalibrateRanges(samples=samples, device=device),
         assign,
+        place,
         *([search] if options.tolerance is not None else []),
         InsertCasts(),
         EliminateCasts(),

@@ -90,7 +90,15 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
             notes.append(f"@ {rec.module_path}")
         if rec.fused:
             notes.append(f"# fused: {rec.fused}")
-        if rec.op_class is OpClass.FP32 or rec.rule in ("range", "inside", "underflow", "keep_fp32"):
+        if rec.op_class is OpClass.FP32 or rec.rule in (
+            "range",
+            "inside",
+            "underflow",
+            "keep_fp32",
+            "input range",
+            "placement",
+            "sensitivity",
+        ):
             notes.append(f"# {short_dtype(rec.math_dtype or rec.dtype)}: {rec.reason}")
     return stmt, "  ".join(notes)
 

@@ -7,6 +7,7 @@ from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
 from mpcompiler.passes.lower_fused import LowerFused
+from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "InsertCasts",
     "LowerFused",
     "SearchPrecision",
+    "PlaceCasts",
 ]

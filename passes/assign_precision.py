@@ -60,15 +60,21 @@ UNDERFLOW_SHARE = 0.5
 UNDERFLOW_EXEMPT = 2.0**10 * FP16_TINY
 
 
-def _float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+def float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.all_input_nodes if float_dtype(a.meta.get("val")) is not None]
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+def promote(dtypes: list[torch.dtype]) -> torch.dtype:
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
     return out
+
+
+def out_of_range(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGIN) -> str:
+    """Why ``node`` cannot run in ``dtype`` by the range, inside or underflow rule ("" if it can)."""
+    problem = AssignPrecision(target=dtype, margin=margin)._problem(node, dtype)
+    return problem[1] if problem else ""
 
 
 class AssignPrecision(Pass):
@@ -139,11 +145,11 @@ class AssignPrecision(Pass):
         if rule.op_class is OpClass.LOW:
             dtype, why = self.target, rule.why
         else:  # FOLLOW, or a kernel that keeps fp32 math inside on low-precision I/O
-            acts = [a for a in _float_inputs(node) if a.op != "get_attr"]
+            acts = [a for a in float_inputs(node) if a.op != "get_attr"]
             if acts:
-                dtype = _promote([planned_dtype(a) for a in acts])
+                dtype = promote([planned_dtype(a) for a in acts])
                 why = f"follows its input{'s' if len(acts) > 1 else ''} ({short_dtype(dtype)})"
-            elif _float_inputs(node):
+            elif float_inputs(node):
                 dtype, why = self.target, "its float inputs are parameters, converted once"
             else:
                 dtype, why = captured, "creates its value; dtype as captured"
@@ -190,7 +196,7 @@ class AssignPrecision(Pass):
         when cast (attention masks) and those its kernel takes in fp32 whatever its dtype (batch norm's)."""
         rule, args = rule_for(node), bound_args(node)
         spared = {args.get(name) for name in rule.saturating_args + rule.fp32_args}
-        return [("output", node)] + [(f"input %{a.name}", a) for a in _float_inputs(node) if a not in spared]
+        return [("output", node)] + [(f"input %{a.name}", a) for a in float_inputs(node) if a not in spared]
 
     def _out_of_range(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
         """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""

@@ -49,10 +49,10 @@ def test_dump_files_and_golden_text(tmp_path):
         "00_capture.txt",
         "04_calibrate_ranges.txt",
         "05_assign_precision.txt",
-        "06_insert_casts.txt",
+        "07_insert_casts.txt",
         "report.json",
     ]
-    for name in ("05_assign_precision.txt", "06_insert_casts.txt"):
+    for name in ("05_assign_precision.txt", "07_insert_casts.txt"):
         got = _stable((tmp_path / name).read_text())
         golden = GOLDEN / f"small_{name}"
         if os.environ.get("MPCOMPILER_UPDATE_GOLDEN"):
@@ -62,7 +62,7 @@ def test_dump_files_and_golden_text(tmp_path):
 
 def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     compiled = _compile(tmp_path, debug=True)
-    assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "07_eliminate_casts.txt"
+    assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "08_eliminate_casts.txt"
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["target"] == "float16" and data["calib_samples"] == 2
     assert [p["name"] for p in data["passes"]] == [
@@ -71,6 +71,7 @@ def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
         "lower_fused",
         "calibrate_ranges",
         "assign_precision",
+        "place_casts",
         "insert_casts",
         "eliminate_casts",
     ]

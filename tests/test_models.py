@@ -16,6 +16,12 @@ def _assert_compute_ops_low(compiled, dtype="float16"):
     assert list(low) == [dtype] and low[dtype] > 0, low
 
 
+def _assert_placement_casts_no_more(compiled):
+    """place_casts never casts more bytes than graph-order propagation did."""
+    (placed,) = [p for p in compiled.report.passes if p["name"] == "place_casts"]
+    assert placed["bytes_cast_after"] <= placed["bytes_cast_before"], placed
+
+
 def _bert_sample(b, s, vocab=1000):
     mask = torch.ones(b, s, dtype=torch.long)
     mask[0, s // 2 :] = 0  # one padded row
@@ -43,6 +49,7 @@ def test_bert_two_layers(bert, dtype, tol):
     assert rel_err(out.last_hidden_state, ref.last_hidden_state) < tol
     assert rel_err(out.pooler_output, ref.pooler_output) < tol
     _assert_compute_ops_low(compiled, dtype)
+    _assert_placement_casts_no_more(compiled)
 
 
 def test_resnet18():
@@ -53,6 +60,7 @@ def test_resnet18():
         ref = model(x)
     assert rel_err(compiled(x), ref) < 5e-3
     _assert_compute_ops_low(compiled)
+    _assert_placement_casts_no_more(compiled)
     assert compiled.report.casts() == 2  # the input and the output; batch norm keeps fp16 I/O
 
 
@@ -66,6 +74,7 @@ def test_gpt2_two_layers():
         ref = model(**held).logits
     assert rel_err(compiled(**held).logits, ref) < 5e-3
     _assert_compute_ops_low(compiled)
+    _assert_placement_casts_no_more(compiled)
 
 
 def test_minilm_real_weights_sentence_embeddings():
@@ -83,6 +92,7 @@ def test_minilm_real_weights_sentence_embeddings():
     cos = torch.nn.functional.cosine_similarity(compiled(**held), ref)
     assert cos.min() >= 0.9999
     _assert_compute_ops_low(compiled)
+    _assert_placement_casts_no_more(compiled)
 
 
 @pytest.mark.slow
