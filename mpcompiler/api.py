@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -263,8 +264,8 @@ def compile(
     report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:
         report.save(options.dump_dir / "report.json")
-        if report.search is not None:
-            report.plot(options.dump_dir / "precision.png")
+        if report.search is not None and importlib.util.find_spec("matplotlib") is not None:
+            report.plot(options.dump_dir / "precision.png")  # the optional extra mpcompiler[plot]
     log.info("%s", report)
     if accuracy.met is False:  # the search judged the same plan on the same samples: a mismatch is a bug
         raise ToleranceError(f"the emitted module misses the tolerance the search met: {accuracy}")
