@@ -139,8 +139,9 @@ class Report:
         color = [colors.get(d.dtype, "tab:red") for d in ops]
         x = range(len(ops))
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(ops) / 25), 6), sharex=True)
-        top.scatter(x, [d.sensitivity or 0 for d in ops], c=color, s=6)
-        top.set_yscale("symlog", linthresh=1e-7)
+        measured = [i for i, d in enumerate(ops) if d.sensitivity is not None]  # candidates of the search
+        top.scatter(measured, [ops[i].sensitivity for i in measured], c=[color[i] for i in measured], s=6)
+        top.set_yscale("log")
         top.set_ylabel("sensitivity (rel. L2 at outputs)")
         top.set_title("blue: fp16, green: bf16, red: fp32")
         bottom.scatter(x, [d.range["absmax"] if d.range else 0 for d in ops], c=color, s=6)
