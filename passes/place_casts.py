@@ -13,7 +13,7 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
   are converted once at compile time and cost nothing, so they are left out.
 - A cast's cost is its memory traffic: numel x (bytes read + bytes written), from ``meta["val"]``.
   A symbolic size counts as its hint (the size in the capture sample, through
-  ``optimization_hint``), one without a hint (data-dependent) as ``_NO_HINT`` elements.
+  its SymInt's ``hint``), one without a hint (data-dependent) as ``_NO_HINT`` elements.
 - insert_casts makes one cast per (value, dtype), shared by every reader that needs it, so a value
   with readers on the other side costs one cast, not one per reader. Per value ``p`` with cost ``c``
   and readers ``r``: an auxiliary vertex ``h`` (edges ``p -> h`` of capacity ``c``, ``h -> r``
@@ -45,7 +45,6 @@ import networkx as nx
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from mpcompiler.ir import OpClass, graph_record, planned_dtype, record, short_dtype
 from mpcompiler.ops import positional_names, rule_for
@@ -160,7 +159,9 @@ def _cost(value: Node, readers, dtype_of: Callable[[Node], torch.dtype | None]) 
 
 
 def _traffic(value: Node, src: torch.dtype, dst: torch.dtype) -> int:
-    numel = optimization_hint(value.meta["val"].numel(), fallback=_NO_HINT)
+    numel = value.meta["val"].numel()
+    if isinstance(numel, torch.SymInt):  # its size in the capture sample; none if data-dependent
+        numel = _NO_HINT if numel.node.hint is None else int(numel.node.hint)
     return numel * (src.itemsize + dst.itemsize)
 
 
