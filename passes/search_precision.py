@@ -74,7 +74,6 @@ class PlanRunner(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm, garbage_collect_values=True)
-        self.outputs_dtypes = graph_record(gm).output_dtypes
 
     def run_node(self, n: torch.fx.Node):
         if n.op == "call_function" and float_dtype(n.meta.get("val")) is not None:
@@ -161,7 +160,8 @@ def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample]
                         squared[n] += float((g * shadow.deltas[n]).sum()) ** 2 / PROJECTIONS
         for n in candidates:
             local[n] = max(local[n], shadow.local.get(n, 0.0))
-        shadow.values.clear(), shadow.deltas.clear()
+        shadow.values.clear()  # free this sample's autograd graph
+        shadow.deltas.clear()
     return {n: (math.sqrt(squared[n]), local[n]) for n in candidates}, shadow.flops
 
 
