@@ -193,6 +193,7 @@ def compile(
     debug: bool | None = None,
     tolerance: float | None = None,
     metric: str | Callable = "rel_l2",
+    held_out: int | None = None,
 ) -> CompiledModule:
     """Compile ``model`` to mixed precision, calibrated on ``calib_data``.
 
@@ -219,6 +220,9 @@ def compile(
             >= tolerance), ``"top1"`` (share of rows whose argmax over the last dim of the first output
             agrees with fp32's; met when >= tolerance), or a callable ``(outputs, refs) -> error``
             over lists (per sample) of flat output tensors, met when <= tolerance.
+        held_out: how many of calib_data's last samples to hold back (instead of ``val_data``);
+            default: a fifth, at most 4. The tolerance search judges plans on them and the report's
+            error is measured on them: more samples make both less noisy.
 
     Returns:
         A :class:`CompiledModule`, called like ``model``.
@@ -235,16 +239,22 @@ def compile(
         metric=metric,
     )
     samples = collect_samples(calib_data)
+    if held_out is not None and val_data is not None:
+        raise OptionError("give val_data or held_out, not both: held_out holds back part of calib_data instead")
+    if held_out is not None and (
+        isinstance(held_out, bool) or not isinstance(held_out, int) or not 0 <= held_out < len(samples)
+    ):
+        raise OptionError(f"held_out must count calib_data's samples, 0 to {len(samples) - 1}; got {held_out!r}")
     if val_data is not None:
-        val, held_out = collect_samples(val_data, "validation"), True
+        val, held = collect_samples(val_data, "validation"), True
     else:
-        held = min(MAX_HELD_OUT, len(samples) // 5)
-        held_out = held > 0
-        val = samples[len(samples) - held :] if held_out else samples[:MAX_HELD_OUT]
-        samples = samples[: len(samples) - held]
+        count = min(MAX_HELD_OUT, len(samples) // 5) if held_out is None else held_out
+        held = count > 0
+        val = samples[len(samples) - count :] if held else samples[:MAX_HELD_OUT]
+        samples = samples[: len(samples) - count]
     target_device = options.device or model_device(model)
     with on_device(model, target_device):
-        gm = capture(model, samples + val if held_out else samples)
+        gm = capture(model, samples + val if held else samples)
         # after calibration, whose errors name the node; before the search, which needs them
         refs = functools.cache(lambda: references(model, val, target_device))
         passes = pipeline(options, samples, target_device, val, refs)
@@ -257,7 +267,7 @@ def compile(
         refs,
         output_names(graph_module),
         device=target_device,
-        held_out=held_out,
+        held_out=held,
         metric=options.metric,
         tolerance=options.tolerance,
     )

@@ -84,3 +84,22 @@ def test_val_data_and_too_few_samples():
     assert "none held out" in str(few.report)
     with pytest.raises(mpcompiler.CaptureError, match="validation sample 0 is a str"):
         mpcompiler.compile(model, [torch.randn(4, 16)], val_data=["x"])
+
+
+def test_held_out_holds_back_that_many_samples():
+    compiled = mpcompiler.compile(Tiny(), [torch.randn(3, 16) for _ in range(6)], held_out=2)
+    assert compiled.report.accuracy.samples == 2 and compiled.report.accuracy.held_out
+    assert compiled.report.calib_samples == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"held_out": 6}, "held_out must count calib_data's samples, 0 to 5; got 6"),
+        ({"held_out": True}, "held_out must count"),
+        ({"held_out": 1, "val_data": [torch.randn(3, 16)]}, "give val_data or held_out, not both"),
+    ],
+)
+def test_bad_held_out(kwargs, message):
+    with pytest.raises(mpcompiler.OptionError, match=message):
+        mpcompiler.compile(Tiny(), [torch.randn(3, 16) for _ in range(6)], **kwargs)
