@@ -232,3 +232,19 @@ def test_onnx_export_of_a_plan_with_bf16_nodes_names_them_on_the_cpu_provider(tm
     ):
         compiled.export_onnx(tmp_path / "auto.onnx", providers=["CPUExecutionProvider"])
     assert not (tmp_path / "auto.onnx").exists()
+
+
+@pytest.mark.parametrize("model_cls", [Overflowing, HandVariance, TinyWeights])
+@pytest.mark.parametrize("dtype", ["float16", "auto"])
+def test_hard_models_meet_the_tolerance_with_the_search(model_cls, dtype):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    torch.manual_seed(1)
+    calib, held_out = _data(6), _data(3)
+    _check_half_fails(model, held_out)
+    compiled = mpcompiler.compile(model, calib, val_data=held_out, dtype=dtype, tolerance=TOL)
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in held_out])
+        assert rel_err(torch.cat([compiled(x) for x in held_out]), ref) <= TOL
+    assert compiled.report.accuracy.met
+    assert compiled.report.counts("low").get("float16", 0) > 0  # not all-fp32
