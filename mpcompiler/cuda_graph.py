@@ -1,7 +1,8 @@
 """The FX artifact's fastest mode on the GPU: Inductor's kernels replayed as one CUDA graph.
 
-``compiled.cuda_graph(example)`` compiles the emitted module with ``torch.compile`` (Inductor's
-fusions, no CUDA graphs of its own), captures one call on the example's shapes in a
+``compiled.cuda_graph(example)`` lowers a copy of the emitted module for cuDNN (conv + bias
+[+ residual] + relu as one kernel, see ``mpcompiler.fused``), compiles it with ``torch.compile``
+(Inductor's fusions, no CUDA graphs of its own), captures one call on the example's shapes in a
 ``torch.cuda.CUDAGraph``, and returns a callable that copies its inputs into the graph's static
 buffers and replays it. A call then costs the GPU work and one graph launch: no Python per op, no
 dynamo guards, no CUDA-graph-tree bookkeeping, which is what bounds small batches under
@@ -18,7 +19,9 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
+from mpcompiler.passes import LowerFused
 
 WARMUP = 3  # calls before capture: compilation, autotuning and lazy cuBLAS/cuDNN setup happen here
 
@@ -48,10 +51,13 @@ class CudaGraphModule:
                 f"cuda_graph() needs the compiled module on the GPU (its weights are on {device}); "
                 "compile with device='cuda' or call compiled.to('cuda') first"
             )
-        # Convolutions run fastest in NHWC on tensor cores: weights and image inputs go channels_last.
+        # Convolutions run fastest in NHWC on tensor cores: weights and image inputs go channels_last,
+        # and conv + bias [+ residual] + relu become one cuDNN kernel (on a copy of the graph).
         self.channels_last = _has_conv2d(gm)
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)
+        gm = twin(gm, "MpCompiledModuleCudaGraph")
+        LowerFused(target="fx-cuda").call(gm)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
         self.paths = [p for p, _ in leaves]
         self.static = [self._buffer(v, device) for _, v in leaves]

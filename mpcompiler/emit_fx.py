@@ -46,3 +46,14 @@ def retarget(gm: torch.fx.GraphModule, device: torch.device) -> None:
             node.args = (node.args[0], device, *node.args[2:])
     gm.recompile()
     gm.to(device)
+
+
+def twin(gm: torch.fx.GraphModule, class_name: str) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s graph over the same weights, for rewrites one artifact makes for its target
+    (ONNX Runtime's fused ops, cuDNN's fused convolutions) that the compiled module keeps out of."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen
+    out = torch.fx.GraphModule(gm, graph, class_name=class_name)
+    out.meta[META_KEY] = gm.meta[META_KEY]
+    return out

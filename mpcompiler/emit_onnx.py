@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 
 import mpcompiler
 from mpcompiler.capture import model_device, to_device
+from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
 from mpcompiler.fused import ONNX_TRANSLATIONS
@@ -95,7 +96,7 @@ def export_onnx(
     if verify != "off":
         _check_bf16_nodes(gm, providers)
     io = _io_dtype(io_dtype, graph_record(gm).target)
-    program = _twin(gm)
+    program = twin(gm, "MpCompiledModuleONNX")
     if io is not None:
         _low_precision_io(program, io)
     LowerFused(target=target).call(program)
@@ -136,13 +137,6 @@ def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     return dtype
 
 
-def _twin(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm``'s graph over the same weights, for export-only rewrites."""
-    twin = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name="MpCompiledModuleONNX")
-    twin.meta[META_KEY] = gm.meta[META_KEY]
-    return twin
-
-
 def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
     """Make the float inputs and outputs of ``twin`` ``dtype``.
 
@@ -173,14 +167,6 @@ def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
     twin.recompile()
     retype(twin)
     EliminateCasts().call(twin)
-
-
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    new = torch.fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    new._codegen = graph._codegen
-    return new
 
 
 def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:

@@ -1,13 +1,14 @@
 """lower_fused: rewrite op patterns into fused ops the target runs as one kernel.
 
-Runs twice, with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
+Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
 
 - in the pipeline, before precision work, for the FX artifact (``fx-cuda``/``fx-cpu``): eager
   attention -> scaled_dot_product_attention, a GELU written as a formula -> ``aten.gelu``; fragile
   math (softmax, tanh/erf chains) is then one kernel that keeps fp32 inside, with no cast islands;
-- in export_onnx, on the planned graph, for ONNX Runtime (``ort-cuda``/``ort-cpu``): residual add +
-  layer_norm -> SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu, where the table
-  says the target has the kernel for the node's dtype.
+- on a copy of the planned graph, where the table says the target has the kernel for the node's
+  dtype: in export_onnx for ONNX Runtime (``ort-cuda``/``ort-cpu``): residual add + layer_norm ->
+  SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu; in compiled.cuda_graph() for
+  ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution.
 
 Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
 """
@@ -200,6 +201,48 @@ def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
         return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
 
 
+# ---- cuDNN (compiled.cuda_graph()): conv2d + bias [+ residual] + relu, in one dtype
+
+
+_CONV_DEFAULTS = {"bias": None, "stride": [1], "padding": [0], "dilation": [1], "groups": 1}  # aten.conv2d's
+
+
+def _match_conv_bias_relu(r: torch.fx.Node) -> Match:
+    if not _op(r, "relu"):
+        return "not a relu"
+    conv, residual, reader = r.args[0], None, r
+    if _op(conv, "add") and _only_user(conv, r) and len(conv.args) == 2 and not conv.kwargs:
+        reader, (a, b) = conv, conv.args
+        conv, residual = (a, b) if _op(a, "conv2d") else (b, a)
+        if not isinstance(residual, torch.fx.Node) or residual is conv:
+            return "the add is not of a conv2d and another tensor"
+        if residual.meta["val"].shape != conv.meta["val"].shape:
+            return "the residual is broadcast"
+    if not _op(conv, "conv2d") or not _only_user(conv, reader):
+        return "not a conv2d read only by the add or relu"
+    args = bound_args(conv)
+    if _rank(conv) != 4 or isinstance(args.get("padding"), str):
+        return "not a 4-D conv2d with explicit padding"
+    if len({planned_dtype(n) for n in (conv, r, residual or conv)}) != 1:
+        return "operands in different dtypes"
+    return {"input": args["input"], "weight": args["weight"], "residual": residual, "out": r} | {
+        k: args.get(k, default) for k, default in _CONV_DEFAULTS.items()
+    }
+
+
+def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
+    def pair(v) -> list:
+        v = [v] if isinstance(v, int) else list(v)
+        return v * 2 if len(v) == 1 else v
+
+    with gm.graph.inserting_before(r):
+        return gm.graph.call_function(
+            torch.ops.mpcompiler.conv_bias_relu.default,
+            (m["input"], m["weight"], m["bias"], m["residual"], pair(m["stride"]), pair(m["padding"]),
+             pair(m["dilation"]), m["groups"]),
+        )  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     name: str  # the fused op, a key of mpcompiler.fused.KERNELS
@@ -218,6 +261,7 @@ RULES = [
         "add + layer_norm -> SkipLayerNormalization",
     ),
     Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
+    Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
 ]
 
 

@@ -12,6 +12,7 @@ import torchvision
 import transformers
 
 import mpcompiler
+from mpcompiler.emit_fx import twin
 from mpcompiler.fused import has_kernel
 from mpcompiler.ir import record
 from mpcompiler.passes import LowerFused
@@ -107,9 +108,50 @@ def test_erf_formula_fuses_and_a_different_constant_does_not():
     assert rel_err(gm(x)[0], GeluFormulas()(x)[0]) < 1e-6
 
 
-def test_resnet_has_nothing_to_fuse():
+def test_resnet_has_nothing_to_fuse_before_planning():
     gm = stages(torchvision.models.resnet18().eval(), [torch.randn(2, 3, 64, 64)], upto="fold_batch_norm")
     assert not any(LowerFused(target="fx-cuda").call(gm).stats.values())
+    assert not has_kernel("conv_bias_relu", "fx-cuda", None)
+    assert not has_kernel("conv_bias_relu", "fx-cpu", torch.float16)
+
+
+def _cuda_lowered(compiled):
+    gm = twin(compiled.graph_module, "Lowered")
+    return gm, LowerFused(target="fx-cuda").call(gm).stats["conv_bias_relu"]
+
+
+def test_resnet_conv_bias_relu_fuses_for_cuda_graphs_and_keeps_the_numbers():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    compiled = mpcompiler.compile(model, [torch.randn(2, 3, 64, 64) for _ in range(2)])
+    gm, fused = _cuda_lowered(compiled)
+    # the stem, and per basic block conv1 + relu and conv2 + residual add + relu
+    assert fused == 1 + 8 * 2
+    assert len(nodes_by_op(gm, "mpcompiler.conv_bias_relu")) == fused
+    assert not nodes_by_op(compiled.graph_module, "mpcompiler.conv_bias_relu")  # the compiled module keeps its graph
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(gm(x), compiled(x)) < 1e-6  # the CPU kernel is the same ops
+
+
+class _ConvRelu(nn.Module):
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.conv, self.shared = nn.Conv2d(3, 4, 3, padding=1), shared
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (torch.relu(y), y) if self.shared else torch.relu(y)
+
+
+@pytest.mark.parametrize(
+    "model,options",
+    [(_ConvRelu(shared=True), {}), (_ConvRelu(shared=False), {"keep_fp32": "relu"})],
+    ids=["conv read twice", "relu in fp32"],
+)
+def test_conv_bias_relu_does_not_fuse_where_the_pattern_differs(model, options):
+    compiled = mpcompiler.compile(model.eval(), [torch.randn(2, 3, 8, 8) for _ in range(2)], **options)
+    assert _cuda_lowered(compiled)[1] == 0
 
 
 def _onnx_ops(path):
