@@ -29,28 +29,30 @@ def ms(fn, n=50) -> float:
     return round(start.elapsed_time(end) / n, 4)
 
 
+def compare(n: int, c: int, h: int, k: int, r: int) -> str:
+    pad = r // 2
+    x = torch.randn(n, c, h, h, device="cuda", dtype=torch.half).to(memory_format=CL)
+    w = (torch.randn(k, c, r, r, device="cuda", dtype=torch.half) * 0.05).to(memory_format=CL)
+    b = torch.randn(k, device="cuda", dtype=torch.half)
+    z = torch.randn(n, k, h, h, device="cuda", dtype=torch.half).to(memory_format=CL)
+    inductor_add = torch.compile(lambda: torch.relu(F.conv2d(x, w, b, padding=pad) + z))
+    inductor = torch.compile(lambda: torch.relu(F.conv2d(x, w, b, padding=pad)))
+    args = ([1, 1], [pad, pad], [1, 1], 1)
+    fused_add = lambda: torch.ops.aten.cudnn_convolution_add_relu(x, w, z, 1.0, b, *args)  # noqa: E731
+    fused = lambda: torch.ops.aten.cudnn_convolution_relu(x, w, b, *args)  # noqa: E731
+    ref = torch.relu(F.conv2d(x.float(), w.float(), b.float(), padding=pad) + z.float())
+    err = [float((y.float() - ref).norm() / ref.norm()) for y in (inductor_add(), fused_add())]
+    return (
+        f"{(n, c, h, k, r)} conv+bias+add+relu: inductor {ms(inductor_add)} ms, cudnn {ms(fused_add)} ms; "
+        f"conv+bias+relu: inductor {ms(inductor)} ms, cudnn {ms(fused)} ms; "
+        f"rel. error inductor {err[0]:.3g}, cudnn {err[1]:.3g}"
+    )
+
+
 def main():
     torch.backends.cudnn.benchmark = True
-    for n, c, h, k, r in SHAPES:
-        pad = r // 2
-        x = torch.randn(n, c, h, h, device="cuda", dtype=torch.half).to(memory_format=CL)
-        w = (torch.randn(k, c, r, r, device="cuda", dtype=torch.half) * 0.05).to(memory_format=CL)
-        b = torch.randn(k, device="cuda", dtype=torch.half)
-        z = torch.randn(n, k, h, h, device="cuda", dtype=torch.half).to(memory_format=CL)
-        inductor_add = torch.compile(lambda x, w, b, z: torch.relu(F.conv2d(x, w, b, padding=pad) + z))
-        inductor = torch.compile(lambda x, w, b: torch.relu(F.conv2d(x, w, b, padding=pad)))
-        args = ([1, 1], [pad, pad], [1, 1], 1)
-        fused_add = lambda: torch.ops.aten.cudnn_convolution_add_relu(x, w, z, 1.0, b, *args)  # noqa: E731
-        fused = lambda: torch.ops.aten.cudnn_convolution_relu(x, w, b, *args)  # noqa: E731
-        ref = torch.relu(F.conv2d(x.float(), w.float(), b.float(), padding=pad) + z.float())
-        err = [float((y.float() - ref).norm() / ref.norm()) for y in (inductor_add(x, w, b, z), fused_add())]
-        print(
-            (n, c, h, k, r),
-            f"conv+bias+add+relu: inductor {ms(lambda: inductor_add(x, w, b, z))} ms, cudnn {ms(fused_add)} ms;",
-            f"conv+bias+relu: inductor {ms(lambda: inductor(x, w, b))} ms, cudnn {ms(fused)} ms;",
-            f"rel. error inductor {err[0]:.3g}, cudnn {err[1]:.3g}",
-            flush=True,
-        )
+    for shape in SHAPES:
+        print(compare(*shape), flush=True)
 
 
 if __name__ == "__main__":
