@@ -15,6 +15,8 @@ they stay valid after the next call.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
@@ -23,7 +25,7 @@ from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
 from mpcompiler.passes import LowerFused
 
-WARMUP = 3  # calls before capture: compilation, autotuning and lazy cuBLAS/cuDNN setup happen here
+WARMUP = 3  # calls before capture: compilation, cuDNN's algorithm search and lazy cuBLAS setup happen here
 
 
 def _has_conv2d(gm: torch.fx.GraphModule) -> bool:
@@ -33,6 +35,18 @@ def _has_conv2d(gm: torch.fx.GraphModule) -> bool:
         if isinstance(val, torch.Tensor) and val.dim() == 4:
             return True
     return False
+
+
+@contextlib.contextmanager
+def _cudnn_autotuned():
+    """cuDNN times its convolution algorithms for these shapes during warm-up (the capture then
+    records the fastest); the process's own setting is restored afterwards."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _describe(path) -> str:
@@ -65,19 +79,20 @@ class CudaGraphModule:
         static_args, static_kwargs = pytree.tree_unflatten(self.static, self.spec)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(WARMUP):
-                fn(*static_args, **static_kwargs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self.outputs = fn(*static_args, **static_kwargs)
-        except RuntimeError as exc:
-            raise OptionError(
-                f"the compiled module cannot be captured as a CUDA graph (an op syncs with the CPU or "
-                f"allocates outside the graph): {exc}; use torch.compile(compiled.graph_module) instead"
-            ) from exc
+        with _cudnn_autotuned(), torch.no_grad():
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP):
+                    fn(*static_args, **static_kwargs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.outputs = fn(*static_args, **static_kwargs)
+            except RuntimeError as exc:
+                raise OptionError(
+                    f"the compiled module cannot be captured as a CUDA graph (an op syncs with the CPU or "
+                    f"allocates outside the graph): {exc}; use torch.compile(compiled.graph_module) instead"
+                ) from exc
 
     def _buffer(self, value, device: torch.device):
         if not isinstance(value, torch.Tensor):
