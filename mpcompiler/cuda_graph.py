@@ -21,6 +21,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from mpcompiler.capture import model_device
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
 from mpcompiler.passes import LowerFused
@@ -57,7 +58,7 @@ class CudaGraphModule:
     """A compiled module captured as one CUDA graph for fixed input shapes. Call it like the model."""
 
     def __init__(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
-        device = next(iter(gm.parameters()), torch.empty(0)).device
+        device = model_device(gm)
         if not torch.cuda.is_available():
             raise OptionError("cuda_graph() needs a CUDA GPU; torch.cuda.is_available() is False")
         if device.type != "cuda":
@@ -72,6 +73,7 @@ class CudaGraphModule:
             gm.to(memory_format=torch.channels_last)
         gm = twin(gm, "MpCompiledModuleCudaGraph")
         LowerFused(target="fx-cuda").call(gm)
+        self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
         self.paths = [p for p, _ in leaves]
         self.static = [self._buffer(v, device) for _, v in leaves]
@@ -101,6 +103,8 @@ class CudaGraphModule:
         return torch.empty_like(value, device=device, memory_format=fmt).copy_(value)
 
     def __call__(self, *args, **kwargs):
+        if set(kwargs) == set(self.kwarg_names):  # keyword arguments in any order
+            kwargs = {name: kwargs[name] for name in self.kwarg_names}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.spec:
             raise OptionError(f"this CUDA graph was captured for inputs shaped like {self.spec}; got {spec}")
