@@ -256,10 +256,10 @@ def compile(
     with on_device(model, target_device):
         gm = capture(model, samples + val if held else samples)
         # after calibration, whose errors name the node; before the search, which needs them
-        refs = functools.cache(lambda: references(model, val, target_device))
-        passes = pipeline(options, samples, target_device, val, refs)
+        val_refs = functools.cache(lambda: references(model, val, target_device))
+        passes = pipeline(options, samples, target_device, val, val_refs)
         runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
-        refs = refs()
+        refs = val_refs()
         graph_module = emit_fx(gm, model)
     accuracy = measure(
         graph_module,

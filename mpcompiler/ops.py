@@ -161,3 +161,18 @@ def positional_names(node: torch.fx.Node) -> list[str]:
     if isinstance(node.target, torch._ops.OpOverload):
         return [a.name for a in node.target._schema.arguments if not a.kwarg_only]
     return []
+
+
+def convert_inputs(node: torch.fx.Node, args: tuple, kwargs: dict, dtype: torch.dtype, convert) -> tuple[tuple, dict]:
+    """``node``'s arguments, each passed through ``convert(value, want, saturate)``: ``want`` is
+    ``dtype``, or fp32 for the op's ``fp32_args``; ``saturate`` marks its ``saturating_args``. The one
+    place that says how a planned op reads its inputs (insert_casts realises it, the search simulates it)."""
+    rule, names = rule_for(node), positional_names(node)
+
+    def one(value, name: str | None):
+        return convert(value, torch.float32 if name in rule.fp32_args else dtype, name in rule.saturating_args)
+
+    return (
+        tuple(one(a, names[i] if i < len(names) else None) for i, a in enumerate(args)),
+        {k: one(v, k) for k, v in kwargs.items()},
+    )

@@ -27,7 +27,7 @@ from mpcompiler.ir import (
     record,
     short_dtype,
 )
-from mpcompiler.ops import positional_names, rule_for
+from mpcompiler.ops import convert_inputs
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
 CAST = torch.ops.aten._to_copy.default
@@ -69,15 +69,9 @@ class _Rewrite:
 
     def inputs(self, node: torch.fx.Node) -> None:
         """Make each float input of ``node`` arrive in the node's dtype (fp32 for ``fp32_args``)."""
-        dtype, rule = record(node).dtype, rule_for(node)
-        names = positional_names(node)
-
-        def convert(arg, name: str | None):
-            want = torch.float32 if name in rule.fp32_args else dtype
-            return self._map(arg, node, want, saturate=name in rule.saturating_args)
-
-        node.args = tuple(convert(a, names[i] if i < len(names) else None) for i, a in enumerate(node.args))
-        node.kwargs = {k: convert(v, k) for k, v in node.kwargs.items()}
+        node.args, node.kwargs = convert_inputs(
+            node, node.args, node.kwargs, record(node).dtype, lambda a, want, sat: self._map(a, node, want, sat)
+        )
 
     def outputs(self, node: torch.fx.Node, dtypes: tuple[torch.dtype | None, ...]) -> None:
         """Cast the graph's outputs back to the model's dtypes (leaves in pytree order)."""

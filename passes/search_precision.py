@@ -28,12 +28,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record, short_dtype
-from mpcompiler.ops import FOLLOW_OPS, positional_names, rule_for
+from mpcompiler.ops import FOLLOW_OPS, convert_inputs
 from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.verify import Metric, flat_outputs
 
@@ -53,19 +54,13 @@ def _cast(value, dtype: torch.dtype, saturate: bool):
 
 
 def planned_call(node: torch.fx.Node, args: tuple, kwargs: dict):
-    """Run ``node``'s op with its float inputs converted as insert_casts will convert them: to the
-    node's planned dtype, fp32 for its ``fp32_args``, saturating arguments clamped first."""
-    rec, rule = record(node), rule_for(node)
+    """Run ``node``'s op with its float inputs converted as insert_casts will convert them."""
+    rec = record(node)
     if rec.dtype is None or rec.op_class is OpClass.FIXED:
         return node.target(*args, **kwargs)
-    names = positional_names(node)
-
-    def convert(value, name):
-        want = torch.float32 if name in rule.fp32_args else rec.dtype
-        return torch.utils._pytree.tree_map(lambda v: _cast(v, want, name in rule.saturating_args), value)
-
-    args = tuple(convert(a, names[i] if i < len(names) else None) for i, a in enumerate(args))
-    kwargs = {k: convert(v, k) for k, v in kwargs.items()}
+    args, kwargs = convert_inputs(
+        node, args, kwargs, rec.dtype, lambda v, want, sat: pytree.tree_map(lambda t: _cast(t, want, sat), v)
+    )
     return node.target(*args, **kwargs)
 
 
@@ -123,7 +118,7 @@ class _Shadow(torch.fx.Interpreter):
             value = next((t for t in _tensors(out) if t.dtype.is_floating_point), None)
             if value is not None:
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
+                args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
                 with torch.no_grad():
                     shadow = planned_call(n, args, kwargs)
                 low = next(t for t in _tensors(shadow) if t.dtype.is_floating_point)
@@ -134,7 +129,7 @@ class _Shadow(torch.fx.Interpreter):
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample], device, refs_norms):

@@ -14,29 +14,11 @@ import torch.nn.functional as F
 
 import mpcompiler
 from mpcompiler.ir import record
-from tests.helpers import nodes_by_op, rel_err, stages
+from tests.helpers import Overflow, nodes_by_op, rel_err, stages  # Overflow: (a)
 
 TOL = 1e-3  # fp16 with fp32 where needed: rel. L2 error vs fp32 on held-out samples
 # dtype="auto" puts the nodes past fp16's range in bf16, whose 8-bit significand rounds at 2^-9 = 2e-3
 AUTO_TOL = 1e-2
-
-
-class Overflowing(nn.Module):
-    """(a) ``up`` scales activations to ~1e5, past fp16's 65504; ``down`` scales them back."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc0 = nn.Linear(16, 64)
-        self.up = nn.Linear(64, 64)
-        self.down = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 8)
-        with torch.no_grad():
-            self.up.weight.mul_(1e5)
-            self.up.bias.zero_()
-            self.down.weight.mul_(1e-5)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.down(torch.relu(self.up(torch.tanh(self.fc0(x)))))))
 
 
 class HandVariance(nn.Module):
@@ -107,22 +89,22 @@ def _node(compiled, module_path, op):
 
 
 def test_overflow_mid_network_runs_fp32_there():
-    compiled = _compile(Overflowing().eval())
+    compiled = _compile(Overflow().eval())
     assert compiled.report.accuracy.max <= TOL
-    up, down = _node(compiled, "up", "linear"), _node(compiled, "down", "linear")
+    up, down = _node(compiled, "fc1", "linear"), _node(compiled, "fc2", "linear")
     assert (up.dtype, up.rule) == (down.dtype, down.rule) == ("float32", "range")
     assert up.reason.startswith("output reaches") and down.reason.startswith("input %relu reaches")
-    assert _node(compiled, "fc0", "linear").dtype == _node(compiled, "head", "linear").dtype == "float16"
+    assert _node(compiled, "fc0", "linear").dtype == _node(compiled, "fc3", "linear").dtype == "float16"
 
 
 def test_overflow_mid_network_auto_runs_bf16_there():
-    compiled = _compile(Overflowing().eval(), dtype="auto")
+    compiled = _compile(Overflow().eval(), dtype="auto")
     assert compiled.report.accuracy.max <= AUTO_TOL
     assert compiled.report.fallback == "bfloat16"
-    for path in ("up", "down"):
+    for path in ("fc1", "fc2"):
         node = _node(compiled, path, "linear")
         assert (node.dtype, node.rule) == ("bfloat16", "range") and node.reason.endswith(": bf16")
-    assert _node(compiled, "fc0", "linear").dtype == _node(compiled, "head", "linear").dtype == "float16"
+    assert _node(compiled, "fc0", "linear").dtype == _node(compiled, "fc3", "linear").dtype == "float16"
 
 
 def test_hand_written_variance_squares_run_fp32():
@@ -223,7 +205,7 @@ def test_inner_ranges_of_norm_reduction_and_matmul():
 
 def test_onnx_export_of_a_plan_with_bf16_nodes_names_them_on_the_cpu_provider(tmp_path):
     pytest.importorskip("onnxruntime")
-    model = Overflowing().eval()
+    model = Overflow().eval()
     compiled = mpcompiler.compile(model, _data(2), dtype="auto")
     bf16 = [n.name for n in compiled.report.ops() if n.dtype == "bfloat16"]
     assert bf16
@@ -234,7 +216,7 @@ def test_onnx_export_of_a_plan_with_bf16_nodes_names_them_on_the_cpu_provider(tm
     assert not (tmp_path / "auto.onnx").exists()
 
 
-@pytest.mark.parametrize("model_cls", [Overflowing, HandVariance, TinyWeights])
+@pytest.mark.parametrize("model_cls", [Overflow, HandVariance, TinyWeights])
 @pytest.mark.parametrize("dtype", ["float16", "auto"])
 def test_hard_models_meet_the_tolerance_with_the_search(model_cls, dtype):
     torch.manual_seed(0)

@@ -14,14 +14,13 @@ from tests.helpers import nodes_by_op, rel_err, stages
 F16, F32 = torch.float16, torch.float32
 
 
-def _compile(model, data, *, placed=True, monkeypatch=None, **options):
-    """Compile with the pipeline as it is, or without place_casts (graph-order propagation only)."""
-    if not placed:
-        full = api.pipeline
-        monkeypatch.setattr(
-            api, "pipeline", lambda *a, **k: [p for p in full(*a, **k) if not isinstance(p, PlaceCasts)]
-        )
-    return mpcompiler.compile(model, data, **options)
+def _without_and_with_placement(model, data, monkeypatch):
+    """The model compiled without place_casts (graph-order propagation only), then as it is."""
+    full = api.pipeline
+    monkeypatch.setattr(api, "pipeline", lambda *a, **k: [p for p in full(*a, **k) if not isinstance(p, PlaceCasts)])
+    plain = mpcompiler.compile(model, data)
+    monkeypatch.undo()
+    return plain, mpcompiler.compile(model, data)
 
 
 def _casts(gm):
@@ -54,9 +53,7 @@ def test_min_cut_casts_fewer_bytes_than_graph_order_and_matches_fp32(monkeypatch
     torch.manual_seed(0)
     model = FanOut().eval()
     data = [torch.randn(16, 64) for _ in range(8)]
-    plain = _compile(model, data, placed=False, monkeypatch=monkeypatch)
-    monkeypatch.undo()
-    placed = _compile(model, data)
+    plain, placed = _without_and_with_placement(model, data, monkeypatch)
     (stats,) = [p for p in placed.report.passes if p["name"] == "place_casts"]
     # graph order: x to f16, relu/tanh/sigmoid each to f16, h up for the norm (pow and mul share it),
     # the norm's product down, the output: 7 casts; the cut: x, exp's value (one cast for three
@@ -114,9 +111,7 @@ def test_data_movement_between_fp16_linears_runs_fp16_with_no_cast_pair(monkeypa
     torch.manual_seed(0)
     model = ViewBetween().eval()
     data = [torch.randn(8, 64) for _ in range(6)]
-    plain = _compile(model, data, placed=False, monkeypatch=monkeypatch)
-    monkeypatch.undo()
-    placed = _compile(model, data)
+    plain, placed = _without_and_with_placement(model, data, monkeypatch)
     gm = placed.graph_module
     moves = [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) in _MOVES]
     assert moves and all(planned_dtype(n) == F16 for n in moves)
