@@ -25,7 +25,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from mpcompiler.errors import CaptureError
-from mpcompiler.ir import META_KEY, GraphRecord, NodeRecord, float_dtype, module_path
+from mpcompiler.ir import META_KEY, GraphRecord, NodeRecord, float_dtype, module_path, op_name
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ def capture(model: torch.nn.Module, samples: list[Sample]) -> torch.fx.GraphModu
         except Exception as exc:
             raise _capture_error(model, exc) from exc
 
+    ep = _functionalize(ep)
     gm = ep.module()
     _check_dynamic(gm, leaves, dims, varying, samples, param_names)
 
@@ -199,6 +200,49 @@ def capture(model: torch.nn.Module, samples: list[Sample]) -> torch.fx.GraphModu
         output_dtypes=tuple(float_dtype(o.meta.get("val")) if isinstance(o, torch.fx.Node) else None for o in outputs),
     )
     return gm
+
+
+def _functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program without in-place ops. torch.export's IR keeps them (``fill_`` into a slice of a
+    fresh tensor, as Swin builds its shifted-window mask; ``relu_``); a write through a view changes
+    the view's base, so an op-by-op out-of-place rewrite would lose it. ``run_decompositions({})``
+    functionalizes (``slice_scatter`` and the like) and decomposes nothing else. Writes into the
+    model's inputs, parameters or buffers are refused: an inference graph must not have them."""
+    mutating = [
+        n
+        for n in ep.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+    ]
+    if not mutating:
+        return ep
+    kinds = torch.export.graph_signature.InputKind
+    inputs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
+    for node in mutating:
+        base = _view_base(node.args[0]) if node.args else None
+        spec = inputs.get(base.name) if isinstance(base, torch.fx.Node) else None
+        if spec is not None and spec.kind != kinds.CONSTANT_TENSOR:
+            kind = "model input" if spec.kind == kinds.USER_INPUT else "parameter/buffer"
+            raise CaptureError(
+                f"op {op_name(node)} at {module_path(node) or 'top level'} writes in place into {kind} "
+                f"{spec.target or spec.arg.name}; mpcompiler compiles inference graphs that do not mutate "
+                "their inputs or state"
+            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ep.run_decompositions({})
+
+
+def _view_base(value):
+    """The tensor a chain of views (slice, select, view, transpose ...) reads from."""
+    while (
+        isinstance(value, torch.fx.Node)
+        and isinstance(value.target, torch._ops.OpOverload)
+        and value.target._schema.returns
+        and value.target._schema.returns[0].alias_info is not None
+        and value.args
+    ):
+        value = value.args[0]
+    return value
 
 
 def _check_dynamic(gm, leaves, dims, varying, samples, param_names) -> None:

@@ -5,8 +5,10 @@
 - drops casts that are no-ops in the captured program: torch.export writes ``x.to(device)`` as
   ``to(x, dtype=float32, device=...)``, which looks like a user's ``.float()``. Only casts that
   convert (f16 -> f32 in a model with fp16 parts, int -> float) stay, and keep their dtype;
-- rewrites in-place ops (``relu_``, ``add_``) out of place, so a node's dtype can differ from its
-  input's; later readers of the mutated value read the new node instead;
+- writes ``view`` as ``reshape``: torch.export records a ``.contiguous().view()`` as a bare ``view``
+  when the traced kernel's output happened to be contiguous (SDPA's fused kernels return a
+  transposed layout); another backend, device or dtype returns another layout, and the view fails.
+  ``reshape`` is the same view where the layout allows it and a copy where it does not;
 - removes dead code.
 """
 
@@ -15,32 +17,21 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from mpcompiler.errors import CaptureError
-from mpcompiler.ir import float_dtype, module_path, op_name
+from mpcompiler.ir import float_dtype, op_name
 from mpcompiler.ops import is_cast, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
 
 aten = torch.ops.aten
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
-
-
-def _functional(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
-    """``aten.add_.Tensor`` -> ``aten.add.Tensor`` (None if there is no such overload)."""
-    name = target._schema.name.split("::")[1]
-    if not name.endswith("_") or name.startswith("_"):
-        return None
-    packet = getattr(aten, name[:-1], None)
-    overload = target._overloadname
-    return getattr(packet, overload, None) if packet is not None else None
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
 class CleanGraph(Pass):
-    """Remove export's dtype asserts, eval-mode dropout and dead code; rewrite in-place ops."""
+    """Remove export's dtype asserts, eval-mode dropout, no-op casts and dead code; views become reshapes."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        stats = {"asserts_removed": 0, "dropouts_removed": 0, "noop_casts_removed": 0, "inplace_rewritten": 0}
-        order = {n: i for i, n in enumerate(graph.nodes)}
+        stats = {"asserts_removed": 0, "dropouts_removed": 0, "noop_casts_removed": 0, "views_reshaped": 0}
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
@@ -55,23 +46,9 @@ class CleanGraph(Pass):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 stats["noop_casts_removed"] += 1
-            elif isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
-                functional = _functional(node.target)
-                if functional is None:
-                    continue
-                mutated = node.args[0]
-                if mutated.op in ("placeholder", "get_attr"):
-                    raise CaptureError(
-                        f"op {op_name(node)} at {module_path(node) or 'top level'} writes in place into "
-                        f"{'model input' if mutated.op == 'placeholder' else 'parameter/buffer'} "
-                        f"{mutated.target}; mpcompiler compiles inference graphs that do not mutate "
-                        "their inputs or state"
-                    )
-                node.target = functional
-                later = [u for u in mutated.users if u is not node and order[u] > order[node]]
-                for user in later:
-                    user.replace_input_with(mutated, node)
-                stats["inplace_rewritten"] += 1
+            elif node.target in _VIEWS:
+                node.target = aten.reshape.default
+                stats["views_reshaped"] += 1
         before = len(graph.nodes)
         graph.eliminate_dead_code()
         stats["dead_removed"] = before - len(graph.nodes)

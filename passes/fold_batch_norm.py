@@ -6,10 +6,15 @@
 The folded weights are computed in float64 and stored in the weights' dtype (fp32), before any
 precision decision: the later fp16 cast rounds the folded weight once. A batch norm is folded only
 when it is the sole reader of a conv/linear whose weight nothing else reads, with constant
-statistics; others stay (and run with fp16 I/O and fp32 parameters).
+statistics; others stay (and run with fp16 I/O and fp32 parameters). Both spellings of an inference
+batch norm are folded: ``batch_norm(..., training=False)`` as torch.export writes it, and
+``_native_batch_norm_legit_no_training(...)[0]`` as it reads once a model with in-place ops is
+functionalized (capture).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -30,8 +35,9 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         folded = 0
-        for bn in list(gm.graph.nodes):
-            if bn.op == "call_function" and op_name(bn) == "batch_norm" and self._fold(gm, bn):
+        for node in list(gm.graph.nodes):
+            bn = _batch_norm(node)
+            if bn is not None and self._fold(gm, node, bn):
                 folded += 1
         if folded:
             gm.graph.eliminate_dead_code()
@@ -39,7 +45,7 @@ class FoldBatchNorm(Pass):
             retype(gm)  # shapes and dtypes of the new bias attributes
         return PassResult(modified=folded > 0, stats={"folded": folded})
 
-    def _fold(self, gm: torch.fx.GraphModule, bn: torch.fx.Node) -> bool:
+    def _fold(self, gm: torch.fx.GraphModule, out: torch.fx.Node, bn: torch.fx.Node) -> bool:
         a = bound_args(bn)
         producer = a["input"]
         if a.get("training") or not isinstance(producer, torch.fx.Node) or op_name(producer) not in _FOLDABLE:
@@ -75,9 +81,21 @@ class FoldBatchNorm(Pass):
             args = list(producer.args) + [None] * (3 - len(producer.args))
             args[2] = b_node
             producer.args = tuple(args)
-        bn.replace_all_uses_with(producer)
-        gm.graph.erase_node(bn)
+        out.replace_all_uses_with(producer)
+        gm.graph.erase_node(out)  # and the functional batch norm with it, as dead code
         return True
+
+
+def _batch_norm(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The inference batch norm whose output ``node`` is: itself, or the one it is item 0 of."""
+    if node.op != "call_function":
+        return None
+    if op_name(node) == "batch_norm":
+        return node
+    source = node.args[0] if node.target is operator.getitem and node.args[1] == 0 else None
+    if isinstance(source, torch.fx.Node) and op_name(source) == "_native_batch_norm_legit_no_training":
+        return source
+    return None
 
 
 def _replace_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
