@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -63,7 +64,9 @@ def retype(gm: torch.fx.GraphModule) -> None:
     mode = detect_fake_mode(inputs)
     # Shapes and dtypes do not depend on the attention backend; CUDA's fused ones need concrete
     # sizes to pick a kernel (fp32 SDPA with dynamic dims fails on torch 2.11), the math one does not.
-    with mode, sdpa_kernel(SDPBackend.MATH):
+    # Composite ops (linear, matmul) decompose through their Python rules, as under torch.export:
+    # some C++ ones read sizes that are symbolic here (torch 2.11's matmul calls numel()).
+    with mode, sdpa_kernel(SDPBackend.MATH), enable_python_dispatcher():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
