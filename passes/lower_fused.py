@@ -90,8 +90,8 @@ def _match_attention(out: torch.fx.Node) -> Match:
     k = kt.args[0]
     if min(_rank(q), _rank(k), _rank(v)) != 4:
         return "q, k, v are not rank 4"
-    d = q.meta["val"].shape[-1]
-    return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale if scale is not None else 1.0 / math.sqrt(d)}
+    # no scale written: the scores are used as they are (SDPA's own default would be 1/sqrt(d))
+    return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale if scale is not None else 1.0}
 
 
 def _rewrite_attention(gm, out: torch.fx.Node, m: dict) -> torch.fx.Node:
