@@ -41,6 +41,7 @@ class RangeStats:
     inf: int  # +-inf elements seen
     subnormal_share: float  # share of nonzero finite values below fp16's smallest normal (6.1e-5)
     samples: int
+    absmin: float = 0.0  # the smallest nonzero finite |x| (0.0 if there is none)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

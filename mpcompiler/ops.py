@@ -89,6 +89,12 @@ FOLLOW_OPS = frozenset(
     dropout feature_dropout alpha_dropout""".split()
 )
 
+# Ops whose output holds exactly their input's values (calibration gives them their input's statistics).
+SAME_VALUES = frozenset(
+    """view _unsafe_view reshape view_as transpose t permute squeeze unsqueeze flatten unflatten
+    contiguous clone alias detach expand""".split()
+)
+
 # Ops that convert dtype and nothing else when given a float dtype.
 CAST_OPS = frozenset({"_to_copy", "to", "prims.convert_element_type"})
 

@@ -14,6 +14,12 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
   norm's squares) passes that limit, unless its kernel keeps that quantity in fp32 (``fp32_inside``;
   the reason then says so). cuBLAS may reduce fp16 matmuls in fp16
   (``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``), so a matmul's is not.
+- zero rule: nor if the low dtype turns a nonzero into zero where that matters: a constant an
+  elementwise op computes with (``clamp_min(norm, 1e-12)``, ``var + 1e-12``: an eps that guards a
+  division; layer_norm's eps is applied in fp32 inside its kernel), or
+  a divisor whose calibrated nonzero magnitudes reach that low (the divisor, the data movement
+  between it and the division, and the division itself stay high). Swin-v2's ``F.normalize`` of a
+  zero-padded window would otherwise divide 0 by 0.
 - underflow rule: nor in fp16 if most of the magnitudes of its output or a float input sit below
   fp16's smallest normal (see :data:`UNDERFLOW_SHARE`).
 
@@ -25,6 +31,7 @@ Parameters are not decided here: insert_casts converts each to the dtype its con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +48,7 @@ from mpcompiler.ir import (
     record,
     short_dtype,
 )
-from mpcompiler.ops import bound_args, rule_for, written_dtype
+from mpcompiler.ops import SAME_VALUES, bound_args, rule_for, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
 
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
@@ -71,10 +78,10 @@ def promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
-def out_of_range(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGIN) -> str:
-    """Why ``node`` cannot run in ``dtype`` by the range, inside or underflow rule ("" if it can)."""
-    problem = AssignPrecision(target=dtype, margin=margin)._problem(node, dtype)
-    return problem[1] if problem else ""
+def problem(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGIN) -> tuple[str, str] | None:
+    """(rule, reason) of the range, inside, zero or underflow rule that keeps ``node`` out of ``dtype``;
+    None if none does."""
+    return AssignPrecision(target=dtype, margin=margin)._problem(node, dtype)
 
 
 class AssignPrecision(Pass):
@@ -183,6 +190,9 @@ class AssignPrecision(Pass):
         inside = self._inside_past(node, dtype)
         if inside and not rule_for(node).fp32_inside:
             return "inside", f"{inside}, and the kernel may keep it in {short_dtype(dtype)}"
+        zero = _zeroed(node, dtype)
+        if zero:
+            return "zero", zero
         under = self._underflow(node, dtype)
         if under:
             return "underflow", under
@@ -226,6 +236,40 @@ class AssignPrecision(Pass):
                     f"f16's smallest normal {FP16_TINY:.2g} (subnormal or zero in f16; share > {UNDERFLOW_SHARE:.0%})"
                 )
         return ""
+
+
+def _is_zero_in(value: float, dtype: torch.dtype) -> bool:
+    return value != 0 and math.isfinite(value) and torch.tensor(value).to(dtype).item() == 0
+
+
+def _divides(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The division whose divisor is ``node``'s value, directly or through data movement (expand)."""
+    for user in node.users:
+        if op_name(user) == "div" and len(user.args) > 1 and user.args[1] is node:
+            return user
+        if op_name(user) in SAME_VALUES and user.args[0] is node:
+            div = _divides(user)
+            if div is not None:
+                return div
+    return None
+
+
+def _zeroed(node: torch.fx.Node, dtype: torch.dtype) -> str:
+    """Why ``dtype`` would turn a nonzero into a zero that matters at ``node`` ("" if it would not)."""
+    low = short_dtype(dtype)
+    elementwise = rule_for(node).op_class is OpClass.FOLLOW  # other kernels take constants in fp32 math
+    for value in (*node.args, *node.kwargs.values()) if elementwise else ():
+        if isinstance(value, float) and _is_zero_in(value, dtype):
+            return f"its constant {value:g} is 0 in {low} (an eps guarding a division would be lost)"
+    divisor = node.args[1] if op_name(node) == "div" and len(node.args) > 1 else node if _divides(node) else None
+    r = record(divisor).range if isinstance(divisor, torch.fx.Node) else None
+    if r is not None and _is_zero_in(r.absmin, dtype):
+        div = node if divisor is not node else _divides(node)
+        return (
+            f"%{div.name} divides by %{divisor.name}, whose nonzero values reach {r.absmin:.2g} on "
+            f"calibration data: 0 in {low}"
+        )
+    return ""
 
 
 def _example_paths(gm: torch.fx.GraphModule) -> list[str]:

@@ -1,6 +1,6 @@
 """calibrate_ranges: stream every calibration sample through the fp32 graph once, recording per value
-min, max, absmax, the 99.99th percentile of |x|, NaN/inf counts, and the share of nonzero values
-below fp16's smallest normal. Parameters get the same statistics from their tensors.
+min, max, absmax, the smallest nonzero |x|, the 99.99th percentile of |x|, NaN/inf counts, and the
+share of nonzero values below fp16's smallest normal. Parameters get the same statistics from their tensors.
 
 It also records, for norms, reductions and matmuls, the peak of what the op computes inside its
 kernel (:class:`mpcompiler.ir.InnerRange`): the squared deviations of a variance, the running sum of
@@ -25,25 +25,19 @@ from tqdm.auto import tqdm
 from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import CalibrationError
 from mpcompiler.ir import FP16_TINY, InnerRange, RangeStats, attr_of, graph_record, module_path, op_name, record
-from mpcompiler.ops import positional_names
+from mpcompiler.ops import SAME_VALUES, positional_names
 from mpcompiler.pass_manager import Pass, PassResult
 
 _LOG2_LO, _LOG2_HI, _BINS_PER_OCTAVE = -150, 130, 4  # covers fp32's subnormals to its max
 _BINS = (_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE
 _HIST_SAMPLE = 1 << 20  # histogram a random subset of larger tensors
 
-# Ops whose output holds exactly their input's values: their statistics are their input's.
-_SAME_VALUES = frozenset(
-    "view _unsafe_view reshape view_as transpose t permute squeeze unsqueeze flatten unflatten "
-    "contiguous clone alias detach expand".split()
-)
-
 
 class _Stats:
     """Streaming statistics of one value."""
 
     def __init__(self):
-        self.min, self.max = math.inf, -math.inf
+        self.min, self.max, self.absmin = math.inf, -math.inf, math.inf
         self.nan = self.inf = self.count = self.nonzero = self.subnormal = self.samples = 0
         self.hist = torch.zeros(_BINS, dtype=torch.float64)
 
@@ -68,6 +62,7 @@ class _Stats:
         self.subnormal += int((nz < FP16_TINY).sum())
         if nz.numel() == 0:
             return
+        self.absmin = min(self.absmin, float(nz.min()))
         weight = 1.0
         if nz.numel() > _HIST_SAMPLE:
             gen = torch.Generator(device=nz.device).manual_seed(self.samples)
@@ -95,6 +90,7 @@ class _Stats:
             inf=self.inf,
             subnormal_share=self.subnormal / self.nonzero if self.nonzero else 0.0,
             samples=self.samples,
+            absmin=0.0 if self.absmin == math.inf else self.absmin,
         )
 
 
@@ -252,7 +248,7 @@ class CalibrateRanges(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats: dict[torch.fx.Node, _Stats] = {}
         for node in gm.graph.nodes:
-            computed = node.op == "placeholder" or (node.op == "call_function" and op_name(node) not in _SAME_VALUES)
+            computed = node.op == "placeholder" or (node.op == "call_function" and op_name(node) not in SAME_VALUES)
             if computed and _float_tensors(node.meta.get("val")):
                 stats[node] = _Stats()
         in_spec = gm.graph._codegen.pytree_info.in_spec
@@ -295,7 +291,7 @@ class CalibrateRanges(Pass):
                 record(node).range = st.finish()
         # Views hold their input's values: copy the range forward (graph order is topological).
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node not in stats and op_name(node) in _SAME_VALUES:
+            if node.op == "call_function" and node not in stats and op_name(node) in SAME_VALUES:
                 source = node.args[0]
                 if isinstance(source, torch.fx.Node):
                     record(node).range = record(source).range

@@ -20,8 +20,8 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
   unbounded) is cut once when ``p`` is low and some reader high; ``l`` (``r -> l`` unbounded,
   ``l -> p`` of ``c``) once when ``p`` is high and some reader low. The graph output is a reader
   in the model's output dtype, an ``fp32_args`` argument one in fp32.
-- A free node may go low only if its range and its float inputs' fit the target by the rule
-  assign_precision uses (absmax <= max / margin); otherwise it is tied to HIGH.
+- A free node may go low only if no rule of assign_precision keeps it out of the target (its range
+  and its float inputs' fit, nothing nonzero turns zero); otherwise it is tied to HIGH.
 - Ties go low: the cut taken is the one with the smallest high side (the vertices that can still
   reach HIGH in the residual network), since the low dtype moves half the bytes.
 - Nodes touching other dtypes (float64 models) keep their plan; only LOW vs HIGH is decided.
@@ -29,8 +29,9 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
   the readers of a fixed node's tuple are not free.
 
 Records: a node whose dtype changed, or that no longer has its inputs' dtype, gets rule
-``"placement"`` and a reason with the bytes it saves; a free node out of the target's range gets
-rule ``"range"``; every other node keeps assign_precision's rule and reason, which still hold.
+``"placement"`` and a reason with the bytes it saves; a free node a rule of assign_precision keeps
+out of the target (range, inside, zero, underflow) gets that rule; every other node keeps
+assign_precision's rule and reason, which still hold.
 
 :func:`place` is the whole pass as a function, for passes that re-plan (a tolerance search);
 :func:`cast_bytes` estimates the bytes a plan casts.
@@ -49,7 +50,7 @@ import torch.utils._pytree as pytree
 from mpcompiler.ir import OpClass, graph_record, planned_dtype, record, short_dtype
 from mpcompiler.ops import positional_names, rule_for
 from mpcompiler.pass_manager import Pass, PassResult
-from mpcompiler.passes.assign_precision import RANGE_MARGIN, float_inputs, out_of_range, promote
+from mpcompiler.passes.assign_precision import RANGE_MARGIN, float_inputs, problem, promote
 
 LOW, HIGH = "low", "high"  # the terminals: the target dtype and fp32
 _NO_HINT = 1024  # elements assumed for a data-dependent size
@@ -85,7 +86,7 @@ def place(gm: torch.fx.GraphModule, *, margin: float = RANGE_MARGIN) -> dict[str
     for n in gm.graph.nodes:  # in graph order, so a tuple's producer is decided before its readers
         if _is_free(n, target, reads) and all(_castable(a) or a in free for a in _acts(n)):
             free[n] = None  # (a reader of a fixed node's tuple has that node's dtype: not free)
-    over = {n: out_of_range(n, target, margin) for n in free}
+    over = {n: problem(n, target, margin) for n in free}
     high = _min_cut(gm, reads, set(free), target, {n for n, why in over.items() if why})
 
     old = {n: record(n).dtype for n in free}
@@ -97,7 +98,7 @@ def place(gm: torch.fx.GraphModule, *, margin: float = RANGE_MARGIN) -> dict[str
     for n in free:  # reasons once every dtype is final
         rec = record(n)
         if over[n]:
-            rule, reason = "range", over[n]
+            rule, reason = over[n]
         elif rec.dtype != old[n] or not _follows(n, target):
             rule, reason = "placement", _why(n, reads, target)
         else:
