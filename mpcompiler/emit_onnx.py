@@ -20,17 +20,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 import mpcompiler
+from mpcompiler import ort_child
 from mpcompiler.capture import model_device, to_device
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
-from mpcompiler.fused import ONNX_TRANSLATIONS
+from mpcompiler.fused import onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import retype
 from mpcompiler.passes import EliminateCasts, LowerFused
@@ -186,33 +188,48 @@ def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 gm,
                 args,
                 kwargs=kwargs,
                 dynamic_shapes=dynamic_shapes,
                 dynamo=True,
                 opset_version=opset,
-                custom_translation_table=ONNX_TRANSLATIONS,
+                custom_translation_table=onnx_translations(opset),
+                optimize=False,
                 verbose=False,
             )
     except Exception as exc:
         raise _export_error(gm, exc) from exc
+    # Constant folding and cleanup, as optimize=True does, but not onnxscript's opset-23 fusions: the
+    # fusions are ours to choose (lower_fused). Its RMSNormalization rule mis-types a norm whose
+    # statistics the plan keeps fp32 (T5), and its GQA rule writes an Attention that ONNX Runtime
+    # 1.31's CUDA provider refuses.
+    onnxscript.optimizer.optimize(program.model)
+    return program
 
 
 def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
-    """Name the op torch.onnx could not translate, and where it sits in the model."""
+    """Name the op torch.onnx could not translate (or whose translation failed), and where it sits."""
     text = str(exc)
-    match = re.search(r"target=torch\.ops\.([\w.]+)", text) or re.search(
-        r"OpOverload\(op='([\w.]+)', overload='(\w+)'", text
-    )
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'", text)
+    failed = re.search(r"Error when translating node %(\w+) .*?target=torch\.ops\.([\w.]+)", text)
+    match = missing or failed
     if match:
-        qualname = match.group(1) if match.lastindex == 1 else f"{match.group(1)}.{match.group(2)}"
+        qualname = f"{match.group(1)}.{match.group(2)}" if missing else match.group(2)
         paths = sorted({module_path(n) or "top level" for n in gm.graph.nodes if str(n.target) == qualname})
         where = f" at {', '.join(paths)}" if paths else ""
+        if missing:
+            return ExportError(
+                f"ONNX export: torch.onnx has no translation for op {qualname}{where}. Register one with "
+                "torch.onnx.export(custom_translation_table=...) or keep the op out of the model."
+            )
+        cause = exc.__cause__ or exc
+        while cause.__cause__ is not None:  # the innermost exception says what went wrong
+            cause = cause.__cause__
         return ExportError(
-            f"ONNX export: torch.onnx has no translation for op {qualname}{where}. Register one with "
-            "torch.onnx.export(custom_translation_table=...) or keep the op out of the model."
+            f"ONNX export: translating %{match.group(1)} (op {qualname}{where}) failed: "
+            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         )
     summary = text.split("## Exception summary")[-1].strip().splitlines()
     return ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(summary[:3])}")
@@ -324,9 +341,9 @@ def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> 
 
 
 def _verify(compiled, path, io, providers, tolerance, mode):
-    """Run the artifact in ONNX Runtime on the held-out samples; compare with fp32 and the FX module."""
-    ort = _onnxruntime()
-
+    """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
+    compare with fp32 and the FX module."""
+    _onnxruntime()  # a clear error if it is not installed
     gm = compiled.graph_module
     providers = _providers(providers)
     if graph_record(gm).target == torch.bfloat16 and _cpu_only(providers):
@@ -334,21 +351,21 @@ def _verify(compiled, path, io, providers, tolerance, mode):
             "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
         )
         return None, {}, {}
-    sess = ort.InferenceSession(str(path), providers=providers)
     in_spec = gm.graph._codegen.pytree_info.in_spec
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    wanted = {i.name for i in sess.get_inputs()}
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]  # forward()'s names: ONNX's inputs
     device = model_device(gm)
-    onnx_outs, fx_outs = [], []
+    feeds, fx_outs = [], []
     with torch.no_grad():
         for sample in compiled.val_samples:
             args, kwargs = to_device(sample, device)
             flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
             if io is not None:
                 flat = _with_io_dtype(flat, io)
-            feeds = {n: v.detach().cpu().numpy() for n, v in zip(names, flat, strict=True) if n in wanted}
-            onnx_outs.append([torch.from_numpy(np.asarray(o)) for o in sess.run(None, feeds)])
+            flat = zip(names, flat, strict=True)
+            feeds.append({n: v.detach().cpu().numpy() for n, v in flat if isinstance(v, torch.Tensor)})
             fx_outs.append(flat_outputs(gm(*args, **kwargs)))
+    provider, outs = ort_child.run(path, feeds, providers)
+    onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample] for sample in outs]
     out_names = output_names(gm)
     vs_fp32 = rel_l2(onnx_outs, compiled.val_refs, out_names)
     vs_fx = rel_l2(onnx_outs, [[t.cpu() if t is not None else None for t in o] for o in fx_outs], out_names)
@@ -356,12 +373,12 @@ def _verify(compiled, path, io, providers, tolerance, mode):
     if not worst <= tolerance:
         msg = (
             f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
-            f"({sess.get_providers()[0]}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
+            f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
         )
         if mode == "error":
             raise ExportError(msg)
         warnings.warn(msg, stacklevel=3)
-    return sess.get_providers()[0], vs_fp32, vs_fx
+    return provider, vs_fp32, vs_fx
 
 
 def _tensor_info(value: ir.Value) -> dict:

@@ -1,0 +1,82 @@
+"""Run an ONNX artifact in ONNX Runtime in a child process, so that ONNX Runtime's crashes stay there.
+
+ONNX Runtime 1.30-1.32's CPU provider has been seen to kill the whole process (SIGSEGV) while
+creating a session for a valid fp16 graph (docs/onnx.md). export_onnx verifies every artifact, so
+it runs ONNX Runtime here, through :func:`run`: a crash, a hang or an error inside ONNX Runtime
+becomes an :class:`~mpcompiler.errors.ExportError` naming what happened, and the caller's process
+lives on. The child imports numpy and onnxruntime only (not torch, not mpcompiler): this file is
+run as a script's source, from the folder the feeds are in.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TIMEOUT_S = 600.0  # a session that runs this long on a few samples has hung
+
+
+def run(
+    model: Path, feeds: list[dict[str, np.ndarray]], providers: list, *, timeout: float = TIMEOUT_S
+) -> tuple[str, list[list[np.ndarray]]]:
+    """Run ``model`` on each feed dict in a child process; returns the provider that ran it and the
+    outputs per feed. Inputs and outputs travel as ``.npz`` files beside ``model``."""
+    from mpcompiler.errors import ExportError  # here: the child runs this file without mpcompiler
+
+    folder = model.parent
+    np.savez(folder / "feeds.npz", **{f"{i}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
+    args = [str(model), json.dumps(providers), str(len(feeds))]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", Path(__file__).read_text(), *args],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ExportError(f"ONNX Runtime did not finish running {model.name} in {timeout:g} s: it hangs") from exc
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        raise ExportError(
+            f"ONNX Runtime crashed ({name}) while loading or running {model.name} with {providers}, in a child "
+            f"process (this process is unaffected); this is a bug in ONNX Runtime. Its last words: "
+            f"{_tail(done.stderr)}"
+        )
+    if done.returncode != 0:
+        raise ExportError(f"ONNX Runtime could not run {model.name} with {providers}: {_tail(done.stderr)}")
+    with np.load(folder / "outputs.npz") as out:
+        outputs = [[out[f"{i}/{k}"] for k in range(int(out[f"{i}/count"]))] for i in range(len(feeds))]
+    return done.stdout.strip().splitlines()[-1], outputs
+
+
+def _tail(text: str, lines: int = 1) -> str:
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-1500:] or "(nothing on stderr)"
+
+
+def _child(model: str, providers: str, count: str) -> None:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model, providers=json.loads(providers))
+    names = {i.name for i in sess.get_inputs()}
+    outputs = {}
+    with np.load("feeds.npz") as feeds:
+        for i in range(int(count)):
+            feed = {k.split("/", 1)[1]: feeds[k] for k in feeds.files if k.split("/", 1)[0] == str(i)}
+            missing = names - feed.keys()
+            if missing:
+                raise ValueError(f"the artifact's inputs {sorted(missing)} are not among the model's {sorted(feed)}")
+            outs = sess.run(None, {k: v for k, v in feed.items() if k in names})
+            outputs |= {f"{i}/{k}": np.asarray(o) for k, o in enumerate(outs)} | {f"{i}/count": np.array(len(outs))}
+    np.savez("outputs.npz", **outputs)
+    print(sess.get_providers()[0])
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])
