@@ -17,12 +17,19 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   output (1.4-2.5x faster on ResNet-50's layers, H100, docs/perf.md), and the sum rounded once.
   Conv + BatchNorm is folded at compile time (``fold_batch_norm``). ONNX Runtime's ``FusedConv``
   (conv + bias + activation) has no fp16 CUDA kernel, so the ONNX artifact leaves convs to ORT.
+- ``permuted_linear``: not a fused op but a layout ONNX Runtime needs: ``linear(permute(x))`` with
+  the last dim in place is written ``permute(linear(x))``. ONNX Runtime 1.30-1.32's CPU provider
+  crashes the process (SIGSEGV, in its MatmulTransposeFusion at the default optimization level)
+  creating a session for an fp16 ``Transpose(perm=[1, 0, 2])`` feeding a ``MatMul`` with an fp16
+  weight: ``nn.MultiheadAttention(batch_first=True)``'s input projection.
 """
 
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import onnxscript
+import onnxscript.onnx_opset
 import torch
 import torch.nn.functional as F
 from onnx.defs import OpSchema
@@ -38,6 +45,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "skip_layer_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
     "bias_gelu": {"ort-cuda": ALL, "ort-cpu": frozenset({S})},
     "conv_bias_relu": {"fx-cuda": frozenset({H, B})},  # lowered on the planned graph by cuda_graph()
+    "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
 }
 
 
@@ -138,6 +146,7 @@ for _schema in _SCHEMAS:
         onnx.defs.register_schema(_schema)
 
 _MSFT = onnxscript.values.Opset("com.microsoft", 1)
+_OP = onnxscript.onnx_opset.opset23
 
 
 def _skip_layer_norm_onnx(x, skip, weight, bias, eps: float):
@@ -150,7 +159,56 @@ def _bias_gelu_onnx(x, bias, approximate: str):
     return _MSFT.BiasGelu(x, bias)
 
 
+def _attention_onnx(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+):
+    """SDPA as opset 23's ``Attention``, in the forms ONNX Runtime 1.31 runs on CPU and CUDA alike:
+    the mask additive and 4-D with its query dim spelled out (ORT checks ``mask.shape[-2] == q_len``
+    on the CPU, reads a 3-D mask's first dim as the batch on CUDA, and has no bool mask on CUDA), and
+    grouped key/value heads repeated (its CUDA Attention has no GQA)."""
+    if enable_gqa and query.shape[1] != key.shape[1]:
+        key, value = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
+    if attn_mask is not None:
+        rank = len(attn_mask.shape)
+        if attn_mask.dtype == ir.DataType.BOOL:  # True attends; a large negative masks (not -inf: no NaN rows)
+            attn_mask = _OP.Where(attn_mask, _OP.CastLike(0.0, query), _OP.CastLike(MASKED, query))
+        if rank < 4:
+            attn_mask = _OP.Unsqueeze(attn_mask, _OP.Constant(value_ints=list(range(4 - rank))))
+        one = _OP.Constant(value_ints=[1])
+        q_len = _OP.Shape(query, start=2, end=3)
+        attn_mask = _OP.Expand(attn_mask, _OP.Concat(one, one, q_len, one, axis=0))
+    attrs = {"is_causal": int(is_causal)} | ({"scale": scale} if scale is not None else {})
+    y, _, _, _ = _OP.Attention(query, key, value, attn_mask, **attrs)
+    return y
+
+
+def _repeat_heads(x, heads: int):
+    """[B, Hkv, T, D] -> [B, heads, T, D], each key/value head repeated for its group of query heads."""
+    groups = heads // x.shape[1]
+    shape = _OP.Shape(x)
+    b, hkv, rest = _OP.Slice(shape, [0], [1]), _OP.Slice(shape, [1], [2]), _OP.Slice(shape, [2], [4])
+    group = _OP.Constant(value_ints=[groups])
+    x = _OP.Expand(_OP.Unsqueeze(x, [2]), _OP.Concat(b, hkv, group, rest, axis=0))
+    return _OP.Reshape(x, _OP.Concat(b, _OP.Constant(value_ints=[heads]), rest, axis=0))
+
+
+MASKED = -10000.0  # what a bool mask's False becomes: exp(-10000) is 0 in every float dtype, fp16 holds it
+
 ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.skip_layer_norm.default: _skip_layer_norm_onnx,
     torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
 }
+
+
+def onnx_translations(opset: int) -> dict:
+    """The custom translations torch.onnx.export takes at ``opset``: the fused ops', and from opset 23
+    (the first with ``Attention``) SDPA's."""
+    attention = {torch.ops.aten.scaled_dot_product_attention.default: _attention_onnx} if opset >= 23 else {}
+    return ONNX_TRANSLATIONS | attention

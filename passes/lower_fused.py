@@ -8,7 +8,9 @@ Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
 - on a copy of the planned graph, where the table says the target has the kernel for the node's
   dtype: in export_onnx for ONNX Runtime (``ort-cuda``/``ort-cpu``): residual add + layer_norm ->
   SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu; in compiled.cuda_graph() for
-  ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution.
+  ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution. For ONNX
+  Runtime too: a linear of a permuted input (``nn.MultiheadAttention``'s batch_first transpose) is
+  written as the permute of the linear's output, the same numbers (mpcompiler.fused says why).
 
 Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
 """
@@ -201,6 +203,34 @@ def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
         return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
 
 
+# ---- ONNX Runtime: linear(permute(x)) -> permute(linear(x)), for a permutation that keeps the last dim
+
+
+def _match_permuted_linear(lin: torch.fx.Node) -> Match:
+    if not _op(lin, "linear"):
+        return "not a linear"
+    moved = lin.args[0]
+    if not _op(moved, "permute", "transpose") or not _only_user(moved, lin):
+        return "input is not a permute or transpose read only here"
+    rank = _rank(moved)
+    if _op(moved, "permute"):
+        perm = [d % rank for d in moved.args[1]]
+    else:
+        perm = list(range(rank))
+        d0, d1 = moved.args[1] % rank, moved.args[2] % rank
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    if perm[-1] != rank - 1:
+        return "the permutation moves the last dim, which linear reduces over"
+    return {"x": moved.args[0], "perm": perm}
+
+
+def _rewrite_permuted_linear(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(lin):
+        inner = gm.graph.call_function(aten.linear.default, (m["x"], *lin.args[1:]), dict(lin.kwargs))
+        inner.meta[META_KEY] = dataclasses.replace(record(lin), inserted=False)
+        return gm.graph.call_function(aten.permute.default, (inner, m["perm"]))
+
+
 # ---- cuDNN (compiled.cuda_graph()): conv2d + bias [+ residual] + relu, in one dtype
 
 
@@ -262,6 +292,7 @@ RULES = [
     ),
     Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
     Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
+    Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
 ]
 
 
