@@ -33,7 +33,7 @@ def run(
     args = [str(model), json.dumps(providers), str(len(feeds))]
     try:
         done = subprocess.run(
-            [sys.executable, "-c", Path(__file__).read_text(), *args],
+            [sys.executable, "-c", _script(), *args],
             cwd=folder,
             capture_output=True,
             text=True,
@@ -53,6 +53,10 @@ def run(
     with np.load(folder / "outputs.npz") as out:
         outputs = [[out[f"{i}/{k}"] for k in range(int(out[f"{i}/count"]))] for i in range(len(feeds))]
     return done.stdout.strip().splitlines()[-1], outputs
+
+
+def _script() -> str:
+    return Path(__file__).read_text()
 
 
 def _tail(text: str, lines: int = 1) -> str:
