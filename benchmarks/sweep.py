@@ -29,10 +29,12 @@ import argparse
 import contextlib
 import copy
 import datetime
+import faulthandler
 import importlib.metadata
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -45,11 +47,12 @@ from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 5e-3  # rel. L2 vs fp32, for FX and ONNX alike: export_onnx's own default
+TOLERANCE, TOL = 5e-3, "5e-3"  # rel. L2 vs fp32, for FX and ONNX alike: export_onnx's own default
 SEED = 0
 CALIB = 5  # compile() holds back a fifth: 4 calibration samples, 1 held out
 TEXT_BATCH, TEXT_SEQ, VOCAB = 2, 16, 1000
 STDERR_TAIL = 12  # lines of a crashed worker's stderr kept in its row
+STACK_FRAMES = 8  # innermost frames kept from faulthandler's report of a crashed or hung worker
 
 # Small random-init HF models: name -> (input kind, builder given the transformers module).
 HF_MODELS = {
@@ -68,7 +71,8 @@ HF_MODELS = {
         vocab_size=VOCAB, embedding_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=256, max_position_embeddings=64))),
     "hf_gpt2": ("text", lambda tf: tf.GPT2LMHeadModel(tf.GPT2Config(
-        vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64, use_cache=False))),
+        vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        use_cache=False))),
     "hf_opt": ("text", lambda tf: tf.OPTForCausalLM(tf.OPTConfig(
         vocab_size=VOCAB, hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, num_attention_heads=4,
         ffn_dim=256, max_position_embeddings=64, use_cache=False))),
@@ -82,11 +86,19 @@ HF_MODELS = {
         patch_size=8))),
     "hf_swin": ("pixel_values", lambda tf: tf.SwinModel(tf.SwinConfig(
         image_size=64, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4))),
-    "hf_whisper_encoder": ("input_features", lambda tf: tf.WhisperModel(tf.WhisperConfig(
-        vocab_size=VOCAB, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128, num_mel_bins=80,
-        max_source_positions=64)).get_encoder()),
+    "hf_whisper_encoder": ("input_features", lambda tf: whisper_encoder(tf.WhisperConfig(
+        d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=80,
+        max_source_positions=64))),
 }  # fmt: skip
+
+
+def whisper_encoder(config):
+    """The encoder alone (no decoder to build, whose token ids would have to fit a small vocabulary)."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return WhisperEncoder(config)
+
+
 HF_COST = 50e6  # ordering: an HF model counts as a 50M-parameter CNN (small, but many ops to capture and export)
 IMAGE_SIZE = {"inception_v3": 299}
 TORCHVISION_KWARGS = {  # without aux heads: they are training-only outputs, and init_weights=False is quicker
@@ -129,23 +141,32 @@ def build(name: str, device):
     Samples are on the CPU: a tensor (images) or a dict of keyword arguments (HF)."""
     import torch
 
+    kind = HF_MODELS[name][0] if name in HF_MODELS else "image"
+    try:  # on the device: initializing vit_h_14's or regnet_y_128gf's 640M parameters on the CPU takes long
+        model = construct(name, device)
+    except Exception as exc:  # a constructor that cannot build under a device context: on the CPU, then moved
+        if device == "cpu":
+            raise
+        print(f"building on {device} failed ({short(exc)}); building on the CPU", file=sys.stderr, flush=True)
+        model = construct(name, "cpu")
+    model.to(device).eval()  # also catches a constructor that put a tensor on the CPU explicitly
+    gen = torch.Generator().manual_seed(SEED)
+    samples = [sample(kind, i, model, gen, IMAGE_SIZE.get(name, 224)) for i in range(CALIB + 1)]
+    return model, samples[:CALIB], samples[CALIB], describe(samples[0])
+
+
+def construct(name: str, device):
+    import torch
+
     torch.manual_seed(SEED)
-    # Built on the device: initializing vit_h_14's or regnet_y_128gf's 640M parameters on the CPU takes long.
     with torch.device(device):
         if name in HF_MODELS:
             import transformers
 
-            kind, make = HF_MODELS[name]
-            model = make(transformers)
-        else:
-            import torchvision
+            return HF_MODELS[name][1](transformers)
+        import torchvision
 
-            model = torchvision.models.get_model(name, weights=None, **TORCHVISION_KWARGS.get(name, {}))
-            kind = "image"
-    model.to(device).eval()  # in case a constructor put a tensor on the CPU explicitly
-    gen = torch.Generator().manual_seed(SEED)
-    samples = [sample(kind, i, model, gen, IMAGE_SIZE.get(name, 224)) for i in range(CALIB + 1)]
-    return model, samples[:CALIB], samples[CALIB], describe(samples[0])
+        return torchvision.models.get_model(name, weights=None, **TORCHVISION_KWARGS.get(name, {}))
 
 
 def sample(kind: str, index: int, model, gen, image_size: int):
@@ -276,6 +297,7 @@ class Worker:
         """Run a stage: its seconds and, if it raises, its error go in row[key]; the next stage still runs."""
         self.row["stage"] = key
         self.save()
+        print(f"[sweep] {self.name}: {key}", file=sys.stderr, flush=True)  # where a crash's log lines belong
         if self.abort_at == f"{self.name}:{key}":  # --abort-at: test that the driver survives a worker dying here
             os.abort()
         entry = self.row.setdefault(key, {})
@@ -379,6 +401,10 @@ def worker_main(args):
     import torch
 
     torch.set_num_threads(args.threads)
+    # A native crash (in ONNX Runtime, say) prints the Python stack to the log, and the driver's SIGUSR1
+    # before it kills a worker for its timeout prints where it hung.
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=False)
     sys.path.insert(0, str(ROOT))  # mpcompiler from this checkout when run as a script without pip install -e
     scratch = Path(args.scratch or tempfile.gettempdir())
     Worker(args.worker, args.device, Path(args.result), scratch, args.abort_at).run()
@@ -415,8 +441,12 @@ class Job:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def kill(self):
+    def kill(self, dump_stack: bool = False):
         with contextlib.suppress(ProcessLookupError):
+            if dump_stack:  # faulthandler writes the worker's stack to its log
+                os.kill(self.proc.pid, signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
@@ -435,16 +465,32 @@ class Job:
             "ended": "timeout" if timed_out else "crash",
             "stage": row.pop("stage", None),
             "why": f"killed after {timed_out:.0f} s" if timed_out else reason,
-            "stderr_tail": self.tail(),
+            **self.log_excerpts(),
         }
         return row
 
-    def tail(self) -> str:
+    def log_excerpts(self) -> dict:
+        """The log's last lines, and faulthandler's report if there is one: the fatal error and the
+        innermost frames of the main thread (where a native crash or a hang happened)."""
         try:
             lines = self.log.read_text(errors="replace").rstrip().splitlines()
         except OSError:
-            return ""
-        return "\n".join(line[:300] for line in lines[-STDERR_TAIL:])
+            return {}
+        excerpts = {"stderr_tail": "\n".join(line[:300] for line in lines[-STDERR_TAIL:])}
+        starts = [i for i, line in enumerate(lines) if line.startswith(("Current thread 0x", "Stack (most recent"))]
+        if starts:
+            fatal = [line for line in lines if line.startswith("Fatal Python error")][-1:]
+            frames = []
+            for frame in lines[starts[-1] + 1 :]:
+                if not frame.startswith("  File "):
+                    break
+                # paths from the package or the checkout on: "torch/_ops.py", "mpcompiler/passes/..."
+                frames.append(re.sub(r'"/\S*/(site-packages|dist-packages)/', '"', frame).replace(f'"{ROOT}/', '"'))
+            # the innermost frames say where it died; the innermost in mpcompiler, which pass it was in
+            ours = [f for f in frames[STACK_FRAMES:] if "/mpcompiler/" in f][:3]
+            kept = frames[:STACK_FRAMES] + (["  ..."] + ours if ours else [])
+            excerpts["stack"] = "\n".join(fatal + [lines[starts[-1]]] + kept)
+        return excerpts
 
 
 def environment(args) -> dict:
@@ -455,7 +501,7 @@ def environment(args) -> dict:
         return None
 
     try:  # the GPU machine's copy of the tree may have no .git
-        git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
+        git = ["git", "-C", str(ROOT), "describe", "--always", "--dirty"]
         commit = subprocess.run(git, capture_output=True, text=True)
     except OSError:
         commit = None
@@ -484,6 +530,7 @@ def driver_main(args):
     env = environment(args)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.scratch))
     jsonl = out / "sweep.jsonl"
+    jsonl.touch()  # there even if no model finishes, for a later --skip
     rows = dict(previous)
     print(f"sweep: {len(names)} models ({len(previous)} done before), {args.jobs} at a time, "
           f"timeout {args.timeout} s, device {args.device}; scratch {scratch}", flush=True)  # fmt: skip
@@ -504,7 +551,7 @@ def driver_main(args):
             for name, job in list(running.items()):
                 timed_out = job.elapsed > args.timeout
                 if timed_out:
-                    job.kill()
+                    job.kill(dump_stack=True)
                 elif job.proc.poll() is None:
                     continue
                 row = env | job.row(timed_out=args.timeout if timed_out else None)
@@ -527,7 +574,7 @@ def driver_main(args):
         print(f"stopped ({type(exc).__name__} {exc}); not finished: {', '.join(unfinished) or 'none'}", flush=True)
     (out / "sweep.md").write_text(markdown(rows, env, names))
     archive_logs(scratch, out / "logs.tar.gz")
-    print(summary_text(rows), flush=True)
+    print(summary_text(rows, details=False), flush=True)  # the details are in sweep.md
 
 
 def archive_logs(scratch: Path, path: Path):
@@ -596,7 +643,7 @@ def cell(entry: dict | None) -> str:
 def line(row: dict) -> str:
     """One short stdout line per model, so that the tail of a long run stays readable."""
     errs = " ".join(f"{k} {cell(row.get(k)).split(' ')[0] or '-'}" for k in ("fx", "onnx", "half", "autocast"))
-    return f"{row['model']}: {row['verdict'][:90]} | {errs} | {row.get('seconds', 0):.0f}s"
+    return f"{row['model']}: {row['verdict'][:70]} | {errs} | {row.get('seconds', 0):.0f}s"
 
 
 def load_rows(paths) -> dict[str, dict]:
@@ -614,10 +661,11 @@ def sort_key(row: dict):
     return (row.get("family") != "torchvision", row["model"])
 
 
-def summary_text(rows: dict[str, dict]) -> str:
-    rows = sorted(rows.values(), key=sort_key)
+def summary_text(rows: dict[str, dict], details: bool = True) -> str:
+    """Counts, the peers' failures and each failing model's verdict; ``details``: with its error message."""
+    by_model, rows = rows, sorted(rows.values(), key=sort_key)
     passed = [r for r in rows if r["pass"]]
-    lines = [f"- mpcompiler: **{len(passed)} of {len(rows)} pass** (FX and ONNX within {TOLERANCE:g} of fp32)."]
+    lines = [f"- mpcompiler: **{len(passed)} of {len(rows)} pass** (FX and ONNX within {TOL} of fp32)."]
     for fam in ("torchvision", "hf"):
         of = [r for r in rows if r.get("family") == fam]
         if of:
@@ -626,24 +674,26 @@ def summary_text(rows: dict[str, dict]) -> str:
         judged = {r["model"]: peer_fails(r.get(key)) for r in rows}
         compared = [m for m, f in judged.items() if f is not None]
         failed = [m for m, f in judged.items() if f]
-        lines.append(f"- {label}: fails (> {TOLERANCE:g} or NaN) on **{len(failed)} of {len(compared)}** compared"
+        lines.append(f"- {label}: fails (> {TOL} or NaN) on **{len(failed)} of {len(compared)}** compared"
                      + (f": {', '.join(failed)}" if failed else "."))  # fmt: skip
         if key == "half":
-            ours = [m for m in failed if rows_by(rows, m)["pass"]]
+            ours = [m for m in failed if by_model[m]["pass"]]
             lines.append(f"- mpcompiler passes where `model.half()` fails: {len(ours)} ({', '.join(ours) or 'none'}).")
     failing = [r for r in rows if not r["pass"]]
     if failing:
         lines.append("- Failing models, and why:")
-        lines += [f"  - {r['model']}: {r['verdict'].removeprefix('FAIL: ')}{detail(r)}" for r in failing]
-    zero = [f"{r['model']} ({', '.join(r['zero_weights_reinit'])})" for r in rows if r.get("zero_weights_reinit")]
+        lines += [
+            f"  - {r['model']}: {r['verdict'].removeprefix('FAIL: ')}{detail(r) if details else ''}" for r in failing
+        ]
+    zero = [
+        f"{r['model']} ({len(w)}: {', '.join(w[:2])}{', ...' if len(w) > 2 else ''})"
+        for r in rows
+        if (w := r.get("zero_weights_reinit"))
+    ]
     biased = sum(1 for r in rows if r.get("zero_params_reinit", {}).get("count"))
     lines.append(f"- All-zero parameters re-initialized with N(0, 0.02) in {biased} models (mostly biases and batch "
                  f"norm shifts); all-zero weights among them: {'; '.join(zero) or 'none'}.")  # fmt: skip
     return "\n".join(lines)
-
-
-def rows_by(rows: list[dict], model: str) -> dict:
-    return next(r for r in rows if r["model"] == model)
 
 
 def detail(row: dict) -> str:
@@ -653,6 +703,11 @@ def detail(row: dict) -> str:
         if message:
             return f" - `{message[:200]}`"
     worker = row.get("worker")
+    if worker and worker.get("stack"):  # faulthandler's report: the innermost frame says where
+        frames = [f.strip() for f in worker["stack"].splitlines() if f.strip().startswith("File ")]
+        text = f" - innermost frame: `{frames[0][:200]}`" if frames else ""
+        ours = [f for f in frames[1:] if "/mpcompiler/" in f]
+        return text + (f", in mpcompiler: `{ours[0][:200]}`" if ours else "")
     if worker and worker.get("stderr_tail"):
         return f" - last stderr line: `{worker['stderr_tail'].splitlines()[-1][:200]}`"
     return ""
@@ -663,6 +718,7 @@ def markdown(rows: dict[str, dict], env: dict | None = None, requested: list[str
     envs = [env] if env else []
     envs += [r for r in ordered_rows if "date" in r]
     devices = sorted({r["device_name"] for r in ordered_rows if r.get("device_name")})
+    providers = sorted({r["onnx"]["provider"] for r in ordered_rows if r.get("onnx", {}).get("provider")})
     out = ["# mpcompiler coverage sweep", ""]
     seen = set()
     for e in envs:  # one line per distinct run (two runs merged: two lines)
@@ -672,10 +728,10 @@ def markdown(rows: dict[str, dict], env: dict | None = None, requested: list[str
             out.append(f"- {e.get('date')}, {', '.join(e.get('versions', ()))}, Python {e.get('python')}"
                        f"{', commit ' + e['commit'] if e.get('commit') else ''}: `{e.get('command')}`")  # fmt: skip
     out += [
-        f"- Device: {', '.join(devices) or 'unknown'}.",
+        f"- Device: {', '.join(devices) or 'unknown'}; ONNX Runtime provider: {', '.join(providers) or 'none'}.",
         f"- Errors: relative L2 vs fp32 (TF32 off), the worst float output on the worst of two samples (the one "
         f"compile() held out and a fresh one); ONNX: `export_onnx`'s verification in ONNX Runtime on the held-out "
-        f"sample. Pass: FX and ONNX <= {TOLERANCE:g}.",
+        f"sample. Pass: FX and ONNX <= {TOL}.",
         "",
         "## Summary",
         "",
