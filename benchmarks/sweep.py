@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,12 +355,10 @@ class Worker:
         if compiled is None:  # the compile error is the row's verdict; the peers above are measured
             return self.finish()
         with self.stage("fx") as entry:
-            report = compiled.report.accuracy
-            if report is not None and report.per_output:
-                entry["held_out"] = error_fields(report.max)["err"]
+            report = compiled.report.accuracy  # on the held-out sample
+            held = worst(report.per_output.values()) if report is not None and report.per_output else math.nan
             fresh_err = errors(compiled, [fresh], refs[1:], self.device)
-            entry["fresh"] = error_fields(fresh_err)["err"]
-            held = report.max if report is not None and report.per_output else math.nan
+            entry["held_out"], entry["fresh"] = error_fields(held)["err"], error_fields(fresh_err)["err"]
             entry |= error_fields(worst([held, fresh_err]))
         with self.stage("onnx") as entry:
             self.onnx(compiled, entry)
@@ -405,7 +404,6 @@ def worker_main(args):
     # before it kills a worker for its timeout prints where it hung.
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=False)
-    sys.path.insert(0, str(ROOT))  # mpcompiler from this checkout when run as a script without pip install -e
     scratch = Path(args.scratch or tempfile.gettempdir())
     Worker(args.worker, args.device, Path(args.result), scratch, args.abort_at).run()
 
@@ -430,7 +428,6 @@ class Job:
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",  # random-init configs: nothing to download, and the GPU machine has no network
             "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         }
         with open(self.log, "wb") as log:
             # A session of its own: a timeout kills the worker and anything it started, and nothing else.
@@ -519,7 +516,32 @@ class Interrupted(Exception):
     pass
 
 
+def preflight(device: str):
+    """Fail in seconds what would otherwise fail in every worker, and say what the ONNX stage will do."""
+    try:
+        import mpcompiler
+        import mpcompiler.passes
+    except ImportError as exc:  # mpcompiler.passes lives in passes/: a plain checkout on sys.path is not enough
+        sys.exit(f"mpcompiler is not importable ({exc}): pip install --no-deps --no-build-isolation -e . first")
+    homes = {Path(m.__file__).resolve().parents[1] for m in (mpcompiler, mpcompiler.passes)}
+    if homes != {ROOT}:
+        print(f"warning: mpcompiler is imported from {', '.join(map(str, homes))}, not {ROOT}", flush=True)
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda, but torch.cuda.is_available() is False")
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    try:
+        import onnxruntime
+
+        if provider not in onnxruntime.get_available_providers():
+            print(f"warning: onnxruntime {onnxruntime.__version__} has no {provider}: ONNX is skipped", flush=True)
+    except ImportError:
+        print("warning: onnxruntime is not importable: ONNX is skipped", flush=True)
+
+
 def driver_main(args):
+    preflight(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = ordered(args.models.split(",") if args.models else torchvision_models() + list(HF_MODELS))
@@ -582,11 +604,7 @@ def archive_logs(scratch: Path, path: Path):
     with tarfile.open(path, "w:gz") as tar:
         for log in sorted(scratch.glob("*.stderr.txt")):
             tar.add(log, arcname=f"logs/{log.name}")
-    for f in scratch.iterdir():
-        with contextlib.suppress(OSError):
-            f.unlink()
-    with contextlib.suppress(OSError):
-        scratch.rmdir()
+    shutil.rmtree(scratch, ignore_errors=True)  # with the ONNX folders of workers killed mid-export
 
 
 # --- verdicts and the report ----------------------------------------------------------------------------------------
