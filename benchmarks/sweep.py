@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 from collections import deque
@@ -274,7 +275,7 @@ def error_fields(err: float | None) -> dict:
 
 
 def short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip()}"[:300]
+    return f"{type(exc).__name__}: {str(exc).strip()[:300]}"
 
 
 # --- the worker: one model, in its own process ----------------------------------------------------------------------
@@ -404,8 +405,17 @@ def worker_main(args):
     # before it kills a worker for its timeout prints where it hung.
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=False)
+    threading.Thread(target=exit_with_driver, args=(os.getppid(),), daemon=True).start()
     scratch = Path(args.scratch or tempfile.gettempdir())
     Worker(args.worker, args.device, Path(args.result), scratch, args.abort_at).run()
+
+
+def exit_with_driver(driver: int):
+    """A worker whose driver is gone (killed by the command's time limit) stops too: it would hold the GPU
+    and the CPUs of a machine that the next command may get while it is still warm."""
+    while os.getppid() == driver:
+        time.sleep(2)
+    os._exit(3)
 
 
 # --- the driver: workers N at a time, rows as they finish ------------------------------------------------------------
