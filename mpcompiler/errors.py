@@ -10,7 +10,7 @@ class CaptureError(MpCompilerError):
 
 
 class CalibrationError(MpCompilerError):
-    """A calibration sample could not be run, or gave NaN in the fp32 model's outputs."""
+    """A calibration sample could not be run, or gave NaN or inf in the fp32 model's outputs."""
 
 
 class PassError(MpCompilerError):
