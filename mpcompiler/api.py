@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler.capture import as_sample, capture, collect_samples, model_device, on_device
+from mpcompiler.capture import InputCheck, as_sample, capture, collect_samples, model_device, on_device
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
@@ -180,8 +180,12 @@ class CompiledModule(torch.nn.Module):
         self.options = options
         self.val_samples = val_samples
         self.val_refs = val_refs
+        self.input_check = InputCheck(graph_module)
 
     def forward(self, *args, **kwargs):
+        """Run the compiled graph. An input of another rank, another size in a static dim, or another
+        kind of dtype than the module was compiled for is an :class:`~mpcompiler.InputError` naming it."""
+        self.input_check(args, kwargs)
         return self.graph_module(*args, **kwargs)
 
     export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring

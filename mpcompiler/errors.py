@@ -21,6 +21,11 @@ class OptionError(MpCompilerError, ValueError):
     """An option of compile() has a bad value, or names nothing in the model (keep_fp32)."""
 
 
+class InputError(MpCompilerError, ValueError):
+    """The compiled module was called with an input it was not compiled for: another rank, another size
+    in a static dim, or another kind of dtype (float for int, say)."""
+
+
 class ExportError(MpCompilerError):
     """The compiled module could not be exported to ONNX, or the artifact failed its checks."""
 

@@ -76,6 +76,22 @@ def test_compiled_module_api(tmp_path):
     assert compiled.to("cpu") is compiled
 
 
+def test_input_the_module_was_not_compiled_for_is_an_input_error_naming_it():
+    model, compiled = compile_tiny()  # samples of shape (8, 16): dim 0 dynamic, dim 1 static
+    for x, message in [
+        (torch.randn(8, 17), r"input x has size 17 in dim 1, expected 16 \(static: it did not vary across"),
+        (torch.randn(8, 4, 16), r"input x has 3 dims \(8, 4, 16\), expected 2; .* takes x as \(\*, 16\) torch.float32"),
+        (torch.randn(16), r"input x has 1 dim \(16,\), expected 2"),
+        (torch.ones(8, 16, dtype=torch.long), r"input x is torch.int64, expected a floating-point dtype"),
+    ]:
+        with pytest.raises(mpcompiler.InputError, match=message):
+            compiled(x)
+    with pytest.raises(ValueError, match="input x"):  # an InputError is a ValueError too
+        compiled(x=torch.randn(2, 17))
+    for x in (torch.randn(3, 16), torch.randn(3, 16, dtype=torch.float64)):  # the dynamic dim; a dtype the graph casts
+        assert rel_err(compiled(x), model(x.float())) < 5e-3
+
+
 def test_held_out_samples_measure_the_error_and_are_not_calibrated_on():
     model = Tiny().eval()
     data = [torch.randn(4, 16) for _ in range(9)] + [torch.randn(4, 16) * 50]  # the last one is far wider
