@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler.capture import as_sample, capture, collect_samples, model_device, on_device
+from mpcompiler.capture import InputCheck, as_sample, capture, collect_samples, model_device, on_device
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
@@ -99,10 +100,33 @@ class Options:
             dtype=torch.float16 if auto else _DTYPES[dtype],
             fallback=torch.bfloat16 if auto else None,
             keep_fp32=tuple(keep_fp32),
-            dump_dir=Path(dump_dir) if dump_dir is not None else None,
+            dump_dir=_writable_dir(dump_dir) if dump_dir is not None else None,
             device=device,
             debug=debug,
         )
+
+
+def _writable_dir(dump_dir) -> Path:
+    """``dump_dir`` created if missing and checked to take files, before any work: the first dump
+    comes after capture, the report after the whole compile, and both would be lost."""
+    try:
+        path = Path(dump_dir)
+    except TypeError as exc:
+        raise OptionError(f"dump_dir must be a path; got {dump_dir!r}") from exc
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):  # as write_atomic does: a file beside the artifacts
+            pass
+    except OSError as exc:
+        # mkdir's errno names the path, not which part of it is a file: find the part
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        why = (
+            f"{blocker} is a file, not a directory"
+            if blocker is not None and not blocker.is_dir()
+            else exc.strerror or str(exc)
+        )
+        raise OptionError(f"dump_dir={str(path)!r} cannot be created or written to: {why}") from exc
+    return path
 
 
 def has_bf16_kernels(device: torch.device) -> bool:
@@ -156,8 +180,12 @@ class CompiledModule(torch.nn.Module):
         self.options = options
         self.val_samples = val_samples
         self.val_refs = val_refs
+        self.input_check = InputCheck(graph_module)
 
     def forward(self, *args, **kwargs):
+        """Run the compiled graph. An input of another rank, another size in a static dim, or another
+        kind of dtype than the module was compiled for is an :class:`~mpcompiler.InputError` naming it."""
+        self.input_check(args, kwargs)
         return self.graph_module(*args, **kwargs)
 
     export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring

@@ -17,14 +17,16 @@ import itertools
 import logging
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from mpcompiler.errors import CaptureError
+from mpcompiler.errors import CaptureError, InputError
 from mpcompiler.ir import META_KEY, GraphRecord, NodeRecord, float_dtype, module_path, op_name
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def normalize_device(device: torch.device) -> torch.device:
     return device
 
 
-def _describe(path, param_names: list[str]) -> str:
+def describe_input(path, param_names: list[str]) -> str:
     """A readable name for a leaf of (args, kwargs): ``input_ids``, ``x``, ``args[2][0]``."""
     (group, *rest) = path
     first, *rest = rest
@@ -129,6 +131,120 @@ def _describe(path, param_names: list[str]) -> str:
     else:
         head = str(first.key)
     return head + pytree.keystr(tuple(rest))
+
+
+def _why_static(dim: int, size: int) -> str:
+    """Why capture left a dim static: it makes the batch dim and every dim that varies dynamic, and
+    refuses to compile where torch.export specializes a varying one."""
+    if dim > 0:
+        return "it did not vary across the calibration samples"
+    return "the first calibration sample has batch size 1" if size == 1 else "torch.export specialized it"
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "a floating-point"
+    return "a complex" if dtype.is_complex else "an integer or bool"
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """One tensor input of a graph: its name in forward()'s terms (``x``, ``input_ids``, ``args[2][0]``),
+    its shape (an int per static dim, None per dynamic one) and its dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+    static: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)  # (dim, size) to check
+
+    def __post_init__(self):
+        object.__setattr__(self, "static", tuple((d, s) for d, s in enumerate(self.shape) if s is not None))
+
+    def mismatch(self, value, *, exact: bool = False) -> str | None:
+        """Why ``value`` cannot be this input, or None when it can. ``exact``: the dtype must be this one
+        (a CUDA graph's buffers); otherwise only its kind must agree (the graph casts an fp64 or fp16
+        input; an int for a float is a mistake). Called per input per call: a few comparisons."""
+        if not isinstance(value, torch.Tensor):
+            return f"is a {type(value).__name__}, not a tensor"
+        shape = value.shape
+        if len(shape) != len(self.shape):
+            return f"has {len(shape)} dim{'s' * (len(shape) != 1)} {tuple(shape)}, expected {len(self.shape)}"
+        for d, size in self.static:
+            if shape[d] != size:
+                why = "" if exact else f" (static: {_why_static(d, size)})"
+                return f"has size {shape[d]} in dim {d}, expected {size}{why}"
+        if value.dtype != self.dtype and (exact or _kind(value.dtype) != _kind(self.dtype)):
+            expected = self.dtype if exact else f"{_kind(self.dtype)} dtype like {self.dtype}"
+            return f"is {value.dtype}, expected {expected}"
+        return None
+
+    def __str__(self) -> str:
+        dims = ", ".join("*" if s is None else str(s) for s in self.shape)
+        return f"({dims}{',' if len(self.shape) == 1 else ''}) {self.dtype}"
+
+
+def graph_input_names(gm: torch.fx.GraphModule) -> list[str]:
+    """forward()'s names for the positional arguments of ``gm`` (torch.export's codegen keeps them)."""
+    return list(gm.graph._codegen.pytree_info.orig_args)
+
+
+_MISSING = object()
+
+
+class InputCheck:
+    """Checks a call's inputs against the graph's placeholders (their fake tensors' ranks, static sizes
+    and dtypes) before it runs: torch.export's own guard says ``Guard failed: x.size()[1] == 16``, or
+    nothing (a wrong rank can fail elsewhere; an int for a float is cast). Built once; a call costs a
+    few comparisons per input."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.checks: list[tuple[int, GraphInput]] = []
+        spec = gm.graph._codegen.pytree_info.in_spec
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        # torch.export's forward(*orig_args) rebuilds (args, kwargs) by this spec; anything else is not checked
+        if not (
+            spec.type is tuple
+            and spec.num_children == 2
+            and spec.child(0).type is tuple
+            and spec.child(1).type is dict
+            and spec.num_leaves == len(placeholders)
+        ):
+            return
+        self.spec, self.names = spec, graph_input_names(gm)
+        self.positional, self.keys = spec.child(0).num_children, spec.child(1).context
+        children = [spec.child(0).child(i) for i in range(self.positional)] + spec.child(1).children()
+        self.arguments_are_leaves = all(c.is_leaf() for c in children)  # the common case: flattening is free
+        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+        for i, ((path, _), node) in enumerate(zip(leaves, placeholders, strict=True)):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                shape = tuple(None if free_symbols(s) else int(s) for s in val.shape)
+                self.checks.append((i, GraphInput(describe_input(path, self.names), shape, val.dtype)))
+
+    def __call__(self, args: tuple, kwargs: dict) -> None:
+        """Raise InputError naming the first input that does not fit. Calls that do not bind to forward()
+        (missing or extra arguments) are left to forward()'s own TypeError."""
+        if not self.checks or len(args) + len(kwargs) != len(self.names):
+            return
+        values = args
+        if kwargs:  # bind them as forward(*orig_args) does
+            values = [*args, *(kwargs.get(name, _MISSING) for name in self.names[len(args) :])]
+            if any(v is _MISSING for v in values):
+                return
+        if not self.arguments_are_leaves:
+            try:
+                values = fx_pytree.tree_flatten_spec(
+                    (values[: self.positional], dict(zip(self.keys, values[self.positional :], strict=True))),
+                    self.spec,
+                )
+            except Exception:  # a nested argument of another structure: the graph's own flattening says so
+                return
+        for i, want in self.checks:
+            reason = want.mismatch(values[i])
+            if reason is not None:
+                raise InputError(
+                    f"input {want.name} {reason}; the compiled module takes {want.name} as {want} (* any size)"
+                )
 
 
 def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, dict[int, set[int]]]:
@@ -147,7 +263,7 @@ def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, 
                 continue
             if not isinstance(leaf, torch.Tensor) or leaf.dim() != len(shapes[i][0]):
                 raise CaptureError(
-                    f"input {_describe(path, param_names)} of calibration sample {index} has "
+                    f"input {describe_input(path, param_names)} of calibration sample {index} has "
                     f"{'shape ' + str(tuple(leaf.shape)) if isinstance(leaf, torch.Tensor) else type(leaf).__name__}"
                     f", but sample 0 has shape {shapes[i][0]}: ranks must agree"
                 )
@@ -256,7 +372,7 @@ def _check_dynamic(gm, leaves, dims, varying, samples, param_names) -> None:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
-        name = _describe(path, param_names)
+        name = describe_input(path, param_names)
         for d in sorted(dims[i]):
             size = val.shape[d]
             if free_symbols(size):  # still symbolic: dynamic, as asked

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.capture import model_device
+from mpcompiler.capture import GraphInput, describe_input, graph_input_names, model_device
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
 from mpcompiler.passes import LowerFused
@@ -50,10 +50,6 @@ def _cudnn_autotuned():
         torch.backends.cudnn.benchmark = saved
 
 
-def _describe(path) -> str:
-    return pytree.keystr(path) or "the input"
-
-
 class CudaGraphModule:
     """A compiled module captured as one CUDA graph for fixed input shapes. Call it like the model."""
 
@@ -75,8 +71,14 @@ class CudaGraphModule:
         LowerFused(target="fx-cuda").call(gm)
         self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
-        self.paths = [p for p, _ in leaves]
+        names = graph_input_names(gm)
+        self.names = [describe_input(p, names) for p, _ in leaves]
         self.static = [self._buffer(v, device) for _, v in leaves]
+        # the capture's exact shapes and dtypes: a replay reads its buffers as they are
+        self.inputs = [
+            GraphInput(name, tuple(b.shape), b.dtype) if isinstance(b, torch.Tensor) else None
+            for name, b in zip(self.names, self.static, strict=True)
+        ]
         fn = torch.compile(gm, dynamic=False)
         static_args, static_kwargs = pytree.tree_unflatten(self.static, self.spec)
         side = torch.cuda.Stream(device)
@@ -108,17 +110,17 @@ class CudaGraphModule:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.spec:
             raise OptionError(f"this CUDA graph was captured for inputs shaped like {self.spec}; got {spec}")
-        for path, buffer, value in zip(self.paths, self.static, leaves, strict=True):
-            if not isinstance(buffer, torch.Tensor):
+        for name, want, buffer, value in zip(self.names, self.inputs, self.static, leaves, strict=True):
+            if want is None:
                 if value != buffer:
-                    raise OptionError(f"{_describe(path)} was {buffer!r} at capture; got {value!r}")
-            elif not isinstance(value, torch.Tensor) or value.shape != buffer.shape or value.dtype != buffer.dtype:
-                got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
-                raise OptionError(
-                    f"{_describe(path)}: this CUDA graph was captured for {tuple(buffer.shape)} {buffer.dtype}, "
-                    f"got {got}; capture another with compiled.cuda_graph(...) for that shape"
-                )
+                    raise OptionError(f"input {name} was {buffer!r} at capture; got {value!r}")
             else:
+                reason = want.mismatch(value, exact=True)
+                if reason is not None:
+                    raise OptionError(
+                        f"input {want.name} {reason}: this CUDA graph was captured for {want}; "
+                        "capture another with compiled.cuda_graph(...) for that shape"
+                    )
                 buffer.copy_(value, non_blocking=True)
         self.graph.replay()
         return pytree.tree_map_only(torch.Tensor, torch.clone, self.outputs)

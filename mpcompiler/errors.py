@@ -10,7 +10,7 @@ class CaptureError(MpCompilerError):
 
 
 class CalibrationError(MpCompilerError):
-    """A calibration sample could not be run, or gave NaN in the fp32 model's outputs."""
+    """A calibration sample could not be run, or gave NaN or inf in the fp32 model's outputs."""
 
 
 class PassError(MpCompilerError):
@@ -19,6 +19,11 @@ class PassError(MpCompilerError):
 
 class OptionError(MpCompilerError, ValueError):
     """An option of compile() has a bad value, or names nothing in the model (keep_fp32)."""
+
+
+class InputError(MpCompilerError, ValueError):
+    """The compiled module was called with an input it was not compiled for: another rank, another size
+    in a static dim, or another kind of dtype (float for int, say)."""
 
 
 class ExportError(MpCompilerError):

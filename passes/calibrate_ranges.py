@@ -202,7 +202,8 @@ class _Recorder(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.stats = stats
         self.inner: dict[torch.fx.Node, InnerRange] = {}
-        self.first_nan: torch.fx.Node | None = None
+        # per sample: "NaN"/"inf" -> (step, node) where that value first appeared, in execution order
+        self.first: dict[str, tuple[int, torch.fx.Node]] = {}
 
     def run_node(self, n: torch.fx.Node):
         try:
@@ -214,9 +215,12 @@ class _Recorder(torch.fx.Interpreter):
         st = self.stats.get(n)
         if st is not None:
             for t in _float_tensors(out):
-                st.update(t)
-                if self.first_nan is None and torch.isnan(t).any():
-                    self.first_nan = n
+                nan, inf = st.nan, st.inf
+                st.update(t)  # counts NaN and inf: no second pass over the tensor to find them
+                if st.nan > nan:
+                    self.first.setdefault("NaN", (len(self.first), n))
+                if st.inf > inf:
+                    self.first.setdefault("inf", (len(self.first), n))
         return out
 
     def _measure_inside(self, n: torch.fx.Node) -> None:
@@ -236,7 +240,27 @@ class _NodeFailure(Exception):
 
 
 def _where(node: torch.fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"input %{node.name}"
     return f"%{node.name} ({op_name(node)}) in {module_path(node) or 'the top-level graph'}"
+
+
+def _non_finite(outputs, first: dict[str, tuple[int, torch.fx.Node]], index: int) -> str | None:
+    """What is not finite in the fp32 outputs of sample ``index`` (NaN, inf or both) and where each first
+    appeared; None if all is finite. An inf before the first NaN is named too: the likely cause (inf - inf)."""
+    tensors = _float_tensors(list(outputs))
+    kinds = [k for k, test in (("NaN", torch.isnan), ("inf", torch.isinf)) if any(test(t).any() for t in tensors)]
+    if not kinds:
+        return None
+    shown = {k: first[k] for k in kinds if k in first}  # a kind missing here came from a parameter or constant
+    if "NaN" in shown and "inf" in first and first["inf"][0] < shown["NaN"][0]:
+        shown["inf"] = first["inf"]
+    where = [f"the first {k} appears at {_where(node)}" for k, (_, node) in sorted(shown.items(), key=lambda kv: kv[1])]
+    return (
+        f"the fp32 model gives {' and '.join(kinds)} in its outputs on calibration sample {index}"
+        + (f"; {' and '.join(where)}" if where else "")
+        + ". Calibration needs samples the model handles."
+    )
 
 
 class CalibrateRanges(Pass):
@@ -269,18 +293,17 @@ class CalibrateRanges(Pass):
                     raise CalibrationError(
                         f"calibration sample {index} does not match the captured inputs ({in_spec}): {exc}"
                     ) from exc
-                recorder.first_nan = None
+                recorder.first = {}
                 try:
                     outputs = recorder.run(*flat)
                 except _NodeFailure as f:
                     raise CalibrationError(
                         f"calibration sample {index} failed at {_where(f.node)}: {type(f.exc).__name__}: {f.exc}"
                     ) from f.exc
-                if any(torch.isnan(t).any() for t in _float_tensors(list(outputs))):
-                    raise CalibrationError(
-                        f"the fp32 model gives NaN in its outputs on calibration sample {index}; the first NaN "
-                        f"appears at {_where(recorder.first_nan)}. Calibration needs samples the model handles."
-                    )
+                # inf too: fp32 overflowed (or the sample holds inf); ranges and errors measured on it mean nothing
+                message = _non_finite(outputs, recorder.first, index)
+                if message is not None:
+                    raise CalibrationError(message)
         for node in gm.graph.nodes:
             if node in stats:
                 record(node).range = stats[node].finish()

@@ -1,5 +1,7 @@
 """The public API: options are validated, the compiled module behaves like the model."""
 
+import re
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ def _data():
         ({"keep_fp32": [""]}, "keep_fp32 must be"),
         ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
         ({"debug": "yes"}, "debug must be True or False"),
+        ({"dump_dir": 3}, "dump_dir must be a path; got 3"),
     ],
 )
 def test_bad_option_values_are_errors(options, match):
@@ -36,6 +39,20 @@ def test_unknown_option_is_an_error():
 def test_cuda_without_a_gpu_is_an_error():
     with pytest.raises(mpcompiler.OptionError, match="torch.cuda.is_available\\(\\) is False"):
         mpcompiler.compile(Tiny(), _data(), device="cuda")
+
+
+def test_unwritable_dump_dir_is_an_option_error_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for dump_dir in (blocker, blocker / "dumps"):  # as root, a path under a file is what cannot be written
+        message = rf"dump_dir='{re.escape(str(dump_dir))}' .*: {re.escape(str(blocker))} is a file, not a directory"
+        with pytest.raises(mpcompiler.OptionError, match=message):
+            mpcompiler.Options.parse(dtype="float16", keep_fp32=(), dump_dir=dump_dir, device=None, debug=False)
+    with pytest.raises(mpcompiler.OptionError, match="dump_dir"):
+        mpcompiler.compile(Tiny(), _data(), dump_dir=blocker / "dumps")
+    fresh = tmp_path / "new" / "dumps"
+    assert mpcompiler.Options.parse(dtype="float16", keep_fp32=(), dump_dir=fresh, device=None, debug=False).dump_dir
+    assert fresh.is_dir() and not list(fresh.iterdir())  # created, and the write check left nothing behind
 
 
 def test_dtype_spellings():
@@ -57,6 +74,22 @@ def test_compiled_module_api(tmp_path):
     with pytest.raises(mpcompiler.OptionError, match="compile again with dtype"):
         compiled.to(torch.float32)
     assert compiled.to("cpu") is compiled
+
+
+def test_input_the_module_was_not_compiled_for_is_an_input_error_naming_it():
+    model, compiled = compile_tiny()  # samples of shape (8, 16): dim 0 dynamic, dim 1 static
+    for x, message in [
+        (torch.randn(8, 17), r"input x has size 17 in dim 1, expected 16 \(static: it did not vary across"),
+        (torch.randn(8, 4, 16), r"input x has 3 dims \(8, 4, 16\), expected 2; .* takes x as \(\*, 16\) torch.float32"),
+        (torch.randn(16), r"input x has 1 dim \(16,\), expected 2"),
+        (torch.ones(8, 16, dtype=torch.long), r"input x is torch.int64, expected a floating-point dtype"),
+    ]:
+        with pytest.raises(mpcompiler.InputError, match=message):
+            compiled(x)
+    with pytest.raises(ValueError, match="input x"):  # an InputError is a ValueError too
+        compiled(x=torch.randn(2, 17))
+    for x in (torch.randn(3, 16), torch.randn(3, 16, dtype=torch.float64)):  # the dynamic dim; a dtype the graph casts
+        assert rel_err(compiled(x), model(x.float())) < 5e-3
 
 
 def test_held_out_samples_measure_the_error_and_are_not_calibrated_on():

@@ -62,6 +62,33 @@ def test_nan_output_names_the_first_nan_node_and_sample():
         mpcompiler.compile(NaNAfterLog(), [torch.rand(2, 4) + 2, torch.rand(2, 4)])
 
 
+class Scale(nn.Module):
+    def forward(self, x):
+        return x * 1e38  # fp32's max is 3.4e38: |x| > 3.4 overflows to inf
+
+
+def test_inf_output_is_named_inf_not_nan():
+    with pytest.raises(mpcompiler.CalibrationError) as info:
+        mpcompiler.compile(Scale(), [torch.ones(2, 4), torch.full((2, 4), 10.0)])
+    message = str(info.value)
+    assert "gives inf in its outputs on calibration sample 1; the first inf appears at %mul (mul)" in message
+    assert "NaN" not in message
+
+
+class Normalize(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, (4,))
+
+
+def test_inf_in_a_sample_is_named_with_the_nan_it_causes():
+    with pytest.raises(
+        mpcompiler.CalibrationError,
+        match=r"gives NaN in its outputs on calibration sample 1; the first inf appears at input %x "
+        r"and the first NaN appears at %layer_norm \(layer_norm\)",
+    ):
+        mpcompiler.compile(Normalize(), [torch.randn(2, 4), torch.tensor([[1.0, float("inf"), 0.0, 2.0]] * 2)])
+
+
 def test_sample_that_fails_names_the_sample_and_node():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
     ids = [torch.randint(0, 10, (2, 5)), torch.tensor([[1, 2, 50, 3, 4]] * 2)]  # id 50: past the vocabulary

@@ -57,6 +57,17 @@ def test_positional_keyword_and_nested_outputs_keep_their_structure():
     assert rel_err(kw(x=x, bias=b)["y"], model(x, bias=b)["y"]) < 5e-3
 
 
+def test_wrong_input_is_named_as_forward_names_it_however_it_is_passed():
+    model = TwoInputs().eval()
+    compiled = mpcompiler.compile(model, [{"x": torch.randn(4, 8), "bias": torch.randn(4, 8)} for _ in range(2)])
+    x, bad = torch.randn(3, 8), torch.randn(3, 9)
+    for args, kwargs in [((), {"x": x, "bias": bad}), ((x,), {"bias": bad}), ((x, bad), {})]:
+        with pytest.raises(mpcompiler.InputError, match=r"input bias has size 9 in dim 1, expected 8"):
+            compiled(*args, **kwargs)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'bias'"):  # left to forward()
+        compiled(x=x)
+
+
 def test_batch_dim_is_dynamic_and_varying_dims_too():
     model = nn.Sequential(nn.Linear(8, 8)).eval()
     compiled = mpcompiler.compile(model, [torch.randn(4, 5, 8), torch.randn(4, 7, 8)])
@@ -67,7 +78,20 @@ def test_batch_dim_is_dynamic_and_varying_dims_too():
 
 def test_batch_of_one_warns_that_the_batch_is_static():
     with pytest.warns(UserWarning, match="dim 0 of input input is static"):
-        mpcompiler.compile(nn.Sequential(nn.Linear(8, 8)).eval(), [torch.randn(1, 8)])
+        compiled = mpcompiler.compile(nn.Sequential(nn.Linear(8, 8)).eval(), [torch.randn(1, 8)])
+    with pytest.raises(mpcompiler.InputError, match=r"input input has size 2 in dim 0, expected 1 \(static: the first"):
+        compiled(torch.randn(2, 8))
+
+
+class Pair(nn.Module):
+    def forward(self, pair, scale):
+        return pair[0] * scale + pair[1]
+
+
+def test_wrong_input_inside_a_nested_argument_is_named_by_its_path():
+    compiled = mpcompiler.compile(Pair(), [((torch.randn(4, 8), torch.randn(4, 8)), torch.randn(4, 8))] * 2)
+    with pytest.raises(mpcompiler.InputError, match=r"input pair\[1\] has size 9 in dim 1, expected 8"):
+        compiled((torch.randn(4, 8), torch.randn(4, 9)), torch.randn(4, 8))
 
 
 class FixedView(nn.Module):
