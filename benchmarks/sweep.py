@@ -198,17 +198,17 @@ def describe(s) -> str:
 
 
 def reinit_zero_params(model) -> list[str]:
-    """Give every all-zero float parameter N(0, 0.02) values; the names of those changed.
+    """Give every all-zero float weight (a parameter of 2 or more dims) N(0, 0.02) values; the names changed.
 
     A zero-initialized classifier (torchvision's ViT heads) makes every output 0 and every relative error
-    0/0. Zero biases and batch-norm shifts are re-initialized too: it does no harm and keeps the rule simple.
+    0/0. Zero biases and norm shifts are left as the model initializes them: they are how the model is built.
     """
     import torch
 
     changed = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dtype.is_floating_point and p.numel() and not p.any():
+            if p.dtype.is_floating_point and p.dim() >= 2 and not p.any():
                 p.normal_(0.0, 0.02)
                 changed.append(name)
     return changed
