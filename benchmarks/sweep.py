@@ -322,8 +322,7 @@ class Worker:
         with self.stage("build") as entry:
             model, calib, fresh, entry["input"] = build(self.name, self.device)
             changed = reinit_zero_params(model)  # before anything else sees the model
-            self.row["zero_params_reinit"] = {"count": len(changed), "names": changed[:8]}
-            self.row["zero_weights_reinit"] = [n for n in changed if model.get_parameter(n).dim() >= 2]
+            self.row["zero_weights_reinit"] = changed
             self.row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         if model is None:
             return self.finish()
@@ -718,9 +717,7 @@ def summary_text(rows: dict[str, dict], details: bool = True) -> str:
         for r in rows
         if (w := r.get("zero_weights_reinit"))
     ]
-    biased = sum(1 for r in rows if r.get("zero_params_reinit", {}).get("count"))
-    lines.append(f"- All-zero parameters re-initialized with N(0, 0.02) in {biased} models (mostly biases and batch "
-                 f"norm shifts); all-zero weights among them: {'; '.join(zero) or 'none'}.")  # fmt: skip
+    lines.append(f"- All-zero weights re-initialized with N(0, 0.02) in {len(zero)} models: {'; '.join(zero) or '-'}")
     return "\n".join(lines)
 
 
