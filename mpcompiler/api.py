@@ -19,6 +19,7 @@ from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
 from mpcompiler.errors import CaptureError, OptionError, ToleranceError
+from mpcompiler.llm import CALIB_NEW_TOKENS, SEQ_INPUTS, Generator, LMOptions, capture_example, sequences
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
     AssignPrecision,
@@ -173,7 +174,9 @@ class CompiledModule(torch.nn.Module):
     checks the ONNX artifact on them.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, report: Report, options: Options, val_samples, val_refs):
+    def __init__(
+        self, graph_module: torch.fx.GraphModule, report: Report, options: Options, val_samples, val_refs, lm=None
+    ):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
@@ -181,6 +184,28 @@ class CompiledModule(torch.nn.Module):
         self.val_samples = val_samples
         self.val_refs = val_refs
         self.input_check = InputCheck(graph_module)
+        self.lm = lm  # LMOptions: compiled for generation
+        self._generator = None
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """Generate from a causal LM compiled with ``max_seq``, like Hugging Face's ``generate``: prompts
+        as token ids [batch, seq] (left-padded, with their ``attention_mask``), and ``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``,
+        ``generator``. Returns the prompts and their new tokens, [batch, seq + new]; a row that met an
+        eos token is padded after it. Runs prefill and decode steps with a static KV cache
+        (:mod:`mpcompiler.llm`)."""
+        return self.generator.generate(input_ids, attention_mask, **options)
+
+    @property
+    def generator(self) -> Generator:
+        """The generation program (:class:`mpcompiler.llm.Generator`), built on first use: called with
+        ``(input_ids, attention_mask over the cache's slots, position_ids, cache_position)``, one prefill
+        or decode step with the static KV cache, it returns the last position's logits."""
+        if self.lm is None:
+            raise OptionError("generate() needs a causal LM compiled for it: compile(model, prompts, max_seq=...)")
+        if self._generator is None:
+            self._generator = Generator(self.graph_module, self.lm, self.options.dump_dir, self.options.debug)
+        return self._generator
 
     def forward(self, *args, **kwargs):
         """Run the compiled graph. An input of another rank, another size in a static dim, or another
@@ -222,6 +247,8 @@ def compile(
     tolerance: float | None = None,
     metric: str | Callable = "rel_l2",
     held_out: int | None = None,
+    max_seq: int | None = None,
+    max_batch: int | None = None,
 ) -> CompiledModule:
     """Compile ``model`` to mixed precision, calibrated on ``calib_data``.
 
@@ -251,6 +278,11 @@ def compile(
         held_out: how many of calib_data's last samples to hold back (instead of ``val_data``);
             default: a fifth, at most 4. The tolerance search judges plans on them and the report's
             error is measured on them: more samples make both less noisy.
+        max_seq: compile a causal LM for generation (``compiled.generate``), with a static KV cache
+            of this many tokens (prompt and new tokens). calib_data (and val_data) are then prompts:
+            token ids [batch, seq] or a tokenizer's output (left-padded); each is continued by the
+            fp32 model's greedy tokens, and the model is calibrated on those whole sequences.
+        max_batch: the rows of the KV cache, the largest batch ``generate`` takes (default 1).
 
     Returns:
         A :class:`CompiledModule`, called like ``model``.
@@ -266,6 +298,7 @@ def compile(
         tolerance=tolerance,
         metric=metric,
     )
+    lm = LMOptions.parse(max_batch, max_seq)
     samples = collect_samples(calib_data)
     if held_out is not None and val_data is not None:
         raise OptionError("give val_data or held_out, not both: held_out holds back part of calib_data instead")
@@ -282,7 +315,11 @@ def compile(
         samples = samples[: len(samples) - count]
     target_device = options.device or model_device(model)
     with on_device(model, target_device):
-        gm = capture(model, samples + val if held else samples)
+        if lm is not None:  # prompts -> whole sequences, continued by the fp32 model
+            samples, val = (sequences(model, p, CALIB_NEW_TOKENS, lm.max_seq) for p in (samples, val))
+            gm = capture(model, [capture_example(samples[0]), *samples, *(val if held else [])], SEQ_INPUTS)
+        else:
+            gm = capture(model, samples + val if held else samples)
         # after calibration, whose errors name the node; before the search, which needs them
         val_refs = functools.cache(lambda: references(model, val, target_device))
         passes = pipeline(options, samples, target_device, val, val_refs)
@@ -307,4 +344,4 @@ def compile(
     log.info("%s", report)
     if accuracy.met is False:  # the search judged the same plan on the same samples: a mismatch is a bug
         raise ToleranceError(f"the emitted module misses the tolerance the search met: {accuracy}")
-    return CompiledModule(graph_module, report, options, val, refs)
+    return CompiledModule(graph_module, report, options, val, refs, lm)

@@ -16,7 +16,7 @@ import inspect
 import itertools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -247,8 +247,11 @@ class InputCheck:
                 )
 
 
-def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, dict[int, set[int]]]:
-    """Per leaf of sample 0: the set of dims to make dynamic, and which of those vary."""
+def _dynamic_dims(
+    samples: list[Sample], param_names: list[str], dynamic: Mapping[str, Collection[int]]
+) -> tuple[list, dict[int, set[int]]]:
+    """Per leaf of sample 0: the set of dims to make dynamic, and which of those vary (or must be dynamic
+    whatever the samples: ``dynamic``, by input name)."""
     leaves0, spec0 = pytree.tree_flatten_with_path(samples[0])
     shapes = [[tuple(leaf.shape)] if isinstance(leaf, torch.Tensor) else None for _, leaf in leaves0]
     for index, sample in enumerate(samples[1:], start=1):
@@ -274,16 +277,20 @@ def _dynamic_dims(samples: list[Sample], param_names: list[str]) -> tuple[list, 
             dims.append(set())
             continue
         vary = {d for d in range(len(s[0])) if len({shape[d] for shape in s}) > 1}
+        vary |= set(dynamic.get(describe_input(leaves0[i][0], param_names), ()))
         dims.append(vary | {0})
         varying[i] = vary
     return dims, varying
 
 
-def capture(model: torch.nn.Module, samples: list[Sample]) -> torch.fx.GraphModule:
-    """Export ``model`` on ``samples[0]`` with dynamic dims, on the model's device."""
+def capture(
+    model: torch.nn.Module, samples: list[Sample], dynamic: Mapping[str, Collection[int]] | None = None
+) -> torch.fx.GraphModule:
+    """Export ``model`` on ``samples[0]`` with dynamic dims, on the model's device. ``dynamic`` names dims
+    that must stay dynamic whatever the samples (an LLM's sequence length), by input name."""
     params = list(inspect.signature(model.forward).parameters.values())
     param_names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    dims, varying = _dynamic_dims(samples, param_names)
+    dims, varying = _dynamic_dims(samples, param_names, dynamic or {})
     leaves, spec = pytree.tree_flatten_with_path(samples[0])
 
     # torch.export wants dynamic_shapes per forward() argument; build it from the flat leaves.

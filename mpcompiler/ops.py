@@ -4,7 +4,8 @@ Classes (see :class:`mpcompiler.ir.OpClass`):
 
 - LOW: compute-bound ops whose speed comes from fp16/bf16 tensor cores and that accumulate in fp32.
 - FOLLOW: elementwise and data-movement ops; running them in their inputs' dtype needs no casts.
-- FP32: numerically fragile ops (torch.autocast's fp32 list: exp, pow, log, losses, norms, cumsum ...).
+- FP32: numerically fragile ops (torch.autocast's fp32 list: exp, pow, log, losses, norms, cumsum ...;
+  and sin, cos, whose results hang on the absolute precision of their angle: rotary embeddings).
   A subset, ``FP32_INSIDE``, are kernels that already compute in fp32 when given fp16/bf16 tensors
   (torch's "opmath": layer_norm statistics, softmax, sum and mean accumulation), so they keep fp32
   math without cast islands; tests/test_ops.py checks that claim on the CPU kernels.
@@ -61,7 +62,7 @@ FP32_INSIDE = {
 }
 
 FP32_OPS = frozenset(
-    """exp exp2 expm1 log log10 log2 log1p pow reciprocal rsqrt acos asin cosh sinh tan erfinv
+    """exp exp2 expm1 log log10 log2 log1p pow reciprocal rsqrt acos asin cosh sinh tan sin cos erfinv
     softplus logsumexp logcumsumexp prod cumprod cumsum norm linalg_vector_norm linalg_norm
     frobenius_norm nuclear_norm renorm var std var_mean std_mean dist pdist cdist _cdist_forward
     cosine_similarity lgamma digamma polygamma

@@ -6,6 +6,7 @@ from mpcompiler.passes.clean_graph import CleanGraph
 from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
+from mpcompiler.passes.insert_kv_cache import InsertKvCache
 from mpcompiler.passes.lower_fused import LowerFused
 from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
@@ -17,6 +18,7 @@ __all__ = [
     "EliminateCasts",
     "FoldBatchNorm",
     "InsertCasts",
+    "InsertKvCache",
     "LowerFused",
     "SearchPrecision",
     "PlaceCasts",

@@ -20,6 +20,9 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
   a divisor whose calibrated nonzero magnitudes reach that low (the divisor, the data movement
   between it and the division, and the division itself stay high). Swin-v2's ``F.normalize`` of a
   zero-padded window would otherwise divide 0 by 0.
+- angle rule: nor if the value is an angle a sine or cosine reads (directly, or through data movement:
+  a rotary embedding's positions times frequencies) and reaches past 1 (fp16; 1/8 for bf16), where the
+  low dtype's rounding is past 5e-4 rad: at position 2047 fp16 rounds an angle by up to 1 rad.
 - underflow rule: nor in fp16 if most of the magnitudes of its output or a float input sit below
   fp16's smallest normal (see :data:`UNDERFLOW_SHARE`).
 
@@ -193,6 +196,9 @@ class AssignPrecision(Pass):
         zero = _zeroed(node, dtype)
         if zero:
             return "zero", zero
+        angle = _angle(node, dtype)
+        if angle:
+            return "angle", angle
         under = self._underflow(node, dtype)
         if under:
             return "underflow", under
@@ -242,16 +248,21 @@ def _is_zero_in(value: float, dtype: torch.dtype) -> bool:
     return value != 0 and math.isfinite(value) and torch.tensor(value).to(dtype).item() == 0
 
 
-def _divides(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The division whose divisor is ``node``'s value, directly or through data movement (expand)."""
+def _reads(node: torch.fx.Node, ops: tuple[str, ...], arg: int) -> torch.fx.Node | None:
+    """The op among ``ops`` that reads ``node``'s value as its argument ``arg``, directly or through data
+    movement (expand, cat): a division's divisor, a sine's angle."""
     for user in node.users:
-        if op_name(user) == "div" and len(user.args) > 1 and user.args[1] is node:
+        if op_name(user) in ops and len(user.args) > arg and user.args[arg] is node:
             return user
-        if op_name(user) in SAME_VALUES and user.args[0] is node:
-            div = _divides(user)
-            if div is not None:
-                return div
+        if (op_name(user) in SAME_VALUES and user.args[0] is node) or (op_name(user) == "cat" and node in user.args[0]):
+            reader = _reads(user, ops, arg)
+            if reader is not None:
+                return reader
     return None
+
+
+def _divides(node: torch.fx.Node) -> torch.fx.Node | None:
+    return _reads(node, ("div",), 1)
 
 
 def _zeroed(node: torch.fx.Node, dtype: torch.dtype) -> str:
@@ -270,6 +281,22 @@ def _zeroed(node: torch.fx.Node, dtype: torch.dtype) -> str:
             f"calibration data: 0 in {low}"
         )
     return ""
+
+
+def _angle(node: torch.fx.Node, dtype: torch.dtype) -> str:
+    """Why ``node``'s value, an angle a sine or cosine reads, cannot be rounded to ``dtype`` ("" if it can).
+    A rotary embedding's angles are positions times frequencies: at position 2047, fp16 rounds the angle
+    by up to 1 rad. The low dtype may hold an angle up to 1 in magnitude (fp16's rounding there is 5e-4)."""
+    periodic = _reads(node, ("sin", "cos"), 0)
+    r = record(node).range
+    limit = torch.finfo(torch.float16).eps / torch.finfo(dtype).eps  # fp16: 1; bf16: 1/8 (its rounding there)
+    if periodic is None or r is None or r.absmax <= limit:
+        return ""
+    step = r.absmax * torch.finfo(dtype).eps / 2
+    return (
+        f"%{periodic.name} ({op_name(periodic)}) reads it as an angle, up to {r.absmax:.4g} on calibration data: "
+        f"{short_dtype(dtype)} would round it by up to {step:.2g}"
+    )
 
 
 def _example_paths(gm: torch.fx.GraphModule) -> list[str]:

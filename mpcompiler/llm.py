@@ -1,0 +1,204 @@
+"""Generation with a causal LM: ``compile(lm, prompts, max_seq=...)`` and ``compiled.generate(...)``.
+
+The pipeline compiles the model on whole sequences: each calibration prompt continued by the fp32
+model's own greedy tokens (:func:`sequences`), as ``input_ids``, ``attention_mask`` and ``position_ids``
+(left padding: positions count from a row's first token). The values a prefill and the decode steps
+after it compute are exactly those of that sequence run at once, so calibration, the precision plan
+and the tolerance search see the KV cache's keys and values and the residual stream as the cache fills.
+
+For generation, ``insert_kv_cache`` rewrites a copy of the planned graph into one step of a static-cache
+program (``passes/insert_kv_cache.py``); :class:`Generator` runs its prefill and decode steps, choosing
+tokens as Hugging Face's ``generate`` does (greedy, or sampling with temperature, top-k and top-p) and
+returning the prompt and the new tokens, finished rows padded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from mpcompiler.capture import Sample, model_device
+from mpcompiler.emit_fx import twin
+from mpcompiler.errors import CaptureError, InputError, OptionError
+from mpcompiler.pass_manager import PassManager
+from mpcompiler.passes import InsertKvCache
+from mpcompiler.verify import output_names
+
+CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
+SEQ_INPUTS = {"input_ids": (1,), "attention_mask": (1,), "position_ids": (1,)}  # capture keeps these dynamic
+
+
+@dataclass(frozen=True)
+class LMOptions:
+    """compile()'s generation options: the KV cache's rows and slots."""
+
+    max_batch: int
+    max_seq: int
+
+    @classmethod
+    def parse(cls, max_batch, max_seq) -> LMOptions | None:
+        if max_seq is None:
+            if max_batch is not None:
+                raise OptionError("max_batch is a generation option: give max_seq too (the KV cache's length)")
+            return None
+        for name, value in (("max_seq", max_seq), ("max_batch", max_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OptionError(f"{name} must be a positive int; got {value!r}")
+        return cls(max_batch=max_batch or 1, max_seq=max_seq)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: each row counts from its first token (pads at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt(sample: Sample, index: int, what: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of a prompt: token ids [B, T] (or [T]), or a tokenizer's output."""
+    args, kwargs = sample
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() not in (1, 2):
+        raise CaptureError(f"{what} {index} must be token ids [batch, seq] or a tokenizer's output (input_ids)")
+    ids = ids if ids.dim() == 2 else ids[None]
+    mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
+    if mask.shape != ids.shape:
+        raise CaptureError(f"{what} {index}: attention_mask {tuple(mask.shape)} does not match input_ids")
+    if (mask[:, -1] == 0).any():
+        row = int((mask[:, -1] == 0).nonzero()[0])
+        raise InputError(
+            f"{what} {index}, row {row}, ends in padding: generation appends to the right, so pad on the left "
+            "(tokenizer.padding_side = 'left')"
+        )
+    return ids, mask.long()
+
+
+def _kwargs(model: torch.nn.Module) -> dict:
+    """Keyword arguments for a whole-sequence call: Hugging Face models must not build their own cache."""
+    params = inspect.signature(model.forward).parameters
+    missing = [name for name in SEQ_INPUTS if name not in params]
+    if missing:
+        raise CaptureError(
+            f"generation needs a causal LM whose forward takes {', '.join(SEQ_INPUTS)} (a KV cache feeds it "
+            f"the positions of new tokens); {type(model).__name__}.forward has no {', '.join(missing)}"
+        )
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out["logits"] if "logits" in out else out[0]
+
+
+def sequences(model: torch.nn.Module, prompts: list[Sample], new_tokens: int, max_seq: int) -> list[Sample]:
+    """Each prompt continued by ``new_tokens`` of the fp32 model's greedy tokens (fewer where max_seq
+    would be passed), as whole-sequence samples for calibration and accuracy."""
+    out, extra, device = [], _kwargs(model), model_device(model)
+    with torch.no_grad():
+        for index, sample in enumerate(prompts):
+            ids, mask = prompt(sample, index)
+            ids, mask = ids.to(device), mask.to(device)
+            if ids.shape[1] > max_seq:
+                raise OptionError(f"prompt {index} has {ids.shape[1]} tokens, more than max_seq={max_seq}")
+            for _ in range(min(new_tokens, max_seq - ids.shape[1])):
+                logits = _logits(model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **extra))
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            kwargs = {"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "position_ids": positions(mask).cpu()}
+            out.append(((), kwargs | extra))
+    return out
+
+
+def capture_example(sample: Sample) -> Sample:
+    """A capture example with 2 rows: a size-1 batch cannot be captured as a dynamic dim."""
+    args, kwargs = sample
+    if kwargs["input_ids"].shape[0] > 1:
+        return sample
+    return args, {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+class Generator:
+    """The generation program of a compiled causal LM: one prefill/decode step with a static KV cache
+    (``insert_kv_cache`` on a copy of the planned graph), and the loop that chooses tokens."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, lm: LMOptions, dump_dir=None, debug=False):
+        self.lm = lm
+        self.step = twin(graph_module, "MpGenerationStep")
+        folder = dump_dir / "generation" if dump_dir is not None else None
+        self.runs = PassManager([InsertKvCache(**lm.__dict__)], dump_dir=folder, debug=debug).run(self.step)
+        self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
+        self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
+        """One step: the logits of the new tokens' last position, [B, vocab]."""
+        out = self.step(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            **self.extra,
+        )
+        flat = torch.utils._pytree.tree_leaves(out)
+        return flat[self.logits][:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        ids, mask = prompt(((input_ids,), {} if attention_mask is None else {"attention_mask": attention_mask}), 0)
+        batch, length = ids.shape
+        if batch > self.lm.max_batch:
+            raise InputError(f"a batch of {batch} prompts; the KV cache holds max_batch={self.lm.max_batch} rows")
+        if length + max_new_tokens > self.lm.max_seq:
+            raise InputError(
+                f"{length} prompt tokens + max_new_tokens={max_new_tokens} = {length + max_new_tokens} passes "
+                f"max_seq={self.lm.max_seq}, the KV cache's length"
+            )
+        device = model_device(self.step)
+        ids, mask = ids.to(device), mask.to(device)
+        stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
+        pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
+        slots = torch.zeros(batch, self.lm.max_seq, dtype=torch.long, device=device)
+        slots[:, :length] = mask
+        position = positions(mask)
+        logits = self(ids, slots, position, torch.arange(length, device=device))
+        new, done, last = [], torch.zeros(batch, dtype=torch.bool, device=device), position[:, -1:]
+        for step in range(max_new_tokens):
+            token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            new.append(token)
+            done |= torch.isin(token, stops)
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            slot = length + step
+            slots[:, slot] = 1
+            last = last + 1
+            logits = self(token[:, None], slots, last, torch.tensor([slot], device=device))
+        return torch.cat([ids, torch.stack(new, 1)], 1)
+
+
+def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """The next token per row: the argmax, or a sample after temperature, top-k and top-p (in HF's order)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,154 @@
+"""Generation: a causal LM compiled with max_seq, its KV-cache program, and generate() against Hugging Face's."""
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+import mpcompiler
+from mpcompiler.llm import positions
+
+transformers.logging.set_verbosity_error()
+VOCAB = 1000
+
+
+def _llama(device="cpu"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval().to(device)
+
+
+def _prompt(batch: int, length: int, pad: int = 0) -> dict:
+    ids = torch.randint(3, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :pad] = 0  # left padding in the first row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = _llama()
+    prompts = [_prompt(2, 6, 2), _prompt(2, 9), _prompt(1, 7), _prompt(3, 5, 1), _prompt(2, 8, 3)]
+    return model, mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+
+
+def test_greedy_generation_matches_hugging_face(llama):
+    model, compiled = llama
+    torch.manual_seed(1)
+    prompt = _prompt(2, 7, pad=3)
+    out = compiled.generate(**prompt, max_new_tokens=12)
+    ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape == ref.shape == (2, 19)
+    assert torch.equal(out[:, :7], prompt["input_ids"])
+    assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
+
+
+def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama):
+    # prefill 5 tokens, then 4 decode steps: each step's logits are the compiled whole-sequence module's
+    model, compiled = llama
+    torch.manual_seed(2)
+    seq = _prompt(2, 9, pad=2)
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    whole = compiled(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    step = compiled.generator
+    slots = torch.zeros(2, 64, dtype=torch.long)
+    slots[:, :5] = mask[:, :5]
+    got = [step(ids[:, :5], slots, positions(mask)[:, :5], torch.arange(5))]
+    for t in range(5, 9):
+        slots[:, t] = 1
+        got.append(step(ids[:, t : t + 1], slots, positions(mask)[:, t : t + 1], torch.tensor([t])))
+    want = whole[:, 4:]  # the last prompt position, then each decode position
+    err = (torch.stack(got, 1) - want).norm() / want.norm()
+    assert err < 2e-3
+
+
+def test_rotary_angles_and_rms_norm_statistics_stay_fp32(llama):
+    # (torch 2.11 exports the rotary embedding inside a no-grad region, a higher-order op kept fp32 whole)
+    _, compiled = llama
+    nodes = compiled.report.nodes
+    angles = [n for n in nodes if n.rule == "angle"]  # positions x frequencies, read by cos and sin
+    hop = [n for n in nodes if n.op == "wrap_with_set_grad_enabled"]
+    assert (angles or hop) and all(n.dtype == "float32" for n in angles + hop)
+    assert all("rotary_emb" in n.module_path for n in angles)
+    assert all(n.dtype == "float32" for n in nodes if n.op in ("cos", "sin", "pow", "rsqrt"))
+    assert {n.dtype for n in nodes if n.op == "linear"} == {"float16"}
+    assert {n.dtype for n in nodes if n.rule == "kv cache"} <= {"float16", None}
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
+    _, compiled = llama
+    prompt = _prompt(2, 6)
+    runs = [
+        compiled.generate(**prompt, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9,
+                          generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]  # fmt: skip
+    assert torch.equal(*runs)
+    greedy = compiled.generate(**prompt, max_new_tokens=8)
+    assert torch.equal(compiled.generate(**prompt, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+
+
+def test_rows_that_meet_eos_are_padded_after_it(llama):
+    _, compiled = llama
+    prompt = _prompt(2, 6)
+    greedy = compiled.generate(**prompt, max_new_tokens=8)
+    eos = int(greedy[0, 8])  # row 0's third new token
+    out = compiled.generate(**prompt, max_new_tokens=8, eos_token_id=eos, pad_token_id=1)
+    assert out[0, 8] == eos and (out[0, 9:] == 1).all()
+    assert torch.equal(out[:, :9], greedy[:, :9])
+
+
+def test_bad_generation_input_is_named(llama):
+    _, compiled = llama
+    with pytest.raises(mpcompiler.InputError, match="a batch of 5 prompts; the KV cache holds max_batch=4"):
+        compiled.generate(**_prompt(5, 4), max_new_tokens=2)
+    with pytest.raises(mpcompiler.InputError, match="60 prompt tokens \\+ max_new_tokens=8 = 68 passes max_seq=64"):
+        compiled.generate(**_prompt(1, 60), max_new_tokens=8)
+    right = _prompt(2, 6)
+    right["attention_mask"][1, -2:] = 0
+    with pytest.raises(mpcompiler.InputError, match="row 1, ends in padding.*padding_side = 'left'"):
+        compiled.generate(**right, max_new_tokens=2)
+
+
+def test_generation_options_need_a_causal_lm_compiled_for_it():
+    model = _llama()
+    with pytest.raises(mpcompiler.OptionError, match="max_batch is a generation option: give max_seq too"):
+        mpcompiler.compile(model, [_prompt(2, 5)], max_batch=2)
+    compiled = mpcompiler.compile(nn.Linear(4, 4), [torch.randn(2, 4)])
+    with pytest.raises(mpcompiler.OptionError, match="compiled for it: compile\\(model, prompts, max_seq=...\\)"):
+        compiled.generate(torch.ones(1, 3, dtype=torch.long))
+
+
+class NoPositions(nn.Module):
+    """A toy LM that derives positions itself: the KV cache cannot feed it positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids))
+
+
+def test_a_model_without_position_ids_is_refused_for_generation():
+    with pytest.raises(mpcompiler.CaptureError, match="position_ids"):
+        mpcompiler.compile(NoPositions(), [_prompt(2, 5)], max_seq=16)
+
+
+@pytest.mark.gpu
+def test_generation_on_cuda_matches_hugging_face():
+    model = _llama("cuda")
+    prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+    prompt = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
+    out = compiled.generate(**prompt, max_new_tokens=12)
+    ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
