@@ -10,6 +10,10 @@ For generation, ``insert_kv_cache`` rewrites a copy of the planned graph into on
 program (``passes/insert_kv_cache.py``); :class:`Generator` runs its prefill and decode steps, choosing
 tokens as Hugging Face's ``generate`` does (greedy, or sampling with temperature, top-k and top-p) and
 returning the prompt and the new tokens, finished rows padded.
+
+On the GPU a decode step is one CUDA graph replay (:mod:`mpcompiler.cuda_graph`: Inductor's kernels
+for the fixed shapes of one new token over all ``max_batch`` rows of the cache; rows past the batch
+are idle, which costs a memory-bound step little); the prefill runs the FX program at its length.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from mpcompiler.capture import Sample, model_device
+from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
+from mpcompiler.ir import record
 from mpcompiler.pass_manager import PassManager
 from mpcompiler.passes import InsertKvCache
 from mpcompiler.verify import output_names
@@ -128,9 +134,43 @@ class Generator:
         self.runs = PassManager([InsertKvCache(**lm.__dict__)], dump_dir=folder, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
+        self._graph = None  # the decode step's CUDA graph, captured on first use
+
+    def decode_graph(self) -> CudaGraphModule:
+        """The decode step over every row of the cache as one CUDA graph (the cache's row slices dropped:
+        Inductor then writes the cache in place, as gpt-fast's)."""
+        if self._graph is None:
+            step = twin(self.step, "MpDecodeStep")
+            for node in list(step.graph.nodes):
+                if node.target is torch.ops.aten.slice.Tensor and record(node).rule == "kv cache":
+                    node.replace_all_uses_with(node.args[0])
+                    step.graph.erase_node(node)
+            step.recompile()
+            device, rows = model_device(step), self.lm.max_batch
+            last = self.lm.max_seq - 1  # warm-up writes there: a prefill or decode overwrites it before any read
+            example = {
+                "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
+                "attention_mask": torch.zeros(rows, self.lm.max_seq, dtype=torch.long, device=device),
+                "position_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
+                "cache_position": torch.tensor([last], device=device),
+            }
+            self._graph = CudaGraphModule(step, (), example | self.extra)
+        return self._graph
 
     def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
-        """One step: the logits of the new tokens' last position, [B, vocab]."""
+        """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
+        replays the CUDA graph, its rows padded to max_batch."""
+        batch = input_ids.shape[0]
+        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda":
+            pad = self.lm.max_batch - batch
+            out = self.decode_graph()(
+                input_ids=_pad_rows(input_ids, pad),
+                attention_mask=_pad_rows(attention_mask, pad),
+                position_ids=_pad_rows(position_ids, pad),
+                cache_position=cache_position,
+                **self.extra,
+            )
+            return torch.utils._pytree.tree_leaves(out)[self.logits][:batch, -1]
         out = self.step(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -167,6 +207,8 @@ class Generator:
             )
         device = model_device(self.step)
         ids, mask = ids.to(device), mask.to(device)
+        if device.type == "cuda":
+            self.decode_graph()  # captured before the prefill: its warm-up writes stay out of this generation
         stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
         pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
         slots = torch.zeros(batch, self.lm.max_seq, dtype=torch.long, device=device)
@@ -186,6 +228,11 @@ class Generator:
             last = last + 1
             logits = self(token[:, None], slots, last, torch.tensor([slot], device=device))
         return torch.cat([ids, torch.stack(new, 1)], 1)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with ``rows`` rows of zeros after it (idle rows: no token, no cache slot to see but their own)."""
+    return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))]) if rows else x
 
 
 def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

@@ -10,9 +10,10 @@ TensorRT-LLM's AutoDeploy do, without going through a model library's cache clas
   prefill, one slot per decode step); ``attention_mask`` now covers every slot, [B, max_seq] (1 for a
   token that is there: the prompt's, left padding excluded, and those written since);
 - per attention (``scaled_dot_product_attention``), a key and a value buffer [max_batch, heads, max_seq,
-  head_dim] in the dtype the plan gives the keys and values. The new keys and values are written with
-  ``index_copy_`` at ``cache_position`` (before any repetition for grouped-query attention, which
-  SDPA's ``enable_gqa`` does instead), and the attention reads the whole cache;
+  head_dim] in the dtype the plan gives the keys and values. The new keys and values are written in place
+  (``index_put_``) at ``cache_position`` (before any repetition for grouped-query attention, which
+  SDPA's ``enable_gqa`` does instead), and the attention reads the whole cache (a call with fewer rows
+  than ``max_batch`` uses the first rows);
 - one mask for all layers, [B, 1, T, max_seq]: a slot is seen if it holds a token and is not after the
   query (``slot <= cache_position``); a query always sees its own slot, so that a left-padding query
   has a row to attend to (no NaN to spread through the cache).
@@ -135,7 +136,8 @@ class InsertKvCache(Pass):
         with graph.inserting_before(attention):
             buffer = graph.get_attr(name)
             rows = graph.call_function(aten.slice.Tensor, (buffer, 0, 0, batch))
-            written = graph.call_function(aten.index_copy_.default, (rows, 2, cache_position, new))
+            # cache[:, :, cache_position] = new, as gpt-fast writes it (Inductor updates it in place)
+            written = graph.call_function(aten.index_put_.default, (rows, [None, None, cache_position], new))
         for node in (buffer, rows, written):
             node.meta[META_KEY] = NodeRecord(**{**how.__dict__})
         return written
