@@ -65,7 +65,9 @@ class Options:
     metric: Metric = METRICS["rel_l2"]
 
     @classmethod
-    def parse(cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric="rel_l2") -> Options:
+    def parse(
+        cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric=None, language_model=False
+    ) -> Options:
         auto = isinstance(dtype, str) and dtype == AUTO
         if not auto and dtype not in _DTYPES:
             raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16' or 'auto'")
@@ -84,12 +86,16 @@ class Options:
             debug = os.environ.get("MPCOMPILER_DEBUG", "") not in ("", "0")
         if not isinstance(debug, bool):
             raise OptionError(f"debug must be True or False; got {debug!r}")
+        if metric is None:
+            metric = "perplexity" if language_model else "rel_l2"
         if callable(metric):
             metric = Metric(getattr(metric, "__name__", "custom metric"), metric)
         elif metric in METRICS:
             metric = METRICS[metric]
         else:
             raise OptionError(f"metric={metric!r}: use one of {sorted(METRICS)}, or a callable(outputs, refs) -> error")
+        if metric.reads_samples and not language_model:
+            raise OptionError(f"metric={metric.name!r} judges a language model's text: compile with max_seq=...")
         if tolerance is not None:
             if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
                 raise OptionError(f"tolerance must be a positive number; got {tolerance!r}")
@@ -245,7 +251,7 @@ def compile(
     device: str | torch.device | None = None,
     debug: bool | None = None,
     tolerance: float | None = None,
-    metric: str | Callable = "rel_l2",
+    metric: str | Callable | None = None,
     held_out: int | None = None,
     max_seq: int | None = None,
     max_batch: int | None = None,
@@ -270,11 +276,14 @@ def compile(
         tolerance: the accuracy to meet on the held-out samples, judged by ``metric``. With it, the
             most sensitive ops are kept in fp32 until it is met (search_precision); a ToleranceError
             says when only all-fp32 would meet it. Default None: the rules alone decide.
-        metric: ``"rel_l2"`` (relative L2 error vs fp32, the worst output; met when <= tolerance),
+        metric: ``"rel_l2"`` (the default; relative L2 error vs fp32, the worst output; met when <= tolerance),
             ``"cosine"`` (the lowest cosine similarity of an output to fp32's over samples; met when
             >= tolerance), ``"top1"`` (share of rows whose argmax over the last dim of the first output
             agrees with fp32's; met when >= tolerance), or a callable ``(outputs, refs) -> error``
-            over lists (per sample) of flat output tensors, met when <= tolerance.
+            over lists (per sample) of flat output tensors, met when <= tolerance. For a language
+            model (``max_seq``) also ``"perplexity"`` (its default: the compiled model's perplexity
+            on the held-out text over fp32's, less 1; 0.005 is 0.5% higher) and ``"greedy"`` (the
+            share of the text's positions where its most likely next token is fp32's).
         held_out: how many of calib_data's last samples to hold back (instead of ``val_data``);
             default: a fifth, at most 4. The tolerance search judges plans on them and the report's
             error is measured on them: more samples make both less noisy.
@@ -289,6 +298,7 @@ def compile(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    lm = LMOptions.parse(max_batch, max_seq)
     options = Options.parse(
         dtype=dtype,
         keep_fp32=keep_fp32,
@@ -297,8 +307,8 @@ def compile(
         debug=debug,
         tolerance=tolerance,
         metric=metric,
+        language_model=lm is not None,
     )
-    lm = LMOptions.parse(max_batch, max_seq)
     samples = collect_samples(calib_data)
     if held_out is not None and val_data is not None:
         raise OptionError("give val_data or held_out, not both: held_out holds back part of calib_data instead")
@@ -315,8 +325,9 @@ def compile(
         samples = samples[: len(samples) - count]
     target_device = options.device or model_device(model)
     with on_device(model, target_device):
-        if lm is not None:  # prompts -> whole sequences, continued by the fp32 model
-            samples, val = (sequences(model, p, CALIB_NEW_TOKENS, lm.max_seq) for p in (samples, val))
+        if lm is not None:  # calibration prompts continued by the fp32 model; held-out text as it is
+            samples = sequences(model, samples, CALIB_NEW_TOKENS, lm.max_seq)
+            val = sequences(model, val, 0, lm.max_seq)
             gm = capture(model, [capture_example(samples[0]), *samples, *(val if held else [])], SEQ_INPUTS)
         else:
             gm = capture(model, samples + val if held else samples)
@@ -335,6 +346,7 @@ def compile(
         held_out=held,
         metric=options.metric,
         tolerance=options.tolerance,
+        language_model=lm is not None,
     )
     report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:

@@ -19,6 +19,7 @@ are idle, which costs a memory-bound step little); the prefill runs the FX progr
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,11 +135,12 @@ class Generator:
         self.runs = PassManager([InsertKvCache(**lm.__dict__)], dump_dir=folder, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
-        self._graph = None  # the decode step's CUDA graph, captured on first use
+        self._graph = None  # the decode step's CUDA graph, captured on first use (False: it could not be)
 
-    def decode_graph(self) -> CudaGraphModule:
+    def decode_graph(self) -> CudaGraphModule | None:
         """The decode step over every row of the cache as one CUDA graph (the cache's row slices dropped:
-        Inductor then writes the cache in place, as gpt-fast's)."""
+        Inductor then writes the cache in place, as gpt-fast's); None where torch.compile or the capture
+        fails (a warning names why; decode steps then run the FX program, slower)."""
         if self._graph is None:
             step = twin(self.step, "MpDecodeStep")
             for node in list(step.graph.nodes):
@@ -154,14 +156,22 @@ class Generator:
                 "position_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
                 "cache_position": torch.tensor([last], device=device),
             }
-            self._graph = CudaGraphModule(step, (), example | self.extra)
-        return self._graph
+            try:
+                self._graph = CudaGraphModule(step, (), example | self.extra)
+            except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
+                warnings.warn(
+                    f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding with the FX program instead",
+                    stacklevel=3,
+                )
+                self._graph = False
+        return self._graph or None
 
     def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
         replays the CUDA graph, its rows padded to max_batch."""
         batch = input_ids.shape[0]
-        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda":
+        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" and self.decode_graph() is not None:
             pad = self.lm.max_batch - batch
             out = self.decode_graph()(
                 input_ids=_pad_rows(input_ids, pad),

@@ -8,6 +8,7 @@ sqrt(sum ||out - ref||^2) / sqrt(sum ||ref||^2).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -21,15 +22,17 @@ from mpcompiler.errors import CalibrationError
 
 @dataclass(frozen=True)
 class Metric:
-    """How outputs are judged against fp32's: ``metric(outputs, refs)`` (per sample, the flat outputs)
-    gives a value that ``meets`` a tolerance when at most it (errors) or at least it (similarities)."""
+    """How outputs are judged against fp32's: ``metric(outputs, refs, samples)`` (per sample, the flat
+    outputs, and the samples they came from) gives a value that ``meets`` a tolerance when at most it
+    (errors) or at least it (similarities). Only the language-model metrics read the samples."""
 
     name: str
-    fn: Callable[[Sequence[Sequence], Sequence[Sequence]], float]
+    fn: Callable[..., float]
     higher_is_better: bool = False
+    reads_samples: bool = False  # fn(outputs, refs, samples): the tokens a language model predicts
 
-    def __call__(self, outputs: Sequence[Sequence], refs: Sequence[Sequence]) -> float:
-        return float(self.fn(outputs, refs))
+    def __call__(self, outputs: Sequence[Sequence], refs: Sequence[Sequence], samples=()) -> float:
+        return float(self.fn(outputs, refs, samples) if self.reads_samples else self.fn(outputs, refs))
 
     @property
     def relation(self) -> str:
@@ -83,10 +86,48 @@ def _top1(outputs, refs) -> float:
     return agree / total
 
 
+def _next_tokens(outputs, refs, samples):
+    """Per sample: the compiled and fp32 logits of each real position that predicts a real next token
+    ([N, vocab] each), and those tokens ([N]): a language model's sequences, left-padded."""
+    for out, ref, (_, kwargs) in zip(outputs, refs, samples, strict=True):
+        ids, mask = kwargs["input_ids"].cpu(), kwargs["attention_mask"].cpu().bool()
+        keep = mask[:, :-1] & mask[:, 1:]
+        yield torch.as_tensor(out[0]).cpu()[:, :-1][keep].double(), ref[0][:, :-1][keep].double(), ids[:, 1:][keep]
+
+
+def _nll(outputs, refs, samples) -> tuple[float, float]:
+    """Mean negative log-likelihood of the next tokens: (compiled, fp32)."""
+    total = ref_total = count = 0.0
+    for out, ref, target in _next_tokens(outputs, refs, samples):
+        total += float(torch.nn.functional.cross_entropy(out, target, reduction="sum"))
+        ref_total += float(torch.nn.functional.cross_entropy(ref, target, reduction="sum"))
+        count += len(target)
+    if not count:
+        raise CalibrationError("the held-out text has no next token to predict: give prompts of 2 tokens or more")
+    return total / count, ref_total / count
+
+
+def perplexity_increase(outputs, refs, samples) -> float:
+    """The compiled model's perplexity on the samples' text over fp32's, less 1 (0.005: 0.5% higher)."""
+    nll, ref = _nll(outputs, refs, samples)
+    return math.exp(nll - ref) - 1
+
+
+def greedy_agreement(outputs, refs, samples) -> float:
+    """Share of the text's positions where the compiled model's most likely next token is fp32's."""
+    agree = total = 0
+    for out, ref, _ in _next_tokens(outputs, refs, samples):
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(out)
+    return agree / total
+
+
 METRICS = {
     "rel_l2": Metric("rel_l2", _max_rel_l2),
     "cosine": Metric("cosine", _min_cosine, higher_is_better=True),
     "top1": Metric("top1", _top1, higher_is_better=True),
+    "perplexity": Metric("perplexity", perplexity_increase, reads_samples=True),
+    "greedy": Metric("greedy", greedy_agreement, higher_is_better=True, reads_samples=True),
 }
 
 
@@ -102,6 +143,11 @@ class Accuracy:
     value: float | None = None  # the metric's value (compile(tolerance=...) only)
     tolerance: float | None = None
     met: bool | None = None
+    # a language model's text (compile(max_seq=...)): perplexity of fp32 and of the compiled model,
+    # and the share of positions where both predict the same next token
+    perplexity_fp32: float | None = None
+    perplexity: float | None = None
+    greedy_agreement: float | None = None
 
     @property
     def max(self) -> float:
@@ -114,6 +160,11 @@ class Accuracy:
         where = "held-out" if self.held_out else "calibration (none held out)"
         outs = ", ".join(f"{k} {v:.2e}" for k, v in self.per_output.items())
         text = f"rel. L2 error vs fp32 on {self.samples} {where} samples: {outs}"
+        if self.perplexity is not None:
+            text += (
+                f"; perplexity {self.perplexity:.4g} vs fp32's {self.perplexity_fp32:.4g} "
+                f"({self.perplexity / self.perplexity_fp32 - 1:+.2%}), greedy agreement {self.greedy_agreement:.2%}"
+            )
         if self.tolerance is not None:
             verdict = "met" if self.met else "NOT met"
             text += f"; tolerance {self.metric} {self.tolerance:g}: {self.value:.4g}, {verdict}"
@@ -176,17 +227,27 @@ def measure(
     held_out: bool,
     metric: Metric | None = None,
     tolerance: float | None = None,
+    language_model: bool = False,
 ) -> Accuracy:
-    """Run ``fn(*args, **kwargs)`` on each sample and compare its flat outputs with ``refs``."""
+    """Run ``fn(*args, **kwargs)`` on each sample and compare its flat outputs with ``refs`` (and, for a
+    language model, its perplexity and next-token agreement on the samples' text)."""
     outs = []
     with torch.no_grad():
         for args, kwargs in samples:
             args, kwargs = to_device((args, kwargs), device)
             outs.append(flat_outputs(fn(*args, **kwargs)))
     accuracy = Accuracy(rel_l2(outs, refs, names), samples=len(samples), held_out=held_out)
+    if language_model:
+        nll, ref = _nll(outs, refs, samples)
+        accuracy = dataclasses.replace(
+            accuracy,
+            perplexity=math.exp(nll),
+            perplexity_fp32=math.exp(ref),
+            greedy_agreement=greedy_agreement(outs, refs, samples),
+        )
     if tolerance is None:
         return accuracy
-    value = metric(outs, refs)
+    value = metric(outs, refs, samples)
     return dataclasses.replace(
         accuracy, metric=metric.name, value=value, tolerance=tolerance, met=metric.meets(value, tolerance)
     )

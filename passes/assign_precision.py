@@ -55,6 +55,7 @@ from mpcompiler.ops import SAME_VALUES, bound_args, rule_for, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
 
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
+HEADROOM = 8  # a low-precision value past its dtype's max / 8 says so in its reason
 
 # Underflow rule: a value loses precision in fp16 when most of it sits below fp16's smallest normal
 # (6.1e-5): subnormals are spaced 6e-8 apart whatever their size (a 1e-6 has 4 significant bits) and
@@ -183,6 +184,10 @@ class AssignPrecision(Pass):
                 rec.dtype, (rec.rule, rec.reason) = high, problem
             elif rule.fp32_inside and self._inside_past(node, dtype):
                 rec.reason += f"; {self._inside_past(node, dtype)}, computed in fp32 inside the kernel"
+            top = torch.finfo(dtype).max
+            if rec.dtype == dtype and rec.range is not None and rec.range.absmax > top / HEADROOM:
+                peak = rec.range.absmax  # in range, but near enough to its edge to say so (an LLM's residual stream)
+                rec.reason += f"; reaches {peak:.5g} on calibration data, {peak / top:.0%} of its max"
         rec.math_dtype = torch.float32 if rule.fp32_inside and rec.dtype != high else None
 
     def _problem(self, node: torch.fx.Node, dtype: torch.dtype) -> tuple[str, str] | None:

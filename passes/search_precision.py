@@ -204,7 +204,7 @@ class SearchPrecision(Pass):
 
         def evaluate(k: int) -> bool:
             apply(k)
-            value = self.metric(_run_samples(gm, self.val, self.device), refs)
+            value = self.metric(_run_samples(gm, self.val, self.device), refs, self.val)
             log.evaluations.append((k, value))
             return self.metric.meets(value, self.tolerance)
 
