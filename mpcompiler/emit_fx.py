@@ -7,6 +7,8 @@ and under ``torch.compile``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
 
@@ -53,7 +55,7 @@ def twin(gm: torch.fx.GraphModule, class_name: str) -> torch.fx.GraphModule:
     (ONNX Runtime's fused ops, cuDNN's fused convolutions) that the compiled module keeps out of."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    graph._codegen = gm.graph._codegen
+    graph._codegen = copy.copy(gm.graph._codegen)  # its own calling convention: a rewrite may add inputs
     out = torch.fx.GraphModule(gm, graph, class_name=class_name)
     out.meta[META_KEY] = gm.meta[META_KEY]
     return out

@@ -147,6 +147,7 @@ class Generator:
                 if node.target is torch.ops.aten.slice.Tensor and record(node).rule == "kv cache":
                     node.replace_all_uses_with(node.args[0])
                     step.graph.erase_node(node)
+            step.graph.eliminate_dead_code()
             step.recompile()
             device, rows = model_device(step), self.lm.max_batch
             last = self.lm.max_seq - 1  # warm-up writes there: a prefill or decode overwrites it before any read

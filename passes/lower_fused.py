@@ -304,6 +304,7 @@ class LowerFused(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats = {rule.name: 0 for rule in RULES}
+        modified = False
         for rule in RULES:
             for node in list(gm.graph.nodes):  # a rewrite leaves the old nodes dead, removed below
                 if node.op != "call_function":
@@ -318,9 +319,11 @@ class LowerFused(Pass):
                 fused.meta[META_KEY] = dataclasses.replace(record(out), fused=rule.why, inserted=False)
                 out.replace_all_uses_with(fused)
                 stats[rule.name] += 1
-            gm.graph.eliminate_dead_code()
-        modified = any(stats.values())
-        if modified:
+            # dead code goes too, and any change regenerates the code (dynamo maps its lines to nodes)
+            modified = gm.graph.eliminate_dead_code() or modified
+        fused = any(stats.values())
+        if modified or fused:
             gm.recompile()
+        if fused:
             retype(gm)
-        return PassResult(modified=modified, stats=stats)
+        return PassResult(modified=modified or fused, stats=stats)

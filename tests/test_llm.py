@@ -149,6 +149,7 @@ def test_generation_on_cuda_matches_hugging_face():
     prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
     compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
     prompt = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
+    assert compiled.generator.decode_graph() is not None  # each decode step one CUDA graph replay
     out = compiled.generate(**prompt, max_new_tokens=12)
     ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9

@@ -204,3 +204,16 @@ def test_additive_mask_is_clamped_so_attention_stays_fp16_and_masked_rows_stay_f
         ref = model(**held).last_hidden_state
     out = compiled(**held).last_hidden_state
     assert torch.isfinite(out).all() and rel_err(out, ref) < 5e-3
+
+
+def test_dead_nodes_it_removes_are_gone_from_the_code_too():
+    # dynamo maps the generated code's lines to graph nodes: code left stale by a removal crashes it
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        gm.graph.call_function(torch.neg, (x,))  # dead
+    gm.recompile()
+    assert "neg" in gm.code
+    assert LowerFused(target="fx-cuda").call(gm).modified
+    assert "neg" not in gm.code
+    torch.testing.assert_close(torch.compile(gm, backend="eager")(torch.ones(2, 4)), gm(torch.ones(2, 4)))
