@@ -34,6 +34,7 @@ from mpcompiler.passes import InsertKvCache
 from mpcompiler.verify import output_names
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
+STOP_CHECK = 8  # decode steps between reads of whether every row has stopped (each read waits for the GPU)
 SEQ_INPUTS = {"input_ids": (1,), "attention_mask": (1,), "position_ids": (1,)}  # capture keeps these dynamic
 
 
@@ -226,19 +227,27 @@ class Generator:
         slots[:, :length] = mask
         position = positions(mask)
         logits = self(ids, slots, position, torch.arange(length, device=device))
-        new, done, last = [], torch.zeros(batch, dtype=torch.bool, device=device), position[:, -1:]
+        # The loop never waits for the GPU (no .item(), no host-to-device copy), so Python runs ahead
+        # and the steps' graph replays queue back to back; whether every row has stopped is read every
+        # STOP_CHECK steps, and the steps past the last stop are cut at the end.
+        new, finished = [], []
+        done, last = torch.zeros(batch, dtype=torch.bool, device=device), position[:, -1:]
+        cache_position = torch.full((1,), length, device=device)
         for step in range(max_new_tokens):
             token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             new.append(token)
             done |= torch.isin(token, stops)
-            if step + 1 == max_new_tokens or bool(done.all()):
+            finished.append(done.all())
+            if step + 1 == max_new_tokens or (len(stops) and step % STOP_CHECK == 0 and bool(done.all())):
                 break
-            slot = length + step
-            slots[:, slot] = 1
+            slots[:, length + step] = 1
             last = last + 1
-            logits = self(token[:, None], slots, last, torch.tensor([slot], device=device))
-        return torch.cat([ids, torch.stack(new, 1)], 1)
+            logits = self(token[:, None], slots, last, cache_position)
+            cache_position = cache_position + 1
+        finished = torch.stack(finished)
+        steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
+        return torch.cat([ids, torch.stack(new[:steps], 1)], 1)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -106,6 +106,17 @@ def test_rows_that_meet_eos_are_padded_after_it(llama):
     assert torch.equal(out[:, :9], greedy[:, :9])
 
 
+def test_generation_ends_when_every_row_has_stopped(llama):
+    model, compiled = llama
+    prompt = _prompt(1, 6)
+    greedy = compiled.generate(**prompt, max_new_tokens=20)
+    eos = int(greedy[0, 9])  # the fourth new token (if it came earlier, generation ends there)
+    out = compiled.generate(**prompt, max_new_tokens=20, eos_token_id=eos)
+    ref = model.generate(**prompt, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert out.shape == ref.shape and out.shape[1] <= 10
+    assert torch.equal(out, greedy[:, : out.shape[1]]) and out[0, -1] == eos
+
+
 def test_bad_generation_input_is_named(llama):
     _, compiled = llama
     with pytest.raises(mpcompiler.InputError, match="a batch of 5 prompts; the KV cache holds max_batch=4"):
