@@ -22,6 +22,10 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   crashes the process (SIGSEGV, in its MatmulTransposeFusion at the default optimization level)
   creating a session for an fp16 ``Transpose(perm=[1, 0, 2])`` feeding a ``MatMul`` with an fp16
   weight: ``nn.MultiheadAttention(batch_first=True)``'s input projection.
+- ``shared_input_linears``: linears reading one input in one planned dtype (attention's q, k and v,
+  a gated MLP's gate and up) -> one linear on their weights stacked, and a split: one GEMM reading
+  the weights in one pass where a decode step's small GEMMs are each bound by launch and tail
+  (FX generation steps; after precision planning, so each projection's precision is its own).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "bias_gelu": {"ort-cuda": ALL, "ort-cpu": frozenset({S})},
     "conv_bias_relu": {"fx-cuda": frozenset({H, B})},  # lowered on the planned graph by cuda_graph()
     "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
+    "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
 }
 
 

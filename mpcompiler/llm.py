@@ -30,7 +30,7 @@ from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
 from mpcompiler.ir import record
 from mpcompiler.pass_manager import PassManager
-from mpcompiler.passes import InsertKvCache
+from mpcompiler.passes import InsertKvCache, LowerFused
 from mpcompiler.verify import output_names
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
@@ -133,10 +133,13 @@ class Generator:
         self.lm = lm
         self.step = twin(graph_module, "MpGenerationStep")
         folder = dump_dir / "generation" if dump_dir is not None else None
-        self.runs = PassManager([InsertKvCache(**lm.__dict__)], dump_dir=folder, debug=debug).run(self.step)
+        target = "fx-cuda" if model_device(self.step).type == "cuda" else "fx-cpu"
+        passes = [InsertKvCache(**lm.__dict__), LowerFused(target=target)]
+        self.runs = PassManager(passes, dump_dir=folder, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
         self._graph = None  # the decode step's CUDA graph, captured on first use (False: it could not be)
+        self._prefill = None  # the prompt step under torch.compile on the GPU, compiled on first use
 
     def decode_graph(self) -> CudaGraphModule | None:
         """The decode step over every row of the cache as one CUDA graph (the cache's row slices dropped:
@@ -183,15 +186,29 @@ class Generator:
                 **self.extra,
             )
             return torch.utils._pytree.tree_leaves(out)[self.logits][:batch, -1]
-        out = self.step(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache_position=cache_position,
-            **self.extra,
-        )
-        flat = torch.utils._pytree.tree_leaves(out)
-        return flat[self.logits][:, -1]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      cache_position=cache_position, **self.extra)  # fmt: skip
+        return torch.utils._pytree.tree_leaves(self._prompt_step(inputs))[self.logits][:, -1]
+
+    def _prompt_step(self, inputs: dict):
+        """A prefill (or a decode step off the GPU). On the GPU it runs Inductor's kernels, batch and
+        length dynamic (compiled on the first call): run op by op, a prompt's step is bound by launching
+        its ~1,000 kernels. Where torch.compile fails, a warning names why and the FX program runs."""
+        if self._prefill is None:
+            cuda = inputs["input_ids"].device.type == "cuda"
+            self._prefill = torch.compile(self.step, dynamic=True) if cuda else self.step
+        try:
+            return self._prefill(**inputs)
+        except Exception as exc:  # a compiler bug must not stop generation; the step rewrites what it wrote
+            if self._prefill is self.step:
+                raise
+            warnings.warn(
+                f"mpcompiler: torch.compile failed on the prompt step ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); running the FX program instead",
+                stacklevel=4,
+            )
+            self._prefill = self.step
+            return self.step(**inputs)
 
     @torch.no_grad()
     def generate(

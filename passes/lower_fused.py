@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable
 
 import torch
 import torch.fx
 
 from mpcompiler.fused import has_kernel
-from mpcompiler.ir import META_KEY, op_name, planned_dtype, record
+from mpcompiler.ir import META_KEY, attr_of, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -273,6 +274,77 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
         )  # fmt: skip
 
 
+# ---- linears of one input (attention's q, k, v; a gated MLP's gate and up) -> one linear, split
+
+
+def _linear_parts(lin: torch.fx.Node) -> tuple | None:
+    """(weight, bias) get_attr nodes of a linear on constant weights, else None."""
+    args = bound_args(lin)
+    weight, bias = args.get("weight"), args.get("bias")
+    consts = [a for a in (weight, bias) if a is not None]
+    if not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in consts) or _rank(weight) != 2:
+        return None
+    return weight, bias
+
+
+def _match_shared_input_linears(lin: torch.fx.Node) -> Match:
+    if not _op(lin, "linear") or _linear_parts(lin) is None:
+        return "not a linear of constant weights"
+    if lin.meta.get(META_KEY) is None or record(lin).dtype is None:
+        return "before precision planning (each projection gets its own precision first)"
+    x, dtype, bias = lin.args[0], planned_dtype(lin), _linear_parts(lin)[1] is not None
+    group = [
+        u for u in x.users
+        if _op(u, "linear") and u.args[0] is x and _linear_parts(u) is not None and planned_dtype(u) == dtype
+        and (_linear_parts(u)[1] is not None) == bias and value_of(_linear_parts(u)[0]).dtype == value_of(
+            _linear_parts(lin)[0]).dtype
+    ]  # fmt: skip
+    order = {n: i for i, n in enumerate(lin.graph.nodes)}
+    group.sort(key=order.__getitem__)
+    group = list({_linear_parts(u)[0].target: u for u in reversed(group)}.values())[::-1]  # a weight once
+    if len(group) < 2 or group[0] is not lin:
+        return "not the first of several linears of one input in one dtype"
+    return {"linears": group, "out": lin}
+
+
+def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """One weight [sum(out), in] in place of the group's: the originals become its row blocks (views:
+    no second copy in memory, the same numbers)."""
+    group = m["linears"]
+    parts = [_linear_parts(n) for n in group]
+    sizes = [value_of(w).shape[0] for w, _ in parts]
+    fused = []
+    for k in (0, 1):
+        if parts[0][k] is None:
+            fused.append(None)
+            continue
+        tensors = [attr_of(gm, p[k].target) for p in parts]
+        whole = torch.cat([t.detach() for t in tensors])
+        for t, block in zip(tensors, whole.split(sizes), strict=True):
+            t.data = block
+        owner, _, name = parts[0][k].target.rpartition(".")
+        gm.get_submodule(owner).register_buffer(f"{name}_fused", whole)
+        with gm.graph.inserting_before(group[0]):
+            node = gm.graph.get_attr(f"{parts[0][k].target}_fused")
+        node.meta["val"] = whole
+        node.meta[META_KEY] = dataclasses.replace(record(parts[0][k]), inserted=False)
+        fused.append(node)
+    with gm.graph.inserting_before(lin):
+        out = gm.graph.call_function(aten.linear.default, (lin.args[0], *[f for f in fused if f is not None]))
+        split = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
+        pieces = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
+    for node in (out, split):
+        node.meta[META_KEY] = dataclasses.replace(record(lin), fused=_FUSED_LINEARS, inserted=False)
+    for piece, old in zip(pieces[1:], group[1:], strict=True):
+        piece.meta["val"] = old.meta.get("val")
+        piece.meta[META_KEY] = dataclasses.replace(record(old), fused=_FUSED_LINEARS, inserted=False)
+        old.replace_all_uses_with(piece)
+    return pieces[0]
+
+
+_FUSED_LINEARS = "linears of one input -> one linear + split"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     name: str  # the fused op, a key of mpcompiler.fused.KERNELS
@@ -293,6 +365,7 @@ RULES = [
     Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
     Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
     Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
+    Rule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
 ]
 
 

@@ -217,3 +217,39 @@ def test_dead_nodes_it_removes_are_gone_from_the_code_too():
     assert LowerFused(target="fx-cuda").call(gm).modified
     assert "neg" not in gm.code
     torch.testing.assert_close(torch.compile(gm, backend="eager")(torch.ones(2, 4)), gm(torch.ones(2, 4)))
+
+
+class _Projections(nn.Module):
+    """q, k, v of one input (k kept fp32 below), and a gated MLP's gate and up."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(32, n, bias=False) for n in (32, 16, 16))
+        self.gate, self.up, self.down = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.q(x) + torch.cat([self.k(x), self.v(x)], -1) + self.v(x).repeat(1, 1, 2)
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_linears_of_one_input_in_one_dtype_become_one_linear_on_shared_weights():
+    torch.manual_seed(0)
+    model, x = _Projections().eval(), torch.randn(4, 6, 32)
+    compiled = mpcompiler.compile(model, [torch.randn(4, 6, 32) for _ in range(4)], keep_fp32=["k"])
+    gm = twin(compiled.graph_module, "Fused")
+    stats = LowerFused(target="fx-cpu").call(gm).stats
+    assert stats["shared_input_linears"] == 2  # q + v (k is fp32, v's second call repeats v), gate + up
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    joined = [n for n in linears if n.args[1].target.endswith("_fused")]
+    assert len(linears) == 5 and len(joined) == 2 and all("one linear" in record(n).fused for n in joined)
+    torch.testing.assert_close(gm(x), compiled(x), rtol=1e-3, atol=1e-3)
+    assert rel_err(gm(x), model(x)) < 5e-3
+    # the compiled module's weights are views of the stacked ones: no second copy
+    fused = gm.get_buffer("q.weight_fused")
+    q, v = compiled.graph_module.get_parameter("q.weight"), compiled.graph_module.get_parameter("v.weight")
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
+def test_linears_are_not_joined_before_precision_planning():
+    gm = torch.export.export(_Projections().eval(), (torch.randn(2, 3, 32),)).module()
+    assert LowerFused(target="fx-cpu").call(gm).stats["shared_input_linears"] == 0
