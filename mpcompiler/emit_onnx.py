@@ -25,6 +25,7 @@ import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch.export import Dim
 
 import mpcompiler
 from mpcompiler import ort_child
@@ -35,7 +36,7 @@ from mpcompiler.files import write_atomic
 from mpcompiler.fused import onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import retype
-from mpcompiler.passes import EliminateCasts, LowerFused
+from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
 from mpcompiler.verify import flat_outputs, output_names, rel_l2
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
@@ -44,6 +45,8 @@ EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph
 # capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.2 ms; docs/perf.md).
 ATTENTION_OPSET, BASE_OPSET = 23, 20
 DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
+GREEDY_STEPS = 8  # a causal LM's artifact decodes this many of the FX module's greedy tokens ...
+GREEDY_AGREEMENT = 0.85  # ... and chooses each itself at least this often (a near tie may flip one)
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
 
 
@@ -101,14 +104,19 @@ def export_onnx(
     program = twin(gm, "MpCompiledModuleONNX")
     if io is not None:
         _low_precision_io(program, io)
+    if compiled.lm is not None:  # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
+        InsertKvCache(**compiled.lm.__dict__, cache="io").call(program)
     LowerFused(target=target).call(program)
     if opset is None:
         attention = any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes)
         opset = ATTENTION_OPSET if attention else BASE_OPSET
     args, kwargs = _example(compiled, io)
-    onnx_program = _export(program, args, kwargs, graph_record(gm).dynamic_shapes, opset)
+    dynamic_shapes = graph_record(gm).dynamic_shapes
+    if compiled.lm is not None:
+        kwargs, dynamic_shapes = _with_pasts(program, kwargs, dynamic_shapes)
+    onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
     model = onnx_program.model
-    _name_io(model, output_names(gm))
+    _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
     _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
     if external_data is None:
         external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
@@ -120,7 +128,9 @@ def export_onnx(
         files = _save_checked(model, tmp / path.name, external_data)
         provider, errors_fp32, errors_fx = None, {}, {}
         if verify != "off":
-            provider, errors_fp32, errors_fx = _verify(compiled, tmp / path.name, io, providers, tolerance, verify)
+            provider, errors_fp32, errors_fx = _verify(
+                compiled, program, tmp / path.name, io, providers, tolerance, verify
+            )
         for f in reversed(files):  # the weights first, the model that points at them last
             f.replace(path.parent / f.name)
     finally:
@@ -175,6 +185,35 @@ def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:
     device = model_device(compiled.graph_module)
     sample = to_device(compiled.val_samples[0], device)
     return _with_io_dtype(sample, io) if io is not None else sample
+
+
+def _pasts(program: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in program.graph.nodes if n.op == "placeholder" and n.target.startswith("past_key_values_")]
+
+
+def _with_pasts(program, kwargs: dict, dynamic_shapes: dict, length: int = 4) -> tuple[dict, dict]:
+    """A causal LM's example with ``length`` past tokens (export needs a size past 1 to keep it dynamic),
+    and its dynamic dims: the pasts' batch and length, the mask's total length."""
+    batch = kwargs["input_ids"].shape[0]
+    mask = kwargs["attention_mask"]
+    kwargs = (
+        kwargs
+        | {"attention_mask": torch.cat([mask.new_ones(batch, length), mask], 1)}
+        | _empty_pasts(program, batch, length)
+    )
+    past = Dim("past_sequence_length")  # one length for every layer's past keys and values
+    dims = {n.target: {0: Dim.AUTO, 2: past} for n in _pasts(program)}
+    return kwargs, dict(dynamic_shapes) | dims
+
+
+def _empty_pasts(program, batch: int, length: int = 0) -> dict[str, torch.Tensor]:
+    """Zero past keys and values of ``length`` tokens for each past input of ``program``."""
+    pasts = {}
+    for node in _pasts(program):
+        val = node.meta["val"]
+        shape = (batch, int(val.shape[1]), length, int(val.shape[3]))
+        pasts[node.target] = torch.zeros(shape, dtype=val.dtype, device=model_device(program))
+    return pasts
 
 
 def _with_io_dtype(tree, dtype: torch.dtype):
@@ -235,9 +274,12 @@ def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
     return ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(summary[:3])}")
 
 
-def _name_io(model: ir.Model, names: list[str]) -> None:
-    """Outputs take the model's names; symbolic dims become ``<input>_dim<k>`` by first appearance."""
+def _name_io(model: ir.Model, names: list[str], dim_names: dict) -> None:
+    """Outputs take the model's names; symbolic dims become ``<input>_dim<k>`` by first appearance,
+    or the name ``dim_names`` gives (input, k)."""
     graph = model.graph
+    for value in graph.inputs:
+        value.name = onnx_input_name(value.name)
     if len(graph.outputs) == len(names):
         for value, name in zip(graph.outputs, names, strict=True):
             if value.name != name and not any(v.name == name for v in graph.inputs):
@@ -246,11 +288,27 @@ def _name_io(model: ir.Model, names: list[str]) -> None:
     for value in graph.inputs:
         for k, d in enumerate(value.shape or ()):
             if isinstance(d, ir.SymbolicDim) and d.value not in dims:
-                dims[d.value] = f"{value.name}_dim{k}"
+                dims[d.value] = dim_names.get((value.name, k), f"{value.name}_dim{k}")
     values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
     for value in values:
         if value.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in value.shape):
             value.shape = ir.Shape([_rename(d, dims) for d in value.shape])
+
+
+# a causal LM's dims as ONNX Runtime GenAI's models name them
+GENAI_DIMS = {
+    ("input_ids", 0): "batch_size",
+    ("input_ids", 1): "sequence_length",
+    ("attention_mask", 1): "total_sequence_length",
+    ("past_key_values.0.key", 2): "past_sequence_length",
+}
+
+
+def onnx_input_name(name: str) -> str:
+    """An FX input's name in the artifact: a KV cache input ``past_key_values_0_key`` is
+    ``past_key_values.0.key``, ONNX Runtime GenAI's name (FX names cannot hold dots)."""
+    match = re.fullmatch(r"past_key_values_(\d+)_(key|value)", name or "")
+    return f"past_key_values.{match.group(1)}.{match.group(2)}" if match else name
 
 
 def _rename(d, dims: dict[str, str]):
@@ -340,9 +398,10 @@ def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> 
     )
 
 
-def _verify(compiled, path, io, providers, tolerance, mode):
+def _verify(compiled, program, path, io, providers, tolerance, mode):
     """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
-    compare with fp32 and the FX module."""
+    compare with fp32 and the FX module. A causal LM runs each held-out text as a prefill with an empty
+    cache, and then decodes greedy tokens from the first, compared with the FX module's generate()."""
     _onnxruntime()  # a clear error if it is not installed
     gm = compiled.graph_module
     providers = _providers(providers)
@@ -362,23 +421,52 @@ def _verify(compiled, path, io, providers, tolerance, mode):
             if io is not None:
                 flat = _with_io_dtype(flat, io)
             flat = zip(names, flat, strict=True)
-            feeds.append({n: v.detach().cpu().numpy() for n, v in flat if isinstance(v, torch.Tensor)})
+            feed = {n: v for n, v in flat if isinstance(v, torch.Tensor)}
+            if compiled.lm is not None:
+                feed |= _empty_pasts(program, feed["input_ids"].shape[0])
+            feeds.append({onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()})
             fx_outs.append(flat_outputs(gm(*args, **kwargs)))
+    steps = _greedy_steps(compiled)
+    if steps:  # the FX module's greedy tokens from the first held-out text, which ONNX Runtime decodes too
+        ids, mask = (torch.as_tensor(feeds[0][k]).to(device) for k in ("input_ids", "attention_mask"))
+        fx_tokens = compiled.generate(ids, mask, max_new_tokens=steps)[:, ids.shape[1] :].cpu()
+        feeds[0][ort_child.FORCED] = fx_tokens.numpy()
     provider, outs = ort_child.run(path, feeds, providers)
-    onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample] for sample in outs]
+    onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample[: len(fx_outs[0])]] for sample in outs]
+    fx_outs = [[t.cpu() if t is not None else None for t in o] for o in fx_outs]
+    refs = compiled.val_refs
+    if compiled.lm is not None:  # a causal LM's logits where there is a token: padding computes nothing used
+        real = [torch.as_tensor(feed["attention_mask"])[..., None].bool() for feed in feeds]
+        onnx_outs, fx_outs, refs = (
+            [[o[0] * m] for o, m in zip(x, real, strict=True)] for x in (onnx_outs, fx_outs, refs)
+        )
     out_names = output_names(gm)
-    vs_fp32 = rel_l2(onnx_outs, compiled.val_refs, out_names)
-    vs_fx = rel_l2(onnx_outs, [[t.cpu() if t is not None else None for t in o] for o in fx_outs], out_names)
+    vs_fp32 = rel_l2(onnx_outs, refs, out_names)
+    vs_fx = rel_l2(onnx_outs, fx_outs, out_names)
+    greedy = None
+    if steps:  # each step's argmax in ONNX Runtime vs the token the FX module chose there
+        greedy = float((torch.from_numpy(outs[0][-1]) == fx_tokens).float().mean())
     worst = max([*vs_fp32.values(), *vs_fx.values()], default=0.0)
-    if not worst <= tolerance:
+    if not worst <= tolerance or (greedy is not None and greedy < GREEDY_AGREEMENT):
         msg = (
             f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
             f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
+            + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
         )
         if mode == "error":
             raise ExportError(msg)
         warnings.warn(msg, stacklevel=3)
+    if greedy is not None:
+        vs_fx["greedy_agreement"] = greedy
     return provider, vs_fp32, vs_fx
+
+
+def _greedy_steps(compiled) -> int:
+    """Greedy tokens verification decodes: 8, within the KV cache; 0 for a model not compiled to generate."""
+    if compiled.lm is None:
+        return 0
+    first = compiled.val_samples[0][1]["input_ids"]
+    return max(0, min(GREEDY_STEPS, compiled.lm.max_seq - first.shape[1]))
 
 
 def _tensor_info(value: ir.Value) -> dict:
@@ -416,10 +504,15 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset) -
         "error_vs_fp32": vs_fp32,
         "error_vs_fx_module": vs_fx,
         # fastest measured on ONNX Runtime's CUDA provider (docs/perf.md); CUDA graphs need fixed shapes
-        "cuda_provider_options": {"enable_cuda_graph": "1"}
+        "cuda_provider_options": ({} if compiled.lm else {"enable_cuda_graph": "1"})
         | ({"prefer_nhwc": "1"} if any(node.op_type == "Conv" for node in model.graph) else {}),
         "exported_by": {"mpcompiler": mpcompiler.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
     }
+    if compiled.lm is not None:
+        info["generation"] = {
+            "kv_cache": "past_key_values.{i}.key/value in, present.{i}.key/value out: [batch, kv_heads, seq, head_dim]",
+            "max_seq_compiled_for": compiled.lm.max_seq,
+        }
     json_path = path.with_name(path.name + ".json")
     write_atomic(json_path, json.dumps(info, indent=1) + "\n")
     md_path = path.with_name(path.name + ".md")
@@ -457,7 +550,9 @@ def _handoff_markdown(info: dict) -> str:
     ]
     if verified:
         errs = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fp32"].items())
-        errs_fx = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fx_module"].items())
+        errs_fx = ", ".join(
+            f"{k} {v:.0%}" if k == "greedy_agreement" else f"{k} {v:.2e}" for k, v in info["error_vs_fx_module"].items()
+        )
         held = "held-out" if verified["held_out"] else "calibration"
         samples = f"{verified['samples']} {held} sample{'s' if verified['samples'] != 1 else ''}"
         lines += [
@@ -466,6 +561,21 @@ def _handoff_markdown(info: dict) -> str:
         ]
     else:
         lines.append("Not verified in ONNX Runtime (see the export's warnings).")
+    if "generation" in info:
+        lines += [
+            "",
+            "## Generate (ONNX Runtime, CUDA if it has it, else the CPU; the KV cache stays on the device)",
+            "",
+            "The KV cache is inputs and outputs, as ONNX Runtime GenAI names them: feed each step's `present.*` "
+            "back as the next step's `past_key_values.*`. `attention_mask` covers the past and the new tokens; "
+            "prompts are left-padded, and positions count from each row's first token.",
+            "",
+            "```python",
+            _generation_snippet(info),
+            "```",
+            "",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         "## Run it (ONNX Runtime, CUDA, inputs and outputs bound on the GPU)",
@@ -476,6 +586,51 @@ def _handoff_markdown(info: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _generation_snippet(info: dict) -> str:
+    return f"""import numpy as np
+import onnxruntime as ort
+
+providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+sess = ort.InferenceSession("{info["model_file"]}", providers=providers)
+device = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+outputs = [o.name for o in sess.get_outputs()]
+
+
+def on_device(x):
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
+
+
+def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
+    # greedy tokens after left-padded int64 prompts [batch, seq]; returns prompts + new tokens
+    position_ids = np.maximum(attention_mask.cumsum(-1) - 1, 0)
+    feeds = {{"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}}
+    feeds = {{k: on_device(v.astype(np.int64)) for k, v in feeds.items()}}
+    for p in pasts:  # an empty cache: [batch, kv_heads, 0, head_dim]
+        dtype = np.float16 if p.type == "tensor(float16)" else np.float32
+        feeds[p.name] = on_device(np.zeros((input_ids.shape[0], p.shape[1], 0, p.shape[3]), dtype))
+    new, done = [], np.zeros(input_ids.shape[0], dtype=bool)
+    for _ in range(max_new_tokens):
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, device)
+        sess.run_with_iobinding(binding)
+        results = dict(zip(outputs, binding.get_outputs()))
+        token = results["logits"].numpy()[:, -1].argmax(-1)[:, None].astype(np.int64)
+        new.append(token)
+        done |= token[:, 0] == eos_token_id
+        if done.all():
+            break
+        attention_mask = np.concatenate([attention_mask, np.ones_like(token)], 1)
+        position_ids = position_ids[:, -1:] + 1
+        feeds = {{"input_ids": on_device(token), "attention_mask": on_device(attention_mask.astype(np.int64)),
+                 "position_ids": on_device(position_ids)}}
+        feeds |= {{p.name: results[p.name.replace("past_key_values.", "present.")] for p in pasts}}
+    return np.concatenate([input_ids, *new], 1)"""
 
 
 def _snippet(info: dict) -> str:

@@ -21,11 +21,19 @@ import numpy as np
 TIMEOUT_S = 600.0  # a session that runs this long on a few samples has hung
 
 
+FORCED = "__forced_tokens__"  # a feed's tokens to decode a causal LM with (see run)
+
+
 def run(
     model: Path, feeds: list[dict[str, np.ndarray]], providers: list, *, timeout: float = TIMEOUT_S
 ) -> tuple[str, list[list[np.ndarray]]]:
     """Run ``model`` on each feed dict in a child process; returns the provider that ran it and the
-    outputs per feed. Inputs and outputs travel as ``.npz`` files beside ``model``."""
+    outputs per feed. Inputs and outputs travel as ``.npz`` files beside ``model``.
+
+    A feed with tokens under :data:`FORCED` ([batch, n]) is a causal LM's prompt (``past_key_values.*``
+    inputs, ``present.*`` outputs): after the prefill the child decodes those tokens one step at a time,
+    feeding the presents back, and appends its own choice at each step, the argmax of the logits before
+    each forced token ([batch, n]), to the feed's outputs. A near tie then costs one step, not the rest."""
     from mpcompiler.errors import ExportError  # here: the child runs this file without mpcompiler
 
     folder = model.parent
@@ -64,6 +72,24 @@ def _tail(text: str, lines: int = 1) -> str:
     return " | ".join(kept)[-1500:] or "(nothing on stderr)"
 
 
+def _decode(sess, feed: dict, outs: list, forced: np.ndarray) -> np.ndarray:
+    """The argmax before each forced token, decoding them after a prefill: each step feeds the token, the
+    mask grown by one, the next positions and the presents back as the pasts."""
+    names = [o.name for o in sess.get_outputs()]
+    chosen = []
+    for step in range(forced.shape[1]):
+        chosen.append(outs[0][:, -1].argmax(-1)[:, None].astype(np.int64))
+        token = forced[:, step : step + 1].astype(np.int64)
+        pasts = {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names[1:], outs[1:], strict=True)}
+        feed = {
+            "input_ids": token,
+            "attention_mask": np.concatenate([feed["attention_mask"], np.ones_like(token)], 1),
+            "position_ids": feed["position_ids"][:, -1:] + 1,
+        } | pasts
+        outs = sess.run(None, feed)
+    return np.concatenate(chosen, 1)
+
+
 def _child(model: str, providers: str, count: str) -> None:
     import onnxruntime as ort
 
@@ -73,10 +99,14 @@ def _child(model: str, providers: str, count: str) -> None:
     with np.load("feeds.npz") as feeds:
         for i in range(int(count)):
             feed = {k.split("/", 1)[1]: feeds[k] for k in feeds.files if k.split("/", 1)[0] == str(i)}
+            forced = feed.pop(FORCED, None)
             missing = names - feed.keys()
             if missing:
                 raise ValueError(f"the artifact's inputs {sorted(missing)} are not among the model's {sorted(feed)}")
-            outs = sess.run(None, {k: v for k, v in feed.items() if k in names})
+            feed = {k: v for k, v in feed.items() if k in names}
+            outs = sess.run(None, feed)
+            if forced is not None:
+                outs = [*outs, _decode(sess, feed, outs, forced)]
             outputs |= {f"{i}/{k}": np.asarray(o) for k, o in enumerate(outs)} | {f"{i}/count": np.array(len(outs))}
     np.savez("outputs.npz", **outputs)
     print(sess.get_providers()[0])

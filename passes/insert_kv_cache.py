@@ -18,6 +18,11 @@ TensorRT-LLM's AutoDeploy do, without going through a model library's cache clas
   query (``slot <= cache_position``); a query always sees its own slot, so that a left-padding query
   has a row to attend to (no NaN to spread through the cache).
 
+``cache="io"`` (the ONNX artifact) writes the same step with the cache as inputs and outputs instead:
+``past_key_values.{i}.key``/``.value`` [B, heads, P, head_dim] in, the new keys and values concatenated
+after them, ``present.{i}.key``/``.value`` [B, heads, P + T, head_dim] out, and ``attention_mask``
+[B, P + T] over past and new tokens (ONNX Runtime GenAI's convention; docs/onnx.md).
+
 The model must take ``position_ids`` (rotary and learned positions then come from that input) and use
 ``attention_mask`` only to mask attention; the pass says so otherwise.
 """
@@ -27,8 +32,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch._dynamo.source import ConstantSource
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import DimDynamic, statically_known_true
 
 from mpcompiler.errors import CaptureError
 from mpcompiler.ir import META_KEY, NodeRecord, op_name, record
@@ -42,10 +48,14 @@ _REPEAT = frozenset("reshape view _unsafe_view expand unsqueeze slice clone cont
 
 
 class InsertKvCache(Pass):
-    """Rewrite a causal LM's planned graph into one prefill/decode step with a static KV cache."""
+    """Rewrite a causal LM's planned graph into one prefill/decode step with a KV cache: in buffers of the
+    module (``cache="buffers"``, static, for FX and CUDA graphs) or as inputs and outputs (``cache="io"``,
+    the ``past_key_values.{i}.key``/``present.{i}.key`` convention of ONNX Runtime GenAI)."""
 
-    def __init__(self, *, max_batch: int, max_seq: int):
-        self.max_batch, self.max_seq = max_batch, max_seq
+    def __init__(self, *, max_batch: int, max_seq: int, cache: str = "buffers"):
+        if cache not in ("buffers", "io"):
+            raise ValueError(f"cache={cache!r}: 'buffers' or 'io'")
+        self.max_batch, self.max_seq, self.cache = max_batch, max_seq, cache
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -60,33 +70,18 @@ class InsertKvCache(Pass):
                 "written as SDPA or as eager softmax(q @ k^T) @ v"
             )
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        batch, length = ids.meta["val"].shape
-        device = ids.meta["val"].device
         for size in [n for n in mask.users if n.target is aten.sym_size.int]:
             size.args = (ids, *size.args[1:])  # export may read the sequence length off the mask: same shape
         old_readers = set(mask.users)
-
-        with detect_fake_mode([ids.meta["val"]]):  # new inputs' sizes are the export's symbols
-            position = torch.empty((length,), dtype=torch.int64, device=device)
-            slot_mask = torch.empty((batch, self.max_seq), dtype=mask.meta["val"].dtype, device=device)
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last):
-            cache_position = graph.placeholder("cache_position")
-        cache_position.meta["val"], mask.meta["val"] = position, slot_mask
-        record(cache_position).rule = "model input"
-
+        sources = [(_source(a.args[1], a.args[0]), _source(a.args[2], a.args[0])) for a in attentions]
+        step = _Buffers(self, gm, ids, mask) if self.cache == "buffers" else _Io(gm, ids, mask, sources)
         with graph.inserting_before(attentions[0]):
-            visible = self._mask(graph, mask, cache_position, device)
-            rows = graph.call_function(aten.sym_size.int, (ids, 0))  # the batch: the cache's first rows
-            rows.meta[META_KEY] = NodeRecord(rule="kv cache", reason="the batch size")
-        for i, attention in enumerate(attentions):
-            q, k, v = attention.args[:3]
-            k, v = _source(k, q), _source(v, q)
-            grouped = _heads(k) != _heads(q)
-            keys, values = (
-                self._write(gm, attention, i, kind, x, cache_position, rows) for kind, x in (("key", k), ("value", v))
-            )
-            attention.args = (q, keys, values, visible)
+            visible = step.visible()
+        for i, (attention, (k, v)) in enumerate(zip(attentions, sources, strict=True)):
+            grouped = _heads(k) != _heads(attention.args[0])
+            with graph.inserting_before(attention):
+                keys, values = step.cache(attention, i, k, v)
+            attention.args = (attention.args[0], keys, values, visible)
             attention.kwargs = {"scale": attention.kwargs.get("scale")} | ({"enable_gqa": True} if grouped else {})
         for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
             graph.erase_node(guard)  # torch.export's checks of the inputs as captured: attention_mask changed
@@ -97,50 +92,144 @@ class InsertKvCache(Pass):
                 f"the model reads attention_mask outside its attention masks ({', '.join(stray[:3])}): with a KV "
                 "cache it covers every cache slot, which such a model would misread"
             )
-        _add_input(gm, "cache_position")
+        step.finish()
         gm.recompile()
         retype(gm)
         return PassResult(modified=True, stats={"attentions": len(attentions), "cache_slots": self.max_seq})
 
-    def _mask(self, graph, mask, cache_position, device) -> torch.fx.Node:
-        """[B, 1, T, max_seq] bool: slot s is seen by query t if it holds a token and s <= position[t],
-        or if it is t's own slot."""
 
-        def call(op, *args, **kwargs):
-            node = graph.call_function(op, args, kwargs)
-            node.meta[META_KEY] = NodeRecord(rule="kv cache", reason="which cache slots each new token sees")
-            return node
+def _call(graph, op, *args, **kwargs) -> torch.fx.Node:
+    node = graph.call_function(op, args, kwargs)
+    node.meta[META_KEY] = NodeRecord(rule="kv cache", reason="which cache slots each new token sees")
+    return node
 
-        slots = call(aten.arange.default, self.max_seq, dtype=torch.int64, device=device)
-        slots = call(aten.unsqueeze.default, slots, 0)  # [1, S]
-        position = call(aten.unsqueeze.default, cache_position, 1)  # [T, 1]
-        causal = call(aten.le.Tensor, slots, position)  # [T, S]
-        own = call(aten.eq.Tensor, slots, position)
-        filled = call(aten.ne.Scalar, mask, 0)  # [B, S]
-        filled = call(aten.unsqueeze.default, call(aten.unsqueeze.default, filled, 1), 1)  # [B, 1, 1, S]
-        return call(aten.logical_or.default, call(aten.logical_and.default, filled, causal), own)
 
-    def _write(self, gm, attention, layer: int, kind: str, new, cache_position, batch) -> torch.fx.Node:
-        """The cache of ``kind`` for attention ``layer``, with ``new`` written at cache_position."""
-        val = new.meta["val"]
-        name = f"kv_cache_{layer}_{kind}"
-        shape = (self.max_batch, int(val.shape[1]), self.max_seq, int(val.shape[3]))
-        gm.register_buffer(name, torch.zeros(shape, dtype=val.dtype, device=val.device))
+def _visible(graph, mask, slots, positions) -> torch.fx.Node:
+    """[B, 1, T, S] bool: slot s is seen by query t if it holds a token (``mask`` [B, S]) and is not after
+    the query (s <= positions[t]), or if it is t's own slot. ``slots`` is S (an int or a size node)."""
+    device = mask.meta["val"].device
+    slots = _call(
+        graph, aten.unsqueeze.default, _call(graph, aten.arange.default, slots, dtype=torch.int64, device=device), 0
+    )
+    positions = _call(graph, aten.unsqueeze.default, positions, 1)  # [T, 1]
+    causal = _call(graph, aten.le.Tensor, slots, positions)  # [T, S]
+    own = _call(graph, aten.eq.Tensor, slots, positions)
+    filled = _call(graph, aten.ne.Scalar, mask, 0)  # [B, S]
+    filled = _call(graph, aten.unsqueeze.default, _call(graph, aten.unsqueeze.default, filled, 1), 1)  # [B, 1, 1, S]
+    return _call(graph, aten.logical_or.default, _call(graph, aten.logical_and.default, filled, causal), own)
+
+
+class _Buffers:
+    """The static cache: buffers [max_batch, heads, max_seq, head_dim], written in place at the new input
+    ``cache_position``; ``attention_mask`` covers every slot."""
+
+    def __init__(self, options: InsertKvCache, gm, ids, mask):
+        self.options, self.gm, self.ids, self.attention_mask = options, gm, ids, mask
+        batch, length = ids.meta["val"].shape
+        device = ids.meta["val"].device
         graph = gm.graph
-        how = NodeRecord(
-            module_path=record(attention).module_path,
-            dtype=val.dtype,
-            rule="kv cache",
-            reason=f"{kind}s of this attention, {str(val.dtype).removeprefix('torch.')} as the plan computes them",
-        )
-        with graph.inserting_before(attention):
-            buffer = graph.get_attr(name)
-            rows = graph.call_function(aten.slice.Tensor, (buffer, 0, 0, batch))
-            # cache[:, :, cache_position] = new, as gpt-fast writes it (Inductor updates it in place)
-            written = graph.call_function(aten.index_put_.default, (rows, [None, None, cache_position], new))
+        with detect_fake_mode([ids.meta["val"]]):  # new inputs' sizes are the export's symbols
+            position = torch.empty((length,), dtype=torch.int64, device=device)
+            slot_mask = torch.empty((batch, options.max_seq), dtype=mask.meta["val"].dtype, device=device)
+        with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+            self.position = graph.placeholder("cache_position")
+        self.position.meta["val"], mask.meta["val"] = position, slot_mask
+        record(self.position).rule = "model input"
+
+    def visible(self) -> torch.fx.Node:
+        graph = self.gm.graph
+        self.rows = _call(graph, aten.sym_size.int, self.ids, 0)  # the batch: the cache's first rows
+        return _visible(graph, self.attention_mask, self.options.max_seq, self.position)
+
+    def cache(self, attention, layer: int, k, v) -> tuple[torch.fx.Node, torch.fx.Node]:
+        return self._write(attention, layer, "key", k), self._write(attention, layer, "value", v)
+
+    def _write(self, attention, layer: int, kind: str, new) -> torch.fx.Node:
+        """The cache of ``kind`` for attention ``layer``, with ``new`` written at cache_position."""
+        gm, graph, val = self.gm, self.gm.graph, new.meta["val"]
+        name = f"kv_cache_{layer}_{kind}"
+        shape = (self.options.max_batch, int(val.shape[1]), self.options.max_seq, int(val.shape[3]))
+        gm.register_buffer(name, torch.zeros(shape, dtype=val.dtype, device=val.device))
+        buffer = graph.get_attr(name)
+        rows = graph.call_function(aten.slice.Tensor, (buffer, 0, 0, self.rows))
+        # cache[:, :, cache_position] = new, as gpt-fast writes it (Inductor updates it in place)
+        written = graph.call_function(aten.index_put_.default, (rows, [None, None, self.position], new))
         for node in (buffer, rows, written):
-            node.meta[META_KEY] = NodeRecord(**{**how.__dict__})
+            node.meta[META_KEY] = _record(attention, kind, val.dtype)
         return written
+
+    def finish(self) -> None:
+        _add_input(self.gm, "cache_position")
+
+
+class _Io:
+    """The cache as inputs and outputs: ``past_key_values_{i}_key`` [B, heads, P, head_dim] in, the past and
+    the new keys concatenated out (``present.{i}.key``); ``attention_mask`` covers the past and new tokens."""
+
+    def __init__(self, gm, ids, mask, sources):
+        self.gm, self.ids, self.attention_mask = gm, ids, mask
+        graph, val = gm.graph, ids.meta["val"]
+        mode = detect_fake_mode([val])
+        past = mode.shape_env.create_unspecified_symint_and_symbol(
+            4, ConstantSource("past_sequence_length"), DimDynamic.DYNAMIC
+        )
+        self.past, self.presents = [], {}
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for layer, pair in enumerate(sources):
+            for kind, x in zip(("key", "value"), pair, strict=True):
+                with graph.inserting_after(last):
+                    last = graph.placeholder(f"past_key_values_{layer}_{kind}")
+                heads, dim = int(x.meta["val"].shape[1]), int(x.meta["val"].shape[3])
+                with mode:
+                    last.meta["val"] = torch.empty(
+                        (val.shape[0], heads, past, dim), dtype=x.meta["val"].dtype, device=val.device
+                    )
+                last.meta[META_KEY] = NodeRecord(
+                    dtype=x.meta["val"].dtype, rule="model input", reason=f"past {kind}s of attention {layer}"
+                )
+                self.past.append(last)
+        with mode:
+            mask.meta["val"] = torch.empty(
+                (val.shape[0], past + val.shape[1]), dtype=mask.meta["val"].dtype, device=val.device
+            )
+
+    def visible(self) -> torch.fx.Node:
+        graph = self.gm.graph
+        past = _call(graph, aten.sym_size.int, self.past[0], 2)
+        slots = _call(graph, aten.sym_size.int, self.attention_mask, 1)  # past + new
+        length = _call(graph, aten.sym_size.int, self.ids, 1)
+        device = self.attention_mask.meta["val"].device
+        new = _call(graph, aten.arange.default, length, dtype=torch.int64, device=device)
+        return _visible(graph, self.attention_mask, slots, _call(graph, aten.add.Tensor, new, past))
+
+    def cache(self, attention, layer: int, k, v) -> tuple[torch.fx.Node, torch.fx.Node]:
+        out = []
+        for kind, new, past in zip(("key", "value"), (k, v), self.past[2 * layer : 2 * layer + 2], strict=True):
+            present = self.gm.graph.call_function(aten.cat.default, ([past, new], 2))
+            present.meta[META_KEY] = _record(attention, kind, new.meta["val"].dtype)
+            self.presents[f"present.{layer}.{kind}"] = present
+            out.append(present)
+        return tuple(out)
+
+    def finish(self) -> None:
+        for node in self.past:
+            _add_input(self.gm, node.target)
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        info = self.gm.graph._codegen.pytree_info
+        logits = pytree.tree_leaves(output.args[0])[0]
+        outputs = {"logits": logits, **self.presents}
+        output.args = (tuple(outputs.values()),)
+        spec = pytree.tree_structure(dict.fromkeys(outputs, 0))
+        self.gm.graph._codegen.pytree_info = info._replace(out_spec=spec)
+
+
+def _record(attention, kind: str, dtype) -> NodeRecord:
+    return NodeRecord(
+        module_path=record(attention).module_path,
+        dtype=dtype,
+        rule="kv cache",
+        reason=f"{kind}s of this attention, {str(dtype).removeprefix('torch.')} as the plan computes them",
+    )
 
 
 def _heads(node: torch.fx.Node) -> int:

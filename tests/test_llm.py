@@ -1,5 +1,9 @@
 """Generation: a causal LM compiled with max_seq, its KV-cache program, and generate() against Hugging Face's."""
 
+import json
+import os
+
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -115,6 +119,39 @@ def test_generation_ends_when_every_row_has_stopped(llama):
     ref = model.generate(**prompt, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert out.shape == ref.shape and out.shape[1] <= 10
     assert torch.equal(out, greedy[:, : out.shape[1]]) and out[0, -1] == eos
+
+
+def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_loop_generates(llama, tmp_path):
+    model, compiled = llama
+    compiled.export_onnx(tmp_path / "llm.onnx")  # verified in ONNX Runtime: logits, then greedy tokens vs FX
+    graph = onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs, outputs = {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    for i in range(2):  # layers
+        for kind in ("key", "value"):
+            assert inputs[f"past_key_values.{i}.{kind}"] == ["batch_size", 2, "past_sequence_length", 16]
+            assert f"present.{i}.{kind}" in outputs
+    info = json.loads((tmp_path / "llm.onnx.json").read_text())
+    assert info["error_vs_fp32"]["logits"] < 5e-3 and info["error_vs_fx_module"]["greedy_agreement"] >= 0.85
+    # the handoff file's generation loop, run as a deployment team would
+    snippet = (tmp_path / "llm.onnx.md").read_text().split("```python\n")[-1].split("```")[0]
+    namespace = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        exec(snippet, namespace)
+    finally:
+        os.chdir(cwd)
+    torch.manual_seed(4)
+    prompt = _prompt(2, 7, pad=3)
+    got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)
+    want = compiled.generate(**prompt, max_new_tokens=10)
+    assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].numpy()).mean() >= 0.9
 
 
 def test_bad_generation_input_is_named(llama):
