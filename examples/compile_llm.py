@@ -49,6 +49,8 @@ def load(device: str):
     folder = package.submodule_search_locations[0]
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     tokenizer.padding_side = "left"  # generation appends on the right
+    if tokenizer.pad_token is None:  # transformers 5.17 reads no pad token from this GGUF file (5.24 does)
+        tokenizer.pad_token = tokenizer.eos_token
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
     return tokenizer, model.eval().to(device)
 

