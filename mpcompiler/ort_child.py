@@ -38,7 +38,8 @@ def run(
 
     folder = model.parent
     np.savez(folder / "feeds.npz", **{f"{i}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
-    args = [str(model), json.dumps(providers), str(len(feeds))]
+    # the child runs in the model's folder: a relative path would be resolved twice
+    args = [model.name, json.dumps(providers), str(len(feeds))]
     try:
         done = subprocess.run(
             [sys.executable, "-c", _script(), *args],

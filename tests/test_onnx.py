@@ -201,6 +201,15 @@ def test_bad_export_options(tmp_path):
         compiled.export_onnx(tmp_path / "t.onnx", verify="maybe")
 
 
+def test_relative_path_is_verified(tmp_path, monkeypatch):
+    """ONNX Runtime's child process runs in the artifact's folder; a relative path must still find it."""
+    compiled = mpcompiler.compile(Tiny().eval(), [torch.randn(4, 16) for _ in range(2)])
+    monkeypatch.chdir(tmp_path)
+    art = compiled.export_onnx("out/t.onnx")
+    assert art.verified_with == "CPUExecutionProvider" and max(art.error_vs_fp32.values()) < 5e-3
+    assert (tmp_path / "out" / "t.onnx").exists()
+
+
 def test_bfloat16_artifact_is_written_but_not_verified_on_the_cpu(tmp_path):
     compiled = mpcompiler.compile(Tiny().eval(), [torch.randn(4, 16)], dtype="bfloat16")
     with pytest.warns(UserWarning, match="no bf16 kernels"):
