@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -172,7 +172,29 @@ class Report:
     def save(self, path: str | Path) -> Path:
         return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
-    def __str__(self) -> str:
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        """Read a report written by :meth:`save` (``report.json``). A file that is not one is a ValueError."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not {"target", "calib_samples", "nodes"} <= data.keys():
+            raise ValueError(f"{path} is not an mpcompiler report.json (no target, calib_samples and nodes)")
+        # keys a newer mpcompiler adds are left out; a node's field an older one lacked reads as None
+        nodes = [NodeDecision(**{f.name: n.get(f.name) for f in fields(NodeDecision)}) for n in data["nodes"]]
+        accuracy = data.get("accuracy")
+        if accuracy:  # "max" is derived, not a field
+            accuracy = Accuracy(**{f.name: accuracy[f.name] for f in fields(Accuracy) if f.name in accuracy})
+        return cls(
+            target=data["target"],
+            calib_samples=data["calib_samples"],
+            nodes=nodes,
+            passes=data.get("passes") or [],
+            accuracy=accuracy or None,
+            search=data.get("search"),
+            fallback=data.get("fallback"),
+        )
+
+    def summary(self) -> list[str]:
+        """The summary's lines without the per-node ones: target, ops per dtype, accuracy, search."""
         counts = ", ".join(f"{short_dtype(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
         low = self.counts(OpClass.LOW.value)
         lines = [
@@ -190,6 +212,11 @@ class Report:
                 f"{len(s['evaluations'])} whole-model evaluations + {s['sensitivity_passes']} sensitivity passes, "
                 f"{s['wall_s']:.1f} s; FLOPs in low precision: {self.low_flop_share():.1%}"
             )
+        return lines
+
+    def __str__(self) -> str:
+        lines = self.summary()
+        if self.search is not None:
             lines += [
                 f"    culprit %{d.name:<22} {d.dtype:<8} sensitivity {d.sensitivity:.2g} @ {d.module_path or '-'}"
                 for d in self.culprits(5)

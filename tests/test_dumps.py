@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -79,3 +80,14 @@ def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     assert by_name["log_softmax"]["math_dtype"] == "float32" and by_name["linear"]["dtype"] == "float16"
     assert all(n["reason"] for n in data["nodes"])
     assert data["counts"] == compiled.report.counts()
+
+
+def test_report_json_loads_back(tmp_path):
+    """Report.load reads what compile() saved: the same nodes, counts, accuracy and summary."""
+    compiled = _compile(tmp_path, debug=False)
+    loaded = mpcompiler.Report.load(tmp_path / "report.json")
+    assert loaded.nodes == compiled.report.nodes and loaded.accuracy == compiled.report.accuracy
+    assert loaded.counts() == compiled.report.counts() and str(loaded) == str(compiled.report)
+    (tmp_path / "other.json").write_text('{"nodes": []}')
+    with pytest.raises(ValueError, match="other.json is not an mpcompiler report.json"):
+        mpcompiler.Report.load(tmp_path / "other.json")
