@@ -1,0 +1,5 @@
+"""``python -m mpcompiler``: the command line of :mod:`mpcompiler.cli`."""
+
+from mpcompiler.cli import main
+
+raise SystemExit(main())
