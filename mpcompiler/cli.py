@@ -341,7 +341,7 @@ def _inspect(args: argparse.Namespace) -> int:
     producer = f"{model.producer_name} {model.producer_version}".strip() or "unknown"
     print(f"{args.path}: ONNX IR version {model.ir_version}, opset {opsets}; producer {producer}")
     if not ours:
-        print(f"not made by mpcompiler: {args.path} has no mpcompiler.* metadata, so no precision summary")
+        print(f"not made by mpcompiler: {args.path} has no mpcompiler.* metadata_props to summarize")
     else:
         print(_summary(ours, model))
     for title, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
