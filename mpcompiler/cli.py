@@ -18,6 +18,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+import torch
+
 import mpcompiler
 from mpcompiler.files import write_atomic
 from mpcompiler.report import Report
@@ -219,8 +222,6 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    import torch
-
     factory = _load(args.model, "model factory")
     calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
     model = factory()
@@ -312,8 +313,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _onnx_type(value) -> tuple[str, str]:
     """(dtype, shape) of an ONNX graph input or output."""
-    import onnx
-
     tensor = value.type.tensor_type
     name = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
     dtype = {"float": "float32", "double": "float64"}.get(name, name)
@@ -329,8 +328,6 @@ def _per_dtype(text: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import onnx
-
     try:
         model = onnx.load(str(args.path), load_external_data=False)  # the summary needs no weights
     except Exception as exc:  # protobuf's DecodeError and OSError: the file is not a readable ONNX model
