@@ -19,9 +19,9 @@ torch.compile(mode="reduce-overhead", fullgraph=True)); HF generate with cache_i
 bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
-token's logits; CUDA-event time, median of 20 after 3 warm-ups. Rows: mpcompiler's prompt step; HF
-forward fp16 eager with a StaticCache and logits_to_keep=1 (as generate calls it); the same forward
-under torch.compile(dynamic=True) (gpt-fast's --compile_prefill).
+token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
+Rows: mpcompiler's prompt step; HF forward fp16 eager with a StaticCache and logits_to_keep=1 (as
+generate calls it); the same forward under torch.compile(dynamic=True) (gpt-fast's --compile_prefill).
 
 Writes DIR/llm.json and DIR/llm.md.
 """
@@ -38,6 +38,7 @@ import torch
 import transformers
 
 import mpcompiler
+from benchmarks.gpu import median_ms_torch
 from examples.compile_llm import load as load_smollm2
 
 SHAPES = dict(
@@ -93,21 +94,6 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
             token = logits.argmax(-1, keepdim=True)
 
     return run
-
-
-def event_ms(fn, runs: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` on the GPU, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def hf_prefill(model, ids, max_seq: int, compiled: bool):
@@ -208,7 +194,7 @@ def main():
                 if kind == "decode":
                     seconds = timed(fn, runs)
                 else:
-                    seconds = event_ms(fn) / 1e3
+                    seconds = median_ms_torch(fn) / 1e3
                 rows.append(entry | {"seconds": round(seconds, 5), "tokens_per_s": round(batch * tokens / seconds, 1),
                                      "build_s": round(time.time() - t0, 1)})  # fmt: skip
             except Exception as exc:  # one failing row must not lose the others
