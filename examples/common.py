@@ -16,7 +16,9 @@ from mpcompiler.files import write_atomic
 def parse_args(description: str, default_out: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out-dir", default=default_out, help="where results, dumps and the report go")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float16", choices=["float16", "bfloat16", "auto"], help="auto: bf16 where fp16 overflows"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--tolerance", type=float, default=1e-3, help="rel. L2 error vs fp32 to meet on held-out samples (0: none)"

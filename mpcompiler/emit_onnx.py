@@ -578,7 +578,7 @@ def _handoff_markdown(info: dict) -> str:
         return "\n".join(lines)
     lines += [
         "",
-        "## Run it (ONNX Runtime, CUDA, inputs and outputs bound on the GPU)",
+        "## Run it (ONNX Runtime, CUDA if it has it, else the CPU; inputs and outputs bound on the device)",
         "",
         "```python",
         _snippet(info),
@@ -643,15 +643,18 @@ def _snippet(info: dict) -> str:
     }
     feeds = "\n".join(
         f'binding.bind_ortvalue_input("{v["name"]}", ort.OrtValue.ortvalue_from_numpy(\n'
-        f'    np.ascontiguousarray({v["name"]}, dtype={np_types.get(v["dtype"], "np.float32")}), "cuda", 0))'
+        f"    np.ascontiguousarray({v['name']}, dtype={np_types.get(v['dtype'], 'np.float32')}), device, 0))"
         for v in info["inputs"]
     )
-    outs = "\n".join(f'binding.bind_output("{v["name"]}", "cuda")' for v in info["outputs"])
+    outs = "\n".join(f'binding.bind_output("{v["name"]}", device)' for v in info["outputs"])
     return (
         "import numpy as np\nimport onnxruntime as ort\n\n"
+        "# CUDA where this onnxruntime has it (onnxruntime-gpu), else the CPU\n"
+        'device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"\n'
         "# fastest measured; enable_cuda_graph needs the same input shapes on every run of a session\n"
         f"options = {info['cuda_provider_options']}\n"
-        f'sess = ort.InferenceSession("{info["model_file"]}", providers=[("CUDAExecutionProvider", options)])\n'
+        'providers = [("CUDAExecutionProvider", options)] if device == "cuda" else ["CPUExecutionProvider"]\n'
+        f'sess = ort.InferenceSession("{info["model_file"]}", providers=providers)\n'
         "binding = sess.io_binding()\n"
         f"# {', '.join(v['name'] for v in info['inputs'])}: numpy arrays shaped as in the table above\n"
         f"{feeds}\n{outs}\n"

@@ -1,6 +1,7 @@
 """ONNX artifact: valid, same precision plan, names, provenance, atomic, verified in ONNX Runtime (CPU)."""
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -118,7 +119,18 @@ def test_bert_onnx(bert, tmp_path):
     assert handoff["dynamic_axes"]["attention_mask"] == {"0": "attention_mask_dim0", "1": "input_ids_dim1"}
     assert handoff["verified_with"]["onnxruntime"] == ort.__version__
     md = (tmp_path / "bert.onnx.md").read_text()
-    assert "io_binding()" in md and 'bind_output("pooler_output", "cuda")' in md and "held-out" in md
+    assert "io_binding()" in md and 'bind_output("pooler_output", device)' in md and "held-out" in md
+    # the handoff's snippet, pasted as it is (here: ONNX Runtime's CPU provider)
+    snippet = md.split("```python\n")[-1].split("```")[0]
+    namespace = {k: v.numpy() for k, v in sample.items()}
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        exec(snippet, namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["device"] == ("cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
+    np.testing.assert_allclose(namespace["last_hidden_state"], out, rtol=1e-3, atol=1e-3)
 
 
 def test_resnet_onnx(resnet, tmp_path):
