@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -77,3 +79,16 @@ def compile_tiny(**options):
     model = Tiny().eval()
     data = [torch.randn(8, 16) for _ in range(4)]
     return model, mpcompiler.compile(model, data, **options)
+
+
+def run_handoff_snippet(md_path, namespace: dict) -> dict:
+    """Run the Python snippet of an ONNX handoff file as a deployment team would paste it: in the
+    artifact's folder, with ``namespace`` holding the arrays it reads; returns the namespace."""
+    snippet = md_path.read_text().split("```python\n")[-1].split("```")[0]
+    cwd = os.getcwd()
+    try:
+        os.chdir(md_path.parent)
+        exec(snippet, namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace

@@ -1,7 +1,6 @@
 """Generation: a causal LM compiled with max_seq, its KV-cache program, and generate() against Hugging Face's."""
 
 import json
-import os
 
 import onnx
 import pytest
@@ -12,6 +11,7 @@ import transformers
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import positions
+from tests.helpers import run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
 VOCAB = 1000
@@ -140,14 +140,7 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     info = json.loads((tmp_path / "llm.onnx.json").read_text())
     assert info["error_vs_fp32"]["logits"] < 5e-3 and info["error_vs_fx_module"]["greedy_agreement"] >= 0.85
     # the handoff file's generation loop, run as a deployment team would
-    snippet = (tmp_path / "llm.onnx.md").read_text().split("```python\n")[-1].split("```")[0]
-    namespace = {}
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        exec(snippet, namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = run_handoff_snippet(tmp_path / "llm.onnx.md", {})
     torch.manual_seed(4)
     prompt = _prompt(2, 7, pad=3)
     got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)

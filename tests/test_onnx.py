@@ -1,7 +1,6 @@
 """ONNX artifact: valid, same precision plan, names, provenance, atomic, verified in ONNX Runtime (CPU)."""
 
 import json
-import os
 from collections import Counter
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.export import Dim
 
 import mpcompiler
 import mpcompiler.emit_onnx
-from tests.helpers import Tiny
+from tests.helpers import Tiny, run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
 DATA_MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Expand", "Flatten"}
@@ -121,14 +120,7 @@ def test_bert_onnx(bert, tmp_path):
     md = (tmp_path / "bert.onnx.md").read_text()
     assert "io_binding()" in md and 'bind_output("pooler_output", device)' in md and "held-out" in md
     # the handoff's snippet, pasted as it is (here: ONNX Runtime's CPU provider)
-    snippet = md.split("```python\n")[-1].split("```")[0]
-    namespace = {k: v.numpy() for k, v in sample.items()}
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        exec(snippet, namespace)
-    finally:
-        os.chdir(cwd)
+    namespace = run_handoff_snippet(tmp_path / "bert.onnx.md", {k: v.numpy() for k, v in sample.items()})
     assert namespace["device"] == ("cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
     np.testing.assert_allclose(namespace["last_hidden_state"], out, rtol=1e-3, atol=1e-3)
 
