@@ -1,7 +1,7 @@
 """LLM generation on the GPU: mpcompiler's generate() against Hugging Face's and a gpt-fast-style loop.
 
     python -m benchmarks.llm --out DIR [--models tinyllama,smollm2] [--batches 1,8] [--prompt 128]
-                             [--new 128] [--prefill 512] [--deadline 420]
+                             [--new 128] [--prefill 512] [--deadline 420] [--onnx] [--autotune]
 
 Workloads: ``tinyllama``, a Llama with TinyLlama-1.1B's shapes (hidden 2048, 22 layers, 32 heads, 4 KV
 heads, MLP 5632, vocab 32000), random init; ``smollm2``, SmolLM2-135M-Instruct with its real weights
@@ -14,9 +14,13 @@ HF eager); tokens/s = batch x new tokens / time. Rows, in this order (a row that
 the next runs; past --deadline seconds the rest are skipped): mpcompiler (compiled on the GPU with
 max_seq and max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay); a
 gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
-torch.compile(mode="reduce-overhead", fullgraph=True)); HF generate with cache_implementation="static"
-(HF compiles the decode step); HF generate fp16 eager (dynamic cache); the bandwidth floor (fp16 weight
-bytes over the device-to-device copy bandwidth measured here).
+torch.compile(mode="reduce-overhead", fullgraph=True)); the prefill rows (below); with --onnx,
+mpcompiler's ONNX artifact (exported and verified in ONNX Runtime, in DIR/<model>/) run by its handoff
+file's generation loop (ONNX Runtime's CUDA provider, io_binding, each step's logits read back for the
+argmax); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
+eager (dynamic cache); with --autotune, mpcompiler with its decode step compiled under Inductor's
+max-autotune GEMM templates and coordinate-descent tuning (an experiment); the bandwidth floor (fp16
+weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
@@ -34,12 +38,15 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
 import mpcompiler
 from benchmarks.gpu import median_ms_torch
 from examples.compile_llm import load as load_smollm2
+from mpcompiler.llm import Generator
+from tests.helpers import run_handoff_snippet
 
 SHAPES = dict(
     vocab_size=32000,
@@ -96,6 +103,96 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
+def autotuned(fn):
+    """``fn`` whose first call (the compilation) runs under Inductor's max-autotune GEMM templates and
+    coordinate-descent tuning (gpt-fast's setting); only that compilation sees the flags."""
+    first = [True]
+
+    def run():
+        if first[0]:
+            first[0] = False
+            with torch._inductor.config.patch(max_autotune_gemm=True, coordinate_descent_tuning=True):
+                return fn()
+        return fn()
+
+    return run
+
+
+def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
+    """The ONNX artifact's greedy generation as the handoff file writes it (ONNX Runtime's CUDA provider,
+    inputs and outputs bound on the GPU); the artifact is exported and verified once per workload."""
+    if not artifact:
+        t0 = time.time()
+        art = compiled.export_onnx(path, verify="warn")
+        meta[f"{name}_onnx"] = {"export_s": round(time.time() - t0, 1), "verified_with": art.verified_with,
+                                "error_vs_fp32": art.error_vs_fp32, "error_vs_fx": art.error_vs_fx}  # fmt: skip
+        artifact.update(run_handoff_snippet(path.with_suffix(".onnx.md"), {}))
+        meta[f"{name}_onnx"]["providers"] = artifact["sess"].get_providers()
+    ids = ids.cpu().numpy()
+    mask = np.ones_like(ids)
+    return lambda: artifact["generate"](ids, mask, new)
+
+
+def onnx_shared_loop(path: Path, ids, new: int, graph: bool):
+    """The ONNX artifact's greedy generation as ONNX Runtime GenAI runs a GroupQueryAttention model: one
+    cache buffer per past input, [B, kv_heads, prompt + new, head_dim], bound as its present output too
+    (GroupQueryAttention writes in place); decode steps of fixed shapes (the mask as wide as the buffer),
+    so that with ``graph`` ONNX Runtime replays them as a CUDA graph (``enable_cuda_graph``)."""
+    import onnxruntime as ort
+
+    device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"  # cpu: to test it
+    options = {"enable_cuda_graph": str(int(graph))}
+    provider = ("CUDAExecutionProvider", options) if device == "cuda" else "CPUExecutionProvider"
+    sess = ort.InferenceSession(str(path), providers=[provider])
+    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    batch, length = ids.shape
+    slots, vocab = length + new, sess.get_outputs()[0].shape[-1]
+
+    def on_gpu(x):
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
+
+    kv = np.float16 if pasts[0].type == "tensor(float16)" else np.float32
+    cache = {p.name: on_gpu(np.zeros((batch, p.shape[1], slots, p.shape[3]), kv)) for p in pasts}
+
+    def binding(feeds: dict, logits):
+        b = sess.io_binding()
+        for name, value in feeds.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_ortvalue_output("logits", logits) if logits is not None else b.bind_output("logits", device)
+        for name, value in cache.items():
+            b.bind_ortvalue_input(name, value)
+            b.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        return b
+
+    ids = ids.cpu().numpy()
+    prompt = {"input_ids": on_gpu(ids), "attention_mask": on_gpu(np.ones_like(ids)),
+              "position_ids": on_gpu(np.broadcast_to(np.arange(length), ids.shape))}  # fmt: skip
+    step = {"input_ids": on_gpu(ids[:, :1]), "attention_mask": on_gpu(np.zeros((batch, slots), np.int64)),
+            "position_ids": on_gpu(ids[:, :1])}  # fmt: skip
+    logits = on_gpu(np.zeros((batch, 1, vocab), np.float32))
+    prefill, decode = binding(prompt, None), binding(step, logits)
+    eager, replay = ort.RunOptions(), ort.RunOptions()
+    eager.add_run_config_entry("gpu_graph_id", "-1")  # the prompt's shapes vary: never captured
+    replay.add_run_config_entry("gpu_graph_id", "1")
+
+    def run():
+        sess.run_with_iobinding(prefill, eager)
+        last, lengths, tokens = prefill.get_outputs()[0].numpy()[:, -1], np.full((batch, 1), length), []
+        for i in range(new):
+            tokens.append(last.argmax(-1)[:, None].astype(np.int64))
+            if i == new - 1:
+                break
+            lengths = lengths + 1
+            step["input_ids"].update_inplace(tokens[-1])
+            step["attention_mask"].update_inplace((np.arange(slots) < lengths).astype(np.int64))
+            step["position_ids"].update_inplace(lengths - 1)
+            sess.run_with_iobinding(decode, replay)
+            last = logits.numpy()[:, -1]
+        return np.concatenate(tokens, 1)
+
+    return run
+
+
 def hf_prefill(model, ids, max_seq: int, compiled: bool):
     """HF's first generation step: a StaticCache filled from the prompt, the last position's logits."""
     cache = transformers.StaticCache(config=model.config, max_cache_len=max_seq)
@@ -146,6 +243,15 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         kind="prefill", tokens=args.prefill)  # fmt: skip
     row(name, "HF forward, static cache, torch.compile(dynamic=True)", 1,
         lambda: hf_prefill(half, long, max_seq, True), kind="prefill", tokens=args.prefill)  # fmt: skip
+    if args.onnx:
+        artifact, path = {}, args.out / name / "llm.onnx"
+        for b in batches:
+            row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding)", b,
+                lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
+        for graph in (False, True):
+            for b in batches:
+                row(name, f"mpcompiler ONNX, ORT CUDA, shared KV buffers{', CUDA graph' if graph else ''}", b,
+                    lambda b=b, graph=graph: onnx_shared_loop(path, prompts[b], args.new, graph))  # fmt: skip
     for b in batches:
         row(name, "HF generate, static cache", b, lambda b=b: lambda: half.generate(
             prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
@@ -154,6 +260,11 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "HF generate, eager", b, lambda b=b: lambda: half.generate(
             prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
             runs=1)  # fmt: skip
+    if args.autotune:  # an experiment: the decode step's GEMMs under Inductor's max-autotune templates
+        tuned = Generator(ours.graph_module, ours.lm)
+        for b in batches:
+            row(name, "mpcompiler generate, decode under max-autotune (experiment)", b,
+                lambda b=b: autotuned(lambda: tuned.generate(prompts[b], max_new_tokens=args.new)))  # fmt: skip
     return weight_bytes
 
 
@@ -166,6 +277,8 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--deadline", type=float, default=420.0)
+    parser.add_argument("--onnx", action="store_true", help="export the ONNX artifact and time it in ORT CUDA")
+    parser.add_argument("--autotune", action="store_true", help="also time decode under max-autotune")
     args = parser.parse_args()
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)

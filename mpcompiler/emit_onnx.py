@@ -33,7 +33,7 @@ from mpcompiler.capture import model_device, to_device
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
-from mpcompiler.fused import onnx_translations
+from mpcompiler.fused import kv_attention, onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
@@ -80,8 +80,8 @@ def export_onnx(
 
     Args:
         path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
-        opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node), else
-            20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
+        opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node) or a
+            fused op, else 20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
         target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
             kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
         io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
@@ -108,8 +108,8 @@ def export_onnx(
         InsertKvCache(**compiled.lm.__dict__, cache="io").call(program)
     LowerFused(target=target).call(program)
     if opset is None:
-        attention = any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes)
-        opset = ATTENTION_OPSET if attention else BASE_OPSET
+        fused = {*onnx_translations(ATTENTION_OPSET), kv_attention}  # attention and fused ops: opset-23 ops
+        opset = ATTENTION_OPSET if any(n.target in fused for n in program.graph.nodes) else BASE_OPSET
     args, kwargs = _example(compiled, io)
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:
@@ -424,11 +424,13 @@ def _verify(compiled, program, path, io, providers, tolerance, mode):
             feed = {n: v for n, v in flat if isinstance(v, torch.Tensor)}
             if compiled.lm is not None:
                 feed |= _empty_pasts(program, feed["input_ids"].shape[0])
-            feeds.append({onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()})
+            feed = {onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()}
+            feeds.append(_packed_rows(feed) if compiled.lm is not None else feed)
             fx_outs.append(flat_outputs(gm(*args, **kwargs)))
     steps = _greedy_steps(compiled)
     if steps:  # the FX module's greedy tokens from the first held-out text, which ONNX Runtime decodes too
-        ids, mask = (torch.as_tensor(feeds[0][k]).to(device) for k in ("input_ids", "attention_mask"))
+        args, kwargs = to_device(compiled.val_samples[0], device)
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
         fx_tokens = compiled.generate(ids, mask, max_new_tokens=steps)[:, ids.shape[1] :].cpu()
         feeds[0][ort_child.FORCED] = fx_tokens.numpy()
     provider, outs = ort_child.run(path, feeds, providers)
@@ -436,7 +438,8 @@ def _verify(compiled, program, path, io, providers, tolerance, mode):
     fx_outs = [[t.cpu() if t is not None else None for t in o] for o in fx_outs]
     refs = compiled.val_refs
     if compiled.lm is not None:  # a causal LM's logits where there is a token: padding computes nothing used
-        real = [torch.as_tensor(feed["attention_mask"])[..., None].bool() for feed in feeds]
+        real = [torch.as_tensor(sample[1]["attention_mask"])[..., None].bool() for sample in compiled.val_samples]
+        onnx_outs = [[_unpacked_rows(o[0], m[..., 0])] for o, m in zip(onnx_outs, real, strict=True)]
         onnx_outs, fx_outs, refs = (
             [[o[0] * m] for o, m in zip(x, real, strict=True)] for x in (onnx_outs, fx_outs, refs)
         )
@@ -459,6 +462,21 @@ def _verify(compiled, program, path, io, providers, tolerance, mode):
     if greedy is not None:
         vs_fx["greedy_agreement"] = greedy
     return provider, vs_fp32, vs_fx
+
+
+def _packed_rows(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A left-padded causal-LM feed with each row's tokens moved to its front (the artifact's cache layout:
+    prompts right-padded)."""
+    shift = (feed["attention_mask"] == 0).sum(-1)
+    rows = {"input_ids", "attention_mask", "position_ids"}
+    return {k: np.stack([np.roll(r, -n) for r, n in zip(v, shift, strict=True)]) if k in rows else v
+            for k, v in feed.items()}  # fmt: skip
+
+
+def _unpacked_rows(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Outputs [B, T, ...] of a right-padded feed back at their left-padded rows' positions."""
+    shift = (mask == 0).sum(-1).tolist()
+    return torch.stack([row.roll(n, 0) for row, n in zip(out, shift, strict=True)])
 
 
 def _greedy_steps(compiled) -> int:
@@ -567,8 +585,10 @@ def _handoff_markdown(info: dict) -> str:
             "## Generate (ONNX Runtime, CUDA if it has it, else the CPU; the KV cache stays on the device)",
             "",
             "The KV cache is inputs and outputs, as ONNX Runtime GenAI names them: feed each step's `present.*` "
-            "back as the next step's `past_key_values.*`. `attention_mask` covers the past and the new tokens; "
-            "prompts are left-padded, and positions count from each row's first token.",
+            "back as the next step's `past_key_values.*`. Each row's tokens sit at the front of its cache "
+            "(ONNX Runtime's GroupQueryAttention layout): prompts are right-padded, `attention_mask` "
+            "[batch, past + new] has a row's ones first (its length is their count), positions count from 0, "
+            "and a prompt's next-token logits are at its last real token.",
             "",
             "```python",
             _generation_snippet(info),
@@ -604,15 +624,19 @@ def on_device(x):
 
 
 def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
-    # greedy tokens after left-padded int64 prompts [batch, seq]; returns prompts + new tokens
-    position_ids = np.maximum(attention_mask.cumsum(-1) - 1, 0)
-    feeds = {{"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}}
+    # greedy tokens after int64 prompts [batch, seq], padded on either side; returns prompts + new tokens.
+    # The cache keeps each row's tokens at its front (GroupQueryAttention's layout): prompts go right-padded.
+    lengths = attention_mask.sum(-1)
+    ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
+    mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
+    position_ids = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    feeds = {{"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}}
     feeds = {{k: on_device(v.astype(np.int64)) for k, v in feeds.items()}}
     for p in pasts:  # an empty cache: [batch, kv_heads, 0, head_dim]
         dtype = np.float16 if p.type == "tensor(float16)" else np.float32
-        feeds[p.name] = on_device(np.zeros((input_ids.shape[0], p.shape[1], 0, p.shape[3]), dtype))
-    new, done = [], np.zeros(input_ids.shape[0], dtype=bool)
-    for _ in range(max_new_tokens):
+        feeds[p.name] = on_device(np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), dtype))
+    new, done = [], np.zeros(ids.shape[0], dtype=bool)
+    for step in range(max_new_tokens):
         binding = sess.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
@@ -620,15 +644,17 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
             binding.bind_output(name, device)
         sess.run_with_iobinding(binding)
         results = dict(zip(outputs, binding.get_outputs()))
-        token = results["logits"].numpy()[:, -1].argmax(-1)[:, None].astype(np.int64)
+        logits = results["logits"].numpy()  # [batch, new tokens, vocab]
+        last = logits[np.arange(len(ids)), lengths - 1] if step == 0 else logits[:, -1]
+        token = last.argmax(-1)[:, None].astype(np.int64)
         new.append(token)
         done |= token[:, 0] == eos_token_id
         if done.all():
             break
-        attention_mask = np.concatenate([attention_mask, np.ones_like(token)], 1)
-        position_ids = position_ids[:, -1:] + 1
-        feeds = {{"input_ids": on_device(token), "attention_mask": on_device(attention_mask.astype(np.int64)),
-                 "position_ids": on_device(position_ids)}}
+        lengths = lengths + 1
+        mask = (np.arange(mask.shape[1] + 1) < lengths[:, None]).astype(np.int64)
+        feeds = {{"input_ids": on_device(token), "attention_mask": on_device(mask),
+                 "position_ids": on_device((lengths - 1)[:, None].astype(np.int64))}}
         feeds |= {{p.name: results[p.name.replace("past_key_values.", "present.")] for p in pasts}}
     return np.concatenate([input_ids, *new], 1)"""
 

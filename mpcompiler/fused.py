@@ -22,6 +22,13 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   crashes the process (SIGSEGV, in its MatmulTransposeFusion at the default optimization level)
   creating a session for an fp16 ``Transpose(perm=[1, 0, 2])`` feeding a ``MatMul`` with an fp16
   weight: ``nn.MultiheadAttention(batch_first=True)``'s input projection.
+- ``group_query_attention``: a causal LM's attention over its past keys and values (the ONNX artifact's
+  :func:`kv_attention`) -> ``com.microsoft.GroupQueryAttention``, ONNX Runtime's fused attention with a
+  KV cache (grouped heads read in place, flash kernels on CUDA). Its cache layout is its own: each row's
+  tokens packed at the front, lengths from ``attention_mask`` (prompts right-padded). fp16/bf16 on CUDA;
+  fp16/fp32 on the CPU. ``attention_bias`` has no CUDA kernel, hence that layout and not a mask.
+- ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
+  times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``shared_input_linears``: linears reading one input in one planned dtype (attention's q, k and v,
   a gated MLP's gate and up) -> one linear on their weights stacked, and a split: one GEMM reading
   the weights in one pass where a decode step's small GEMMs are each bound by launch and tail
@@ -51,6 +58,8 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "conv_bias_relu": {"fx-cuda": frozenset({H, B})},  # lowered on the planned graph by cuda_graph()
     "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
     "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
+    "group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
+    "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
 }
 
 
@@ -114,6 +123,63 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def kv_attention(query, key, value, past_key, past_value, attention_mask, scale: float | None = None):
+    """Attention of T new tokens over a KV cache laid out as ONNX Runtime's GroupQueryAttention lays it
+    out: row b's tokens fill slots [0, L_b), L_b = ``attention_mask[b].sum()`` (past and new tokens), and
+    its T new keys and values are written at slots max(L_b - T, 0) + t (a prompt's right padding is
+    written too, and never seen). Query t sees the filled slots up to its own.
+
+    query [B, heads, T, head_dim], key/value [B, kv_heads, T, head_dim], past_key/past_value [B, kv_heads,
+    P, head_dim], attention_mask [B, P + T]. Returns the attention [B, heads, T, head_dim] and the present
+    keys and values [B, kv_heads, P + T, head_dim]."""
+    batch, kv_heads, length, dim = key.shape
+    for x in (attention_mask, past_key, past_value):
+        torch._check(x.shape[0] == batch)  # one batch dim when exported
+    lengths = attention_mask.sum(-1, keepdim=True)  # [B, 1]
+    slots = (lengths - length).clamp(min=0) + torch.arange(length, device=key.device)  # [B, T]
+    index = slots[:, None, :, None].expand(batch, kv_heads, length, dim)
+    present_key = torch.cat([past_key, torch.zeros_like(key)], 2).scatter(2, index, key)
+    present_value = torch.cat([past_value, torch.zeros_like(value)], 2).scatter(2, index, value)
+    s = torch.arange(present_key.shape[2], device=key.device)
+    seen = ((s <= slots[..., None]) & (s < lengths[..., None])) | (s == slots[..., None])  # [B, T, P + T]
+    out = F.scaled_dot_product_attention(query, present_key, present_value, seen[:, None], scale=scale, enable_gqa=True)
+    return out, present_key, present_value
+
+
+@torch.library.custom_op("mpcompiler::group_query_attention", mutates_args=())
+def group_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kv_attention`, as one op (ONNX Runtime's GroupQueryAttention)."""
+    return kv_attention(query, key, value, past_key, past_value, attention_mask, scale)
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, attention_mask, scale):
+    for x in (attention_mask, past_key, past_value):
+        torch._check(x.shape[0] == query.shape[0])
+    present = (key.shape[0], key.shape[1], past_key.shape[2] + key.shape[2], key.shape[3])
+    return query.new_empty((*query.shape[:3], value.shape[3])), key.new_empty(present), value.new_empty(present)
+
+
+@torch.library.custom_op("mpcompiler::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in fp32, times weight, in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
 # ONNX Runtime's contrib schemas (github.com/microsoft/onnxruntime, docs/ContribOperators.md), which
 # onnxscript needs to build the nodes and onnx.checker to check them.
 _T = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")
@@ -124,7 +190,48 @@ def _param(name: str, optional: bool = False) -> OpSchema.FormalParameter:
     return OpSchema.FormalParameter(name, "T", "", param_option=option)
 
 
+_M = ("M", ["tensor(int32)"], "")
+
+
+def _int32(name: str) -> OpSchema.FormalParameter:
+    return OpSchema.FormalParameter(name, "M", "")
+
+
 _SCHEMAS = [
+    OpSchema(
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=[
+            _param("query"),
+            _param("key", True),
+            _param("value", True),
+            _param("past_key", True),
+            _param("past_value", True),
+            _int32("seqlens_k"),
+            _int32("total_sequence_length"),
+        ],
+        outputs=[_param("output"), _param("present_key", True), _param("present_value", True)],
+        type_constraints=[_T, _M],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+        ],
+    ),
+    OpSchema(  # ONNX Runtime registers it in the ONNX domain
+        "SimplifiedLayerNormalization",
+        "",
+        1,
+        inputs=[_param("X"), _param("scale")],
+        outputs=[_param("Y")],
+        type_constraints=[_T],
+        attributes=[
+            OpSchema.Attribute("axis", OpSchema.AttrType.INT, "", required=False),
+            OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+            OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False),
+        ],
+    ),
     OpSchema(
         "SkipLayerNormalization",
         "com.microsoft",
@@ -156,6 +263,28 @@ _OP = onnxscript.onnx_opset.opset23
 
 def _skip_layer_norm_onnx(x, skip, weight, bias, eps: float):
     return _MSFT.SkipLayerNormalization(x, skip, weight, bias, epsilon=eps)
+
+
+def _group_query_attention_onnx(query, key, value, past_key, past_value, attention_mask, scale: float | None = None):
+    """GroupQueryAttention on [B, T, heads * head_dim] inputs; each row's length from attention_mask."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+
+    def packed(x):  # [B, H, T, D] -> [B, T, H * D]
+        return _OP.Reshape(_OP.Transpose(x, perm=[0, 2, 1, 3]), _OP.Constant(value_ints=[0, 0, -1]))
+
+    one = _OP.Constant(value_ints=[1])
+    seqlens_k = _OP.Cast(_OP.Sub(_OP.ReduceSum(attention_mask, one, keepdims=0), _OP.CastLike(1, attention_mask)), to=6)
+    total = _OP.Cast(_OP.Squeeze(_OP.Shape(attention_mask, start=1, end=2)), to=6)  # 6: int32
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads} | ({"scale": scale} if scale is not None else {})
+    out, present_key, present_value = _MSFT.GroupQueryAttention(
+        packed(query), packed(key), packed(value), past_key, past_value, seqlens_k, total, **attrs
+    )
+    out = _OP.Transpose(_OP.Reshape(out, _OP.Constant(value_ints=[0, 0, heads, -1])), perm=[0, 2, 1, 3])
+    return out, present_key, present_value
+
+
+def _rms_norm_onnx(x, weight, eps: float):
+    return _OP.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
 
 def _bias_gelu_onnx(x, bias, approximate: str):
@@ -209,6 +338,8 @@ MASKED = -10000.0  # what a bool mask's False becomes: exp(-10000) is 0 in every
 ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.skip_layer_norm.default: _skip_layer_norm_onnx,
     torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
+    torch.ops.mpcompiler.group_query_attention.default: _group_query_attention_onnx,
+    torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
 }
 
 

@@ -30,10 +30,11 @@ def run(
     """Run ``model`` on each feed dict in a child process; returns the provider that ran it and the
     outputs per feed. Inputs and outputs travel as ``.npz`` files beside ``model``.
 
-    A feed with tokens under :data:`FORCED` ([batch, n]) is a causal LM's prompt (``past_key_values.*``
-    inputs, ``present.*`` outputs): after the prefill the child decodes those tokens one step at a time,
-    feeding the presents back, and appends its own choice at each step, the argmax of the logits before
-    each forced token ([batch, n]), to the feed's outputs. A near tie then costs one step, not the rest."""
+    A feed with tokens under :data:`FORCED` ([batch, n]) is a causal LM's right-padded prompt
+    (``past_key_values.*`` inputs, ``present.*`` outputs): after the prefill the child decodes those
+    tokens one step at a time, feeding the presents back, and appends its own choice at each step, the
+    argmax of the logits before each forced token ([batch, n]), to the feed's outputs. A near tie then
+    costs one step, not the rest."""
     from mpcompiler.errors import ExportError  # here: the child runs this file without mpcompiler
 
     folder = model.parent
@@ -74,20 +75,24 @@ def _tail(text: str, lines: int = 1) -> str:
 
 
 def _decode(sess, feed: dict, outs: list, forced: np.ndarray) -> np.ndarray:
-    """The argmax before each forced token, decoding them after a prefill: each step feeds the token, the
-    mask grown by one, the next positions and the presents back as the pasts."""
+    """The argmax before each forced token, decoding them after a prefill of right-padded prompts: each
+    step feeds the token, the mask grown by one slot per row (each row's tokens packed at its front), the
+    rows' next positions, and the presents back as the pasts."""
     names = [o.name for o in sess.get_outputs()]
+    lengths = feed["attention_mask"].sum(-1)
+    logits = outs[0][np.arange(len(lengths)), lengths - 1]  # each row's last prompt token
     chosen = []
     for step in range(forced.shape[1]):
-        chosen.append(outs[0][:, -1].argmax(-1)[:, None].astype(np.int64))
-        token = forced[:, step : step + 1].astype(np.int64)
+        chosen.append(logits.argmax(-1)[:, None].astype(np.int64))
         pasts = {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names[1:], outs[1:], strict=True)}
+        width = feed["attention_mask"].shape[1] + 1
         feed = {
-            "input_ids": token,
-            "attention_mask": np.concatenate([feed["attention_mask"], np.ones_like(token)], 1),
-            "position_ids": feed["position_ids"][:, -1:] + 1,
+            "input_ids": forced[:, step : step + 1].astype(np.int64),
+            "attention_mask": (np.arange(width) <= lengths[:, None]).astype(np.int64),
+            "position_ids": lengths[:, None].astype(np.int64),
         } | pasts
         outs = sess.run(None, feed)
+        lengths, logits = lengths + 1, outs[0][:, -1]
     return np.concatenate(chosen, 1)
 
 

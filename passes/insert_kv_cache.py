@@ -18,16 +18,22 @@ TensorRT-LLM's AutoDeploy do, without going through a model library's cache clas
   query (``slot <= cache_position``); a query always sees its own slot, so that a left-padding query
   has a row to attend to (no NaN to spread through the cache).
 
-``cache="io"`` (the ONNX artifact) writes the same step with the cache as inputs and outputs instead:
-``past_key_values.{i}.key``/``.value`` [B, heads, P, head_dim] in, the new keys and values concatenated
-after them, ``present.{i}.key``/``.value`` [B, heads, P + T, head_dim] out, and ``attention_mask``
-[B, P + T] over past and new tokens (ONNX Runtime GenAI's convention; docs/onnx.md).
+``cache="io"`` (the ONNX artifact) writes the step with the cache as inputs and outputs instead, in
+ONNX Runtime GenAI's convention (docs/onnx.md): ``past_key_values.{i}.key``/``.value`` [B, heads, P,
+head_dim] in, ``present.{i}.key``/``.value`` [B, heads, P + T, head_dim] out, and ``attention_mask``
+[B, P + T] marking each row's tokens. The cache is laid out as ONNX Runtime's GroupQueryAttention lays
+it out (``mpcompiler.fused.kv_attention``): each row's tokens packed at the front, so prompts are
+right-padded, and each attention becomes one ``kv_attention`` call, which ``lower_fused`` writes as
+GroupQueryAttention where the target has the kernel.
 
 The model must take ``position_ids`` (rotary and learned positions then come from that input) and use
 ``attention_mask`` only to mask attention; the pass says so otherwise.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import operator
 
 import torch
 import torch.fx
@@ -37,6 +43,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, statically_known_true
 
 from mpcompiler.errors import CaptureError
+from mpcompiler.fused import kv_attention
 from mpcompiler.ir import META_KEY, NodeRecord, op_name, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -78,13 +85,11 @@ class InsertKvCache(Pass):
         with graph.inserting_before(attentions[0]):
             visible = step.visible()
         for i, (attention, (k, v)) in enumerate(zip(attentions, sources, strict=True)):
-            grouped = _heads(k) != _heads(attention.args[0])
             with graph.inserting_before(attention):
-                keys, values = step.cache(attention, i, k, v)
-            attention.args = (attention.args[0], keys, values, visible)
-            attention.kwargs = {"scale": attention.kwargs.get("scale")} | ({"enable_gqa": True} if grouped else {})
+                step.attend(attention, i, k, v, visible)
         for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
             graph.erase_node(guard)  # torch.export's checks of the inputs as captured: attention_mask changed
+        step.finish()
         graph.eliminate_dead_code()
         stray = [n.format_node() for n in mask.users if n in old_readers]
         if stray:
@@ -92,7 +97,6 @@ class InsertKvCache(Pass):
                 f"the model reads attention_mask outside its attention masks ({', '.join(stray[:3])}): with a KV "
                 "cache it covers every cache slot, which such a model would misread"
             )
-        step.finish()
         gm.recompile()
         retype(gm)
         return PassResult(modified=True, stats={"attentions": len(attentions), "cache_slots": self.max_seq})
@@ -141,8 +145,12 @@ class _Buffers:
         self.rows = _call(graph, aten.sym_size.int, self.ids, 0)  # the batch: the cache's first rows
         return _visible(graph, self.attention_mask, self.options.max_seq, self.position)
 
-    def cache(self, attention, layer: int, k, v) -> tuple[torch.fx.Node, torch.fx.Node]:
-        return self._write(attention, layer, "key", k), self._write(attention, layer, "value", v)
+    def attend(self, attention, layer: int, k, v, visible) -> None:
+        """The attention reads the whole cache, ``k`` and ``v`` written into it."""
+        keys, values = self._write(attention, layer, "key", k), self._write(attention, layer, "value", v)
+        grouped = _heads(k) != _heads(attention.args[0])
+        attention.args = (attention.args[0], keys, values, visible)
+        attention.kwargs = {"scale": attention.kwargs.get("scale")} | ({"enable_gqa": True} if grouped else {})
 
     def _write(self, attention, layer: int, kind: str, new) -> torch.fx.Node:
         """The cache of ``kind`` for attention ``layer``, with ``new`` written at cache_position."""
@@ -163,8 +171,8 @@ class _Buffers:
 
 
 class _Io:
-    """The cache as inputs and outputs: ``past_key_values_{i}_key`` [B, heads, P, head_dim] in, the past and
-    the new keys concatenated out (``present.{i}.key``); ``attention_mask`` covers the past and new tokens."""
+    """The cache as inputs and outputs: ``past_key_values_{i}_key`` [B, heads, P, head_dim] in, the presents
+    [B, heads, P + T, head_dim] out (``present.{i}.key``), each attention a :func:`kv_attention` call."""
 
     def __init__(self, gm, ids, mask, sources):
         self.gm, self.ids, self.attention_mask = gm, ids, mask
@@ -193,23 +201,23 @@ class _Io:
                 (val.shape[0], past + val.shape[1]), dtype=mask.meta["val"].dtype, device=val.device
             )
 
-    def visible(self) -> torch.fx.Node:
-        graph = self.gm.graph
-        past = _call(graph, aten.sym_size.int, self.past[0], 2)
-        slots = _call(graph, aten.sym_size.int, self.attention_mask, 1)  # past + new
-        length = _call(graph, aten.sym_size.int, self.ids, 1)
-        device = self.attention_mask.meta["val"].device
-        new = _call(graph, aten.arange.default, length, dtype=torch.int64, device=device)
-        return _visible(graph, self.attention_mask, slots, _call(graph, aten.add.Tensor, new, past))
+    def visible(self) -> None:
+        return None  # kv_attention reads each row's length off attention_mask
 
-    def cache(self, attention, layer: int, k, v) -> tuple[torch.fx.Node, torch.fx.Node]:
-        out = []
-        for kind, new, past in zip(("key", "value"), (k, v), self.past[2 * layer : 2 * layer + 2], strict=True):
-            present = self.gm.graph.call_function(aten.cat.default, ([past, new], 2))
-            present.meta[META_KEY] = _record(attention, kind, new.meta["val"].dtype)
+    def attend(self, attention, layer: int, k, v, visible) -> None:
+        """The attention becomes one kv_attention call; its presents are outputs."""
+        graph = self.gm.graph
+        past_key, past_value = self.past[2 * layer : 2 * layer + 2]
+        args = (attention.args[0], k, v, past_key, past_value, self.attention_mask)
+        node = graph.call_function(kv_attention, args, {"scale": attention.kwargs.get("scale")})
+        node.meta[META_KEY] = dataclasses.replace(record(attention), inserted=False)
+        out, *presents = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
+        out.meta[META_KEY] = dataclasses.replace(record(attention))
+        for kind, present in zip(("key", "value"), presents, strict=True):
+            present.meta[META_KEY] = _record(attention, kind, k.meta["val"].dtype)
             self.presents[f"present.{layer}.{kind}"] = present
-            out.append(present)
-        return tuple(out)
+        attention.replace_all_uses_with(out)
+        graph.erase_node(attention)  # dead code elimination keeps SDPA (its dropout makes it "impure")
 
     def finish(self) -> None:
         for node in self.past:

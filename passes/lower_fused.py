@@ -10,7 +10,8 @@ Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
   SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu; in compiled.cuda_graph() for
   ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution. For ONNX
   Runtime too: a linear of a permuted input (``nn.MultiheadAttention``'s batch_first transpose) is
-  written as the permute of the linear's output, the same numbers (mpcompiler.fused says why).
+  written as the permute of the linear's output, the same numbers (mpcompiler.fused says why); a
+  causal LM's attention over its past -> GroupQueryAttention, RMSNorm -> SimplifiedLayerNormalization.
 
 Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
 """
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from mpcompiler.fused import has_kernel
+from mpcompiler.fused import has_kernel, kv_attention
 from mpcompiler.ir import META_KEY, attr_of, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
@@ -274,6 +275,61 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
         )  # fmt: skip
 
 
+# ---- ONNX Runtime: a causal LM's attention over its past (kv_attention) -> GroupQueryAttention; RMSNorm
+
+
+def _match_group_query_attention(node: torch.fx.Node) -> Match:
+    if node.target is not kv_attention:
+        return "not an attention over a KV cache (insert_kv_cache's kv_attention)"
+    dtypes = {planned_dtype(a) for a in node.args[:5]}
+    if dtypes != {planned_dtype(node)}:
+        return "queries, keys, values and the cache in different dtypes"
+    return {}
+
+
+def _rewrite_group_query_attention(gm, node: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_function(
+            torch.ops.mpcompiler.group_query_attention.default, (*node.args, node.kwargs.get("scale"))
+        )
+
+
+def _uncast(node):
+    return node.args[0] if _op(node, "_to_copy") else node
+
+
+def _match_rms_norm(out: torch.fx.Node) -> Match:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)), the statistics maybe in another dtype (casts around them)."""
+    if not _op(out, "mul") or len(out.args) != 2:
+        return "not a mul"
+    weight = next((a for a in out.args if isinstance(a, torch.fx.Node) and a.op == "get_attr" and _rank(a) == 1), None)
+    y = out.args[1] if weight is out.args[0] else out.args[0]
+    if weight is None or not _op(y, "mul") or not _only_user(y, out):
+        return "not a 1-D weight times a product read only here"
+    rsqrt = next((_uncast(a) for a in y.args if _op(_uncast(a), "rsqrt")), None)
+    x = next((a for a in y.args if a is not None and _uncast(a) is not rsqrt), None)
+    if rsqrt is None or not isinstance(x, torch.fx.Node):
+        return "not x * rsqrt(...)"
+    add = rsqrt.args[0]
+    mean, eps = _split_const(add) if _op(add, "add") else (None, None)
+    keepdim = mean.args[2] if _op(mean, "mean") and len(mean.args) > 2 else getattr(mean, "kwargs", {}).get("keepdim")
+    if not _op(mean, "mean") or eps is None or mean.args[1] not in ([-1], [_rank(mean) - 1]) or not keepdim:
+        return "not rsqrt(mean(., -1, keepdim) + eps)"
+    square = mean.args[0]
+    if not _op(square, "pow") or not _const(square.args[1], 2) or _uncast(square.args[0]) is not _uncast(x):
+        return "not the mean of x squared"
+    if value_of(weight) is None or value_of(weight).shape[0] != x.meta["val"].shape[-1]:
+        return "the weight is not one per feature"
+    if len({planned_dtype(n) for n in (x, weight, out)}) != 1:
+        return "x, weight and output in different dtypes"
+    return {"x": x, "weight": weight, "eps": eps}
+
+
+def _rewrite_rms_norm(gm, out: torch.fx.Node, m: dict) -> torch.fx.Node:
+    with gm.graph.inserting_before(out):
+        return gm.graph.call_function(torch.ops.mpcompiler.rms_norm.default, (m["x"], m["weight"], m["eps"]))
+
+
 # ---- linears of one input (attention's q, k, v; a gated MLP's gate and up) -> one linear, split
 
 
@@ -366,6 +422,13 @@ RULES = [
     Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
     Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
     Rule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
+    Rule(
+        "group_query_attention",
+        _match_group_query_attention,
+        _rewrite_group_query_attention,
+        "attention over a KV cache -> GroupQueryAttention",
+    ),
+    Rule("rms_norm", _match_rms_norm, _rewrite_rms_norm, "RMSNorm -> SimplifiedLayerNormalization"),
 ]
 
 

@@ -1,6 +1,7 @@
 """Generation: a causal LM compiled with max_seq, its KV-cache program, and generate() against Hugging Face's."""
 
 import json
+from collections import Counter
 
 import onnx
 import pytest
@@ -10,6 +11,7 @@ import transformers
 
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
+from mpcompiler import fused
 from mpcompiler.llm import positions
 from tests.helpers import run_handoff_snippet
 
@@ -137,15 +139,37 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
         for kind in ("key", "value"):
             assert inputs[f"past_key_values.{i}.{kind}"] == ["batch_size", 2, "past_sequence_length", 16]
             assert f"present.{i}.{kind}" in outputs
-    info = json.loads((tmp_path / "llm.onnx.json").read_text())
+    # ONNX Runtime's fused ops: one GroupQueryAttention per layer, RMSNorm as SimplifiedLayerNormalization
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["Attention"] == ops["Softmax"] == 0
+    assert ops["SimplifiedLayerNormalization"] == 5 and ops["Pow"] == ops["Sqrt"] == 0  # 2 per layer, final norm
+    _check_artifact(compiled, tmp_path / "llm.onnx")
+
+
+def _check_artifact(compiled, path):
+    """Verified in ONNX Runtime at export (logits vs fp32, greedy tokens vs FX); the handoff file's
+    generation loop, run as a deployment team would, generates what compiled.generate() does."""
+    info = json.loads(path.with_suffix(".onnx.json").read_text())
     assert info["error_vs_fp32"]["logits"] < 5e-3 and info["error_vs_fx_module"]["greedy_agreement"] >= 0.85
-    # the handoff file's generation loop, run as a deployment team would
-    namespace = run_handoff_snippet(tmp_path / "llm.onnx.md", {})
+    namespace = run_handoff_snippet(path.with_suffix(".onnx.md"), {})
     torch.manual_seed(4)
-    prompt = _prompt(2, 7, pad=3)
+    prompt = _prompt(2, 7, pad=3)  # left-padded, as generate() takes it: the loop packs rows to the front
     got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)
     want = compiled.generate(**prompt, max_new_tokens=10)
-    assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].numpy()).mean() >= 0.9
+    assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].cpu().numpy()).mean() >= 0.9
+
+
+def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numbers(llama, tmp_path, monkeypatch):
+    # a target without GroupQueryAttention/SimplifiedLayerNormalization kernels gets plain ops computing the
+    # same step in the same layout (rows packed at the front), so one generation loop drives either artifact
+    model, compiled = llama
+    for op in ("group_query_attention", "rms_norm"):
+        monkeypatch.setitem(fused.KERNELS, op, {})
+    compiled.export_onnx(tmp_path / "plain.onnx")
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "plain.onnx", load_external_data=False).graph.node)
+    assert ops["GroupQueryAttention"] == ops["SimplifiedLayerNormalization"] == 0 and ops["Attention"] == 2
+    assert ops["ScatterElements"] == 4  # each layer's new keys and values, written at each row's next slots
+    _check_artifact(compiled, tmp_path / "plain.onnx")
 
 
 class _Collect:
@@ -220,6 +244,22 @@ def test_generation_on_cuda_matches_hugging_face():
     out = compiled.generate(**prompt, max_new_tokens=12)
     ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
+
+
+@pytest.mark.gpu
+def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    model = _llama("cuda")
+    prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+    artifact = compiled.export_onnx(tmp_path / "llm.onnx", providers=["CUDAExecutionProvider"])
+    assert artifact.verified_with == "CUDAExecutionProvider"
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["SimplifiedLayerNormalization"] == 5
+    _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop on the CUDA provider
 
 
 def test_report_has_perplexity_and_the_search_meets_a_perplexity_tolerance():

@@ -253,3 +253,28 @@ def test_linears_of_one_input_in_one_dtype_become_one_linear_on_shared_weights()
 def test_linears_are_not_joined_before_precision_planning():
     gm = torch.export.export(_Projections().eval(), (torch.randn(2, 3, 32),)).module()
     assert LowerFused(target="fx-cpu").call(gm).stats["shared_input_linears"] == 0
+
+
+def test_rms_norm_becomes_one_op_for_onnx_runtime_in_its_planned_dtype():
+    from passes.lower_fused import _match_rms_norm
+    from tests.test_llm import _llama, _prompt
+
+    model = _llama()
+    calib = [_prompt(2, n) | {"use_cache": False} for n in (6, 9, 7, 8, 5)]
+    compiled = mpcompiler.compile(model, calib, keep_fp32=["model.norm"])  # the final norm fp32
+    gm = twin(compiled.graph_module, "Fused")
+    matches = {n: _match_rms_norm(n) for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor}
+    weights = {n: m["weight"] for n, m in matches.items() if isinstance(m, dict)}
+    # x, weight and output must share a dtype (ONNX Runtime's CPU kernel has one type for them): not fused otherwise
+    final = next(n for n in weights if "model.norm" in record(n).module_path)
+    record(weights[final]).dtype = torch.float16
+    assert _match_rms_norm(final) == "x, weight and output in different dtypes"
+    record(weights[final]).dtype = torch.float32
+    stats = LowerFused(target="ort-cpu").call(gm).stats
+    norms = [n for n in gm.graph.nodes if n.target is torch.ops.mpcompiler.rms_norm.default]
+    assert stats["rms_norm"] == len(norms) == 5  # before attention and MLP in 2 layers, and the final norm
+    assert [record(n).dtype for n in norms] == [torch.float16] * 4 + [torch.float32]
+    held = _prompt(3, 10) | {"use_cache": False}
+    with torch.no_grad():
+        ref = model(**held).logits
+    assert rel_err(gm(**held).logits, compiled(**held).logits) < 1e-3 and rel_err(gm(**held).logits, ref) < 5e-3
