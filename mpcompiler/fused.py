@@ -29,6 +29,8 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   fp16/fp32 on the CPU. ``attention_bias`` has no CUDA kernel, hence that layout and not a mask.
 - ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
+- ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
+  returns the sum too (a pre-norm block's residual stream reads it again).
 - ``shared_input_linears``: linears reading one input in one planned dtype (attention's q, k and v,
   a gated MLP's gate and up) -> one linear on their weights stacked, and a split: one GEMM reading
   the weights in one pass where a decode step's small GEMMs are each bound by launch and tail
@@ -60,6 +62,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
     "group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
     "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
+    "skip_rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
 }
 
 
@@ -180,6 +183,21 @@ def _(x, weight, eps):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("mpcompiler::skip_rms_norm", mutates_args=())
+def skip_rms_norm(
+    x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm` of x + skip, and the sum."""
+    total = x + skip
+    return rms_norm(total, weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    total = x + skip  # export learns that the shapes are equal, as from the add it replaces
+    return torch.empty_like(total), torch.empty_like(total)
+
+
 # ONNX Runtime's contrib schemas (github.com/microsoft/onnxruntime, docs/ContribOperators.md), which
 # onnxscript needs to build the nodes and onnx.checker to check them.
 _T = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")
@@ -218,6 +236,20 @@ _SCHEMAS = [
             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
         ],
+    ),
+    OpSchema(
+        "SkipSimplifiedLayerNormalization",
+        "com.microsoft",
+        1,
+        inputs=[_param("input"), _param("skip"), _param("gamma"), _param("bias", True)],
+        outputs=[
+            _param("output"),
+            OpSchema.FormalParameter("mean", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
+            OpSchema.FormalParameter("inv_std_var", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
+            _param("input_skip_bias_sum", True),
+        ],
+        type_constraints=[_T, ("U", ["tensor(float)"], "")],
+        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
     ),
     OpSchema(  # ONNX Runtime registers it in the ONNX domain
         "SimplifiedLayerNormalization",
@@ -287,6 +319,11 @@ def _rms_norm_onnx(x, weight, eps: float):
     return _OP.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
 
+def _skip_rms_norm_onnx(x, skip, weight, eps: float):
+    out, _, _, total = _MSFT.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
+    return out, total
+
+
 def _bias_gelu_onnx(x, bias, approximate: str):
     if approximate == "tanh":
         return _MSFT.FastGelu(x, bias)
@@ -340,6 +377,7 @@ ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
     torch.ops.mpcompiler.group_query_attention.default: _group_query_attention_onnx,
     torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
+    torch.ops.mpcompiler.skip_rms_norm.default: _skip_rms_norm_onnx,
 }
 
 

@@ -11,7 +11,8 @@ Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
   ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution. For ONNX
   Runtime too: a linear of a permuted input (``nn.MultiheadAttention``'s batch_first transpose) is
   written as the permute of the linear's output, the same numbers (mpcompiler.fused says why); a
-  causal LM's attention over its past -> GroupQueryAttention, RMSNorm -> SimplifiedLayerNormalization.
+  causal LM's attention over its past -> GroupQueryAttention, RMSNorm -> SimplifiedLayerNormalization
+  (with the residual add before it: SkipSimplifiedLayerNormalization).
 
 Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
 """
@@ -330,6 +331,32 @@ def _rewrite_rms_norm(gm, out: torch.fx.Node, m: dict) -> torch.fx.Node:
         return gm.graph.call_function(torch.ops.mpcompiler.rms_norm.default, (m["x"], m["weight"], m["eps"]))
 
 
+def _match_skip_rms_norm(norm: torch.fx.Node) -> Match:
+    if norm.target is not torch.ops.mpcompiler.rms_norm.default:
+        return "not an rms_norm"
+    add = norm.args[0]
+    if not _op(add, "add") or len(add.args) != 2 or add.kwargs:
+        return "its input is not an add"
+    a, b = add.args
+    if not all(isinstance(t, torch.fx.Node) for t in (a, b)) or a.meta["val"].shape != b.meta["val"].shape:
+        return "add of differently shaped values (a broadcast)"
+    if len({planned_dtype(n) for n in (a, b, add, norm)}) != 1:
+        return "operands in different dtypes"
+    return {"add": add, "x": a, "skip": b}
+
+
+def _rewrite_skip_rms_norm(gm, norm: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """One op for the norm and the sum; the add's other readers (the residual stream) read its sum."""
+    graph, add = gm.graph, m["add"]
+    with graph.inserting_before(norm):
+        both = graph.call_function(torch.ops.mpcompiler.skip_rms_norm.default, (m["x"], m["skip"], *norm.args[1:]))
+        out, total = (graph.call_function(operator.getitem, (both, i)) for i in range(2))
+    both.meta[META_KEY] = dataclasses.replace(record(norm), inserted=False)
+    total.meta["val"], total.meta[META_KEY] = add.meta.get("val"), dataclasses.replace(record(add), inserted=False)
+    add.replace_all_uses_with(total, delete_user_cb=lambda user: user is not norm)
+    return out
+
+
 # ---- linears of one input (attention's q, k, v; a gated MLP's gate and up) -> one linear, split
 
 
@@ -429,6 +456,12 @@ RULES = [
         "attention over a KV cache -> GroupQueryAttention",
     ),
     Rule("rms_norm", _match_rms_norm, _rewrite_rms_norm, "RMSNorm -> SimplifiedLayerNormalization"),
+    Rule(
+        "skip_rms_norm",
+        _match_skip_rms_norm,
+        _rewrite_skip_rms_norm,
+        "add + RMSNorm -> SkipSimplifiedLayerNormalization",
+    ),
 ]
 
 

@@ -142,7 +142,9 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     # ONNX Runtime's fused ops: one GroupQueryAttention per layer, RMSNorm as SimplifiedLayerNormalization
     ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["Attention"] == ops["Softmax"] == 0
-    assert ops["SimplifiedLayerNormalization"] == 5 and ops["Pow"] == ops["Sqrt"] == 0  # 2 per layer, final norm
+    # RMSNorm: 2 per layer and the final norm, each but the first joined to the residual add before it
+    assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["Pow"] == ops["Sqrt"] == 0
     _check_artifact(compiled, tmp_path / "llm.onnx")
 
 
@@ -163,7 +165,7 @@ def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numb
     # a target without GroupQueryAttention/SimplifiedLayerNormalization kernels gets plain ops computing the
     # same step in the same layout (rows packed at the front), so one generation loop drives either artifact
     model, compiled = llama
-    for op in ("group_query_attention", "rms_norm"):
+    for op in ("group_query_attention", "rms_norm", "skip_rms_norm"):
         monkeypatch.setitem(fused.KERNELS, op, {})
     compiled.export_onnx(tmp_path / "plain.onnx")
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "plain.onnx", load_external_data=False).graph.node)
@@ -258,7 +260,7 @@ def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path)
     artifact = compiled.export_onnx(tmp_path / "llm.onnx", providers=["CUDAExecutionProvider"])
     assert artifact.verified_with == "CUDAExecutionProvider"
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph.node)
-    assert ops["GroupQueryAttention"] == 2 and ops["SimplifiedLayerNormalization"] == 5
+    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
     _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop on the CUDA provider
 
 
