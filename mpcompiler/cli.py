@@ -24,6 +24,7 @@ import torch
 import mpcompiler
 from mpcompiler.files import write_atomic
 from mpcompiler.report import Report
+from mpcompiler.verify import Accuracy
 
 EXIT_ERROR = 2  # a bad command line, a MODULE:NAME that cannot be loaded, or an mpcompiler error
 ONNX_NAME = "model.onnx"
@@ -366,13 +367,7 @@ def _summary(meta: dict[str, str], model) -> str:
     if "mpcompiler.fx_error_vs_fp32" in meta:
         accuracy = json.loads(meta.pop("mpcompiler.fx_error_vs_fp32"))
         if accuracy:
-            where = "held-out" if accuracy.get("held_out") else "calibration"
-            errors = ", ".join(f"{k} {v:.2e}" for k, v in accuracy["per_output"].items())
-            line = f"  FX module's rel. L2 error vs fp32 on {accuracy['samples']} {where} samples: {errors}"
-            if accuracy.get("tolerance") is not None:
-                verdict = "met" if accuracy.get("met") else "NOT met"
-                line += f"; compile tolerance {accuracy['metric']} {accuracy['tolerance']:g}: {verdict}"
-            lines.append(line)
+            lines.append(f"  FX module's {Accuracy.from_dict(accuracy)}")
     if "mpcompiler.tolerance" in meta:  # export_onnx's, not compile()'s
         lines.append(f"  ONNX verification tolerance: {meta.pop('mpcompiler.tolerance')} rel. L2 vs fp32 and FX module")
     # what the ONNX nodes themselves carry (provenance), beside the FX-level counts above

@@ -182,7 +182,7 @@ class Report:
         nodes = [NodeDecision(**{f.name: n.get(f.name) for f in fields(NodeDecision)}) for n in data["nodes"]]
         accuracy = data.get("accuracy")
         if accuracy:  # "max" is derived, not a field
-            accuracy = Accuracy(**{f.name: accuracy[f.name] for f in fields(Accuracy) if f.name in accuracy})
+            accuracy = Accuracy.from_dict(accuracy)
         return cls(
             target=data["target"],
             calib_samples=data["calib_samples"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.fx
@@ -139,6 +139,7 @@ class Accuracy:
     per_output: dict[str, float]
     samples: int
     held_out: bool  # False when there were too few samples to hold any back from calibration
+    rows: int | None = None  # the samples' batch rows together (a sample may be a batch)
     metric: str = "rel_l2"
     value: float | None = None  # the metric's value (compile(tolerance=...) only)
     tolerance: float | None = None
@@ -156,10 +157,16 @@ class Accuracy:
     def to_dict(self) -> dict:
         return {**asdict(self), "max": self.max}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Accuracy:
+        """The inverse of :meth:`to_dict` (fields a report.json of an older version lacks take defaults)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
     def __str__(self) -> str:
         where = "held-out" if self.held_out else "calibration (none held out)"
         outs = ", ".join(f"{k} {v:.2e}" for k, v in self.per_output.items())
-        text = f"rel. L2 error vs fp32 on {self.samples} {where} samples: {outs}"
+        rows = f" ({self.rows} rows)" if self.rows not in (None, self.samples) else ""
+        text = f"rel. L2 error vs fp32 on {self.samples} {where} sample{'s' if self.samples != 1 else ''}{rows}: {outs}"
         if self.perplexity is not None:
             text += (
                 f"; perplexity {self.perplexity:.4g} vs fp32's {self.perplexity_fp32:.4g} "
@@ -217,6 +224,12 @@ def rel_l2(outputs: Sequence[Sequence], refs: Sequence[Sequence], names: Sequenc
     return {name: e for name, e in errs.items() if e is not None}
 
 
+def _rows(samples: Sequence[Sample]) -> int:
+    """Batch rows over the samples: each sample's first tensor's leading dim (1 for a scalar)."""
+    firsts = (next((t for t in pytree.tree_leaves(s) if isinstance(t, torch.Tensor)), None) for s in samples)
+    return sum(t.shape[0] if t is not None and t.dim() else 1 for t in firsts)
+
+
 def measure(
     fn: Callable,
     samples: Sequence[Sample],
@@ -236,7 +249,7 @@ def measure(
         for args, kwargs in samples:
             args, kwargs = to_device((args, kwargs), device)
             outs.append(flat_outputs(fn(*args, **kwargs)))
-    accuracy = Accuracy(rel_l2(outs, refs, names), samples=len(samples), held_out=held_out)
+    accuracy = Accuracy(rel_l2(outs, refs, names), samples=len(samples), held_out=held_out, rows=_rows(samples))
     if language_model:
         nll, ref = _nll(outs, refs, samples)
         accuracy = dataclasses.replace(

@@ -98,6 +98,7 @@ def test_held_out_samples_measure_the_error_and_are_not_calibrated_on():
     compiled = mpcompiler.compile(model, data)
     acc = compiled.report.accuracy
     assert acc.held_out and acc.samples == 2 and compiled.report.calib_samples == 8
+    assert acc.rows == 8 and "on 2 held-out samples (8 rows):" in str(acc)  # a sample is a batch of 4
     assert list(acc.per_output) == ["output"] and 0 < acc.max < 5e-3
     with torch.no_grad():
         direct = rel_err(
@@ -112,6 +113,7 @@ def test_val_data_and_too_few_samples():
     model = Tiny().eval()
     compiled = mpcompiler.compile(model, [torch.randn(4, 16)] * 3, val_data=[torch.randn(2, 16)])
     assert compiled.report.accuracy.held_out and compiled.report.calib_samples == 3
+    assert "on 1 held-out sample (2 rows):" in str(compiled.report.accuracy)
     few = mpcompiler.compile(model, [torch.randn(4, 16)] * 2)
     assert not few.report.accuracy.held_out and few.report.accuracy.samples == 2
     assert "none held out" in str(few.report)
