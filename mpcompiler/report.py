@@ -135,20 +135,30 @@ class Report:
         except ImportError as exc:
             raise ImportError("report.plot() needs matplotlib: pip install 'mpcompiler[plot]'") from exc
         ops = self.ops()
-        colors = {"float16": "tab:blue", "bfloat16": "tab:green"}
-        color = [colors.get(d.dtype, "tab:red") for d in ops]
-        x = range(len(ops))
+        index = {id(d): i for i, d in enumerate(ops)}
+        colors = {"float16": "tab:blue", "bfloat16": "tab:green", "float32": "tab:red"}
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(ops) / 25), 6), sharex=True)
-        measured = [i for i, d in enumerate(ops) if d.sensitivity is not None]  # candidates of the search
-        top.scatter(measured, [ops[i].sensitivity for i in measured], c=[color[i] for i in measured], s=6)
+        for dtype, color in colors.items():  # one series per dtype: the legend names them
+            mine = [i for i, d in enumerate(ops) if (d.dtype if d.dtype in colors else "float32") == dtype]
+            measured = [i for i in mine if ops[i].sensitivity is not None]  # the search's candidates
+            if measured:
+                top.scatter(measured, [ops[i].sensitivity for i in measured], c=color, s=6, label=dtype)
+            ranges = [ops[i].range["absmax"] if ops[i].range else 0 for i in mine]
+            if mine:
+                bottom.scatter(mine, ranges, c=color, s=6, label=dtype)
+        if any(d.sensitivity is not None for d in ops):
+            for d in self.culprits(5):  # the top culprits, by module path
+                top.annotate(d.module_path or d.name, (index[id(d)], d.sensitivity), fontsize=7, rotation=20,
+                             xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            top.legend(loc="best", fontsize=8, title="planned dtype", title_fontsize=8)
         top.set_yscale("log")
         top.set_ylabel("sensitivity (rel. L2 at outputs)")
-        top.set_title("blue: fp16, green: bf16, red: fp32")
-        bottom.scatter(x, [d.range["absmax"] if d.range else 0 for d in ops], c=color, s=6)
-        bottom.axhline(65504, color="gray", linestyle="--", linewidth=0.8)
+        top.set_title("each op's error at the outputs when only it runs low (compile(tolerance=...))")
+        bottom.axhline(65504, color="gray", linestyle="--", linewidth=0.8, label="fp16 max (65504)")
         bottom.set_yscale("symlog", linthresh=1e-6)
         bottom.set_ylabel("calibrated |x| max")
         bottom.set_xlabel("op, in graph order")
+        bottom.legend(loc="best", fontsize=8)
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
