@@ -19,6 +19,7 @@ from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
 from mpcompiler.errors import CaptureError, OptionError, ToleranceError
+from mpcompiler.files import clear_dumps
 from mpcompiler.llm import CALIB_NEW_TOKENS, SEQ_INPUTS, Generator, LMOptions, capture_example, sequences
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
@@ -115,7 +116,8 @@ class Options:
 
 def _writable_dir(dump_dir) -> Path:
     """``dump_dir`` created if missing and checked to take files, before any work: the first dump
-    comes after capture, the report after the whole compile, and both would be lost."""
+    comes after capture, the report after the whole compile, and both would be lost. An earlier
+    compile's dumps there are removed (a pass that does not change the graph this time writes none)."""
     try:
         path = Path(dump_dir)
     except TypeError as exc:
@@ -133,6 +135,7 @@ def _writable_dir(dump_dir) -> Path:
             else exc.strerror or str(exc)
         )
         raise OptionError(f"dump_dir={str(path)!r} cannot be created or written to: {why}") from exc
+    clear_dumps(path)
     return path
 
 

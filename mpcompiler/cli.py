@@ -22,7 +22,7 @@ import onnx
 import torch
 
 import mpcompiler
-from mpcompiler.files import write_atomic
+from mpcompiler.files import clear_dumps, write_atomic
 from mpcompiler.report import Report
 from mpcompiler.verify import Accuracy
 
@@ -31,7 +31,6 @@ ONNX_NAME = "model.onnx"
 # What `compile` writes under --out; a rerun removes these first, so no file from an earlier run
 # (a pass dump the new run does not write, an ONNX file with --no-onnx) is taken for this run's.
 OUTPUTS = ("report.json", "graph_module.py", ONNX_NAME, f"{ONNX_NAME}.md", f"{ONNX_NAME}.json", f"{ONNX_NAME}.data")
-DUMP_PATTERNS = ("[0-9][0-9]_*.txt", "report.json", "precision.png")
 
 
 class CliError(Exception):
@@ -215,11 +214,7 @@ def _clear_outputs(out: Path) -> None:
         return
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
-    dumps = out / "dumps"
-    if dumps.is_dir():
-        for pattern in DUMP_PATTERNS:
-            for f in dumps.glob(pattern):
-                f.unlink()
+    clear_dumps(out / "dumps")
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Atomic file writes: an artifact is either whole or absent, never half-written."""
+"""Atomic file writes (an artifact is either whole or absent, never half-written), and the dump folder's
+own files."""
 
 from __future__ import annotations
 
@@ -21,3 +22,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# What compile() writes in a dump folder (one dump per pass, the generation program's in generation/):
+# removed before a compile writes there, so no dump of an earlier run is read as this run's.
+DUMP_PATTERNS = ("[0-9][0-9]_*.txt", "generation/[0-9][0-9]_*.txt", "report.json", "precision.png")
+
+
+def clear_dumps(folder: Path) -> None:
+    """Remove the files an earlier compile dumped in ``folder``, and only those."""
+    for pattern in DUMP_PATTERNS:
+        for f in Path(folder).glob(pattern):
+            f.unlink()

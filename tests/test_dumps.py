@@ -61,6 +61,15 @@ def test_dump_files_and_golden_text(tmp_path):
         assert got == golden.read_text(), f"{name} differs from {golden}"
 
 
+def test_a_second_compile_into_a_dump_dir_leaves_no_dump_of_the_first(tmp_path):
+    _compile(tmp_path, debug=True)  # a dump per pass
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    _compile(tmp_path, debug=False)  # dumps only the passes that change the graph
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "08_eliminate_casts.txt" not in files and "06_place_casts.txt" not in files
+    assert "04_calibrate_ranges.txt" in files and "notes.txt" in files
+
+
 def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     compiled = _compile(tmp_path, debug=True)
     assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "08_eliminate_casts.txt"
