@@ -33,7 +33,7 @@ from mpcompiler.capture import model_device, to_device
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
-from mpcompiler.fused import kv_attention, onnx_translations
+from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
@@ -80,8 +80,9 @@ def export_onnx(
 
     Args:
         path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
-        opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node) or a
-            fused op, else 20 (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
+        opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node, or
+            GroupQueryAttention) or an RMSNorm, else 20 (ONNX Runtime's CUDA provider runs opset-23
+            convolutions slower).
         target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
             kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
         io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
@@ -108,8 +109,8 @@ def export_onnx(
         InsertKvCache(**compiled.lm.__dict__, cache="io").call(program)
     LowerFused(target=target).call(program)
     if opset is None:
-        fused = {*onnx_translations(ATTENTION_OPSET), kv_attention}  # attention and fused ops: opset-23 ops
-        opset = ATTENTION_OPSET if any(n.target in fused for n in program.graph.nodes) else BASE_OPSET
+        needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
+        opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
     args, kwargs = _example(compiled, io)
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:

@@ -381,6 +381,17 @@ ONNX_TRANSLATIONS = {
 }
 
 
+# ops whose ONNX translation is written with opset-23 ops (SDPA: ``Attention``); the contrib-op-only
+# ones (SkipLayerNormalization, BiasGelu/FastGelu, SkipSimplifiedLayerNormalization) run at any opset
+OPSET_23_OPS = frozenset(
+    {
+        torch.ops.aten.scaled_dot_product_attention.default,
+        torch.ops.mpcompiler.group_query_attention.default,
+        torch.ops.mpcompiler.rms_norm.default,
+    }
+)
+
+
 def onnx_translations(opset: int) -> dict:
     """The custom translations torch.onnx.export takes at ``opset``: the fused ops', and from opset 23
     (the first with ``Attention``) SDPA's."""

@@ -145,6 +145,7 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     # RMSNorm: 2 per layer and the final norm, each but the first joined to the residual add before it
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["Pow"] == ops["Sqrt"] == 0
+    assert {o.domain: o.version for o in onnx.load(tmp_path / "llm.onnx").opset_import}[""] == 23
     _check_artifact(compiled, tmp_path / "llm.onnx")
 
 

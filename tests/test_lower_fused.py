@@ -182,6 +182,16 @@ def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gel
     assert not has_kernel("bias_gelu", "ort-cpu", torch.float16)
 
 
+def test_a_model_without_attention_exports_at_opset_20_with_its_fused_ops(tmp_path):
+    # ORT's CUDA provider runs opset-23 convolutions slower, and the contrib ops need no opset 23
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(288, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    compiled = mpcompiler.compile(model, [torch.randn(2, 3, 8, 8) for _ in range(5)])
+    compiled.export_onnx(tmp_path / "m.onnx")
+    assert _onnx_ops(tmp_path / "m.onnx")["BiasGelu"] == 1
+    assert {o.domain: o.version for o in onnx.load(tmp_path / "m.onnx").opset_import}[""] == 20
+
+
 def test_gpt2_residual_read_twice_is_not_a_skip_layer_norm(tmp_path):
     compiled = mpcompiler.compile(_gpt2(), [{"input_ids": torch.randint(0, 1000, (2, s))} for s in (8, 12, 16, 10, 14)])
     compiled.export_onnx(tmp_path / "g.onnx")
