@@ -12,8 +12,9 @@ tokens as Hugging Face's ``generate`` does (greedy, or sampling with temperature
 returning the prompt and the new tokens, finished rows padded.
 
 On the GPU a decode step is one CUDA graph replay (:mod:`mpcompiler.cuda_graph`: Inductor's kernels
-for the fixed shapes of one new token over all ``max_batch`` rows of the cache; rows past the batch
-are idle, which costs a memory-bound step little); the prefill runs the FX program at its length.
+for the fixed shapes of one new token over the cache's first rows, one graph per power-of-two batch
+size up to ``max_batch``, captured on first use; rows past the batch are idle); the prefill runs the
+step under torch.compile at its length.
 """
 
 from __future__ import annotations
@@ -138,22 +139,18 @@ class Generator:
         self.runs = PassManager(passes, dump_dir=folder, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
-        self._graph = None  # the decode step's CUDA graph, captured on first use (False: it could not be)
+        self._graphs = {}  # rows -> the decode step's CUDA graph, captured on first use (None: it could not be)
         self._prefill = None  # the prompt step under torch.compile on the GPU, compiled on first use
 
-    def decode_graph(self) -> CudaGraphModule | None:
-        """The decode step over every row of the cache as one CUDA graph (the cache's row slices dropped:
-        Inductor then writes the cache in place, as gpt-fast's); None where torch.compile or the capture
-        fails (a warning names why; decode steps then run the FX program, slower)."""
-        if self._graph is None:
-            step = twin(self.step, "MpDecodeStep")
-            for node in list(step.graph.nodes):
-                if node.target is torch.ops.aten.slice.Tensor and record(node).rule == "kv cache":
-                    node.replace_all_uses_with(node.args[0])
-                    step.graph.erase_node(node)
-            step.graph.eliminate_dead_code()
-            step.recompile()
-            device, rows = model_device(step), self.lm.max_batch
+    def decode_graph(self, batch: int | None = None) -> CudaGraphModule | None:
+        """The decode step for ``batch`` rows (default: max_batch) as one CUDA graph, over the first
+        :func:`graph_rows` rows of the cache (a graph per such size, captured on first use: a step costs
+        what its rows cost, not the whole cache's). None where torch.compile or the capture fails (a
+        warning names why; decode steps then run the FX program, slower)."""
+        rows = graph_rows(batch or self.lm.max_batch, self.lm.max_batch)
+        if rows not in self._graphs:
+            step = self.decode_step(rows)
+            device = model_device(step)
             last = self.lm.max_seq - 1  # warm-up writes there: a prefill or decode overwrites it before any read
             example = {
                 "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
@@ -162,23 +159,40 @@ class Generator:
                 "cache_position": torch.tensor([last], device=device),
             }
             try:
-                self._graph = CudaGraphModule(step, (), example | self.extra)
+                self._graphs[rows] = CudaGraphModule(step, (), example | self.extra)
             except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
                 warnings.warn(
                     f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding with the FX program instead",
                     stacklevel=3,
                 )
-                self._graph = False
-        return self._graph or None
+                self._graphs[rows] = None
+        return self._graphs[rows]
+
+    def decode_step(self, rows: int) -> torch.fx.GraphModule:
+        """The step over the cache's first ``rows`` rows, as the decode graph compiles it: the cache's row
+        slices dropped and the step's buffers views of those rows, so that Inductor writes the cache in
+        place, as gpt-fast's."""
+        step = twin(self.step, f"MpDecodeStep{rows}")
+        for node in list(step.graph.nodes):
+            if node.target is torch.ops.aten.slice.Tensor and record(node).rule == "kv cache":
+                node.replace_all_uses_with(node.args[0])
+                step.graph.erase_node(node)
+        for name, buffer in self.step.named_buffers():
+            if name.startswith("kv_cache_"):
+                step.register_buffer(name, buffer[:rows])
+        step.graph.eliminate_dead_code()
+        step.recompile()
+        return step
 
     def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
-        replays the CUDA graph, its rows padded to max_batch."""
+        replays the CUDA graph of its batch size, its rows padded to that graph's."""
         batch = input_ids.shape[0]
-        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" and self.decode_graph() is not None:
-            pad = self.lm.max_batch - batch
-            out = self.decode_graph()(
+        graph = self.decode_graph(batch) if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" else None
+        if graph is not None:
+            pad = graph_rows(batch, self.lm.max_batch) - batch
+            out = graph(
                 input_ids=_pad_rows(input_ids, pad),
                 attention_mask=_pad_rows(attention_mask, pad),
                 position_ids=_pad_rows(position_ids, pad),
@@ -238,7 +252,7 @@ class Generator:
         device = model_device(self.step)
         ids, mask = ids.to(device), mask.to(device)
         if device.type == "cuda":
-            self.decode_graph()  # captured before the prefill: its warm-up writes stay out of this generation
+            self.decode_graph(batch)  # captured before the prefill: its warm-up writes stay out of this generation
         stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
         pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
         slots = torch.zeros(batch, self.lm.max_seq, dtype=torch.long, device=device)
@@ -275,6 +289,12 @@ class Generator:
         finished = torch.stack(finished)
         steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
         return torch.cat([ids, torch.stack(new[:steps], 1)], 1)
+
+
+def graph_rows(batch: int, max_batch: int) -> int:
+    """The rows of the decode graph that runs a batch: the next power of two, at most max_batch (a few
+    graphs serve every batch size; padding rows cost a memory-bound step little)."""
+    return min(max_batch, 1 << (batch - 1).bit_length())
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import transformers
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import fused
-from mpcompiler.llm import positions
+from mpcompiler.llm import graph_rows, positions
 from tests.helpers import run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
@@ -75,6 +75,55 @@ def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama):
     want = whole[:, 4:]  # the last prompt position, then each decode position
     err = (torch.stack(got, 1) - want).norm() / want.norm()
     assert err < 2e-3
+
+
+def _decode(step, ids, mask, slots, t, rows):
+    """One decode step of ``step`` (a decode graph's program) at slot t, the batch padded to ``rows``."""
+    pad = rows - ids.shape[0]
+    out = step(input_ids=_pad(ids[:, t : t + 1], pad), attention_mask=_pad(slots, pad),
+               position_ids=_pad(positions(mask)[:, t : t + 1], pad), cache_position=torch.tensor([t]),
+               use_cache=False)  # fmt: skip
+    return torch.utils._pytree.tree_leaves(out)[0][: ids.shape[0], -1]
+
+
+def _pad(x, rows):
+    return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_decode_graph_program_writes_the_shared_cache_through_its_rows(llama, rows):
+    # what the GPU's decode graph compiles, under torch.compile here: the cache's first rows as views,
+    # written in place (each step reads the slots the steps before it wrote)
+    model, compiled = llama
+    torch.manual_seed(2)
+    seq = _prompt(2, 9, pad=2)
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    whole = compiled(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    gen = compiled.generator
+    slots = torch.zeros(2, 64, dtype=torch.long)
+    slots[:, :5] = mask[:, :5]
+    gen(ids[:, :5], slots, positions(mask)[:, :5], torch.arange(5))
+    step = torch.compile(gen.decode_step(rows), backend="aot_eager", dynamic=False)
+    got = []
+    for t in range(5, 9):
+        slots[:, t] = 1
+        got.append(_decode(step, ids, mask, slots, t, rows))
+    want = whole[:, 5:]
+    assert (torch.stack(got, 1) - want).norm() / want.norm() < 2e-3
+    assert [graph_rows(b, 8) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+
+
+def test_grouped_query_attention_reads_the_cache_unrepeated(llama):
+    # each key/value head's queries attend as one group: SDPA without enable_gqa (which has no fused
+    # kernel with a mask but cuDNN's) over the cache's 2 key/value heads
+    _, compiled = llama
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    attentions = [n for n in compiled.generator.step.graph.nodes if n.target is sdpa]
+    assert len(attentions) == 2
+    for node in attentions:
+        q, k, _, mask = (a.meta["val"] for a in node.args[:4])
+        assert "enable_gqa" not in node.kwargs and q.shape[1] == k.shape[1] == 2 and k.shape[2] == 64
+        assert mask.shape[1] == 1 and mask.shape[2] == q.shape[2]  # 2 query heads per group x T
 
 
 def test_rotary_angles_and_rms_norm_statistics_stay_fp32(llama):
@@ -243,10 +292,24 @@ def test_generation_on_cuda_matches_hugging_face():
     prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
     compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
     prompt = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
-    assert compiled.generator.decode_graph() is not None  # each decode step one CUDA graph replay
+    assert compiled.generator.decode_graph(2) is not None  # each decode step one CUDA graph replay
     out = compiled.generate(**prompt, max_new_tokens=12)
     ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
+    alone = compiled.generate(**{k: v[1:] for k, v in prompt.items()}, max_new_tokens=12)  # the 1-row graph
+    assert sorted(compiled.generator._graphs) == [1, 2] and (alone[0, 7:] == ref[1, 7:]).float().mean() >= 0.9
+    # the step's attention runs a fused kernel with its mask, for a prompt and a decode step alike: not
+    # cuDNN's alone, and not the math fallback (fp32 over a repeated cache, 2x slower a step on the H200)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    slots = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+    slots[:, :7] = prompt["attention_mask"]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]), torch.no_grad():
+        for t, ids in ((torch.arange(7), prompt["input_ids"]), (torch.tensor([7]), out[:, 7:8])):
+            position = positions(slots)[:, t.cuda()]
+            compiled.generator.step(input_ids=ids, attention_mask=slots, position_ids=position,
+                                    cache_position=t.cuda(), use_cache=False)  # fmt: skip
+            slots[:, 7] = 1
 
 
 @pytest.mark.gpu
