@@ -194,17 +194,23 @@ def onnx_shared_loop(path: Path, ids, new: int, graph: bool):
 
 
 def hf_prefill(model, ids, max_seq: int, compiled: bool):
-    """HF's first generation step: a StaticCache filled from the prompt, the last position's logits."""
+    """HF's first generation step: a StaticCache filled from the prompt, the last position's logits. The
+    compiled peer compiles the forward alone, as gpt-fast's --compile_prefill compiles its prefill."""
     cache = transformers.StaticCache(config=model.config, max_cache_len=max_seq)
     position = torch.arange(ids.shape[1], device=ids.device)
+
+    def forward():
+        return model(input_ids=ids, past_key_values=cache, cache_position=position, logits_to_keep=1).logits
+
+    forward = torch.compile(forward, dynamic=True) if compiled else forward
 
     def step():
         # transformers 5.17's StaticLayer writes at its own running length, not at cache_position: each
         # timed prefill starts from an empty cache (HF's documented reset between generations)
         cache.reset()
-        return model(input_ids=ids, past_key_values=cache, cache_position=position, logits_to_keep=1).logits
+        return forward()
 
-    return torch.compile(step, dynamic=True) if compiled else step
+    return step
 
 
 def build_model(name: str):
