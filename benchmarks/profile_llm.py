@@ -1,0 +1,106 @@
+"""Where a TinyLlama-shaped generation spends its GPU time: one decode-graph replay per batch size and the
+512-token prompt step, each as a kernel table (torch.profiler), with the HF prefill peers beside them.
+
+    python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--hf]      (needs a CUDA GPU)
+
+Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each batch
+size: the replay's time (CUDA events, mean of 50 after 3 warm-ups), kernels per replay, and the kernels
+by time; the prompt step's median time (benchmarks/gpu.py's timer), its wall time, and its kernels. With
+--hf, HF's eager and compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+import mpcompiler
+from benchmarks.gpu import median_ms_torch
+from benchmarks.llm import SHAPES, hf_prefill
+
+MAX_SEQ, MAX_BATCH = 576, 8
+
+
+def mean_ms(fn, runs: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / runs
+
+
+def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:
+    """(kernel ms per call, kernels per call, the top kernels by time) of ``fn``."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [k for k in prof.key_averages() if k.self_device_time_total > 0]
+    lines = [
+        f"{k.self_device_time_total / calls:9.1f} us  x{k.count / calls:5.0f}  {k.key[:110]}"
+        for k in sorted(rows, key=lambda k: -k.self_device_time_total)[:top]
+    ]
+    total = sum(k.self_device_time_total for k in rows) / calls / 1e3
+    return total, sum(k.count for k in rows) / calls, lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--rows", default="1,8", help="decode graphs' batch sizes")
+    parser.add_argument("--hf", action="store_true", help="HF's eager and compiled prefill too")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as benchmarks/llm.py runs every row
+    result, text = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}, []
+
+    def report(label: str, fn, calls: int, top: int = 22):
+        ms, count, lines = kernels(fn, calls, top)
+        result[label] = result.get(label, {}) | {"kernel_ms": round(ms, 4), "kernels": round(count)}
+        text.extend([f"== {label}: {ms:.4f} ms of kernels a call, {count:.0f} kernels", *lines])
+        print("\n".join(text[-len(lines) - 1 :]), flush=True)
+
+    torch.manual_seed(0)
+    fp32 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES)).eval().cuda()
+    calib = [torch.randint(3, 32000, (2, 32 + 8 * i), device="cuda") for i in range(5)]
+    compiled = mpcompiler.compile(fp32, calib, max_seq=MAX_SEQ, max_batch=MAX_BATCH)
+    with torch.no_grad():
+        for rows in (int(r) for r in args.rows.split(",")):
+            graph = compiled.generator.decode_graph(rows)
+            result[f"decode {rows} rows"] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
+            report(f"decode {rows} rows", graph.graph.replay, calls=5)
+        long = torch.randint(3, 32000, (1, 512), device="cuda")
+        ones = torch.ones(1, MAX_SEQ, dtype=torch.long, device="cuda")
+        positions = torch.arange(512, device="cuda")
+
+        def prompt():
+            return compiled.generator(long, ones, positions[None], positions)
+
+        result["prompt step"] = {"median_ms": round(median_ms_torch(prompt), 4)}
+        report("prompt step", prompt, calls=3)
+        if args.hf:
+            half = type(fp32)(fp32.config).eval().cuda()
+            half.load_state_dict(fp32.state_dict())
+            half = half.to(torch.float16)
+            for label, flag in (("HF prefill eager", False), ("HF prefill compiled", True)):
+                fn = hf_prefill(half, long, MAX_SEQ, flag)
+                result[label] = {"median_ms": round(median_ms_torch(fn), 4)}
+                report(label, fn, calls=3, top=12)
+    (args.out / "profile_llm.json").write_text(json.dumps(result, indent=1))
+    (args.out / "profile_llm.txt").write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
