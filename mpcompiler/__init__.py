@@ -9,8 +9,11 @@ compiled.export_onnx("model.onnx")                 # ONNX for ONNX Runtime, veri
 fast = compiled.cuda_graph(example)                # on the GPU: one CUDA graph replay per call, fixed shapes
 """
 
-from mpcompiler.api import CompiledModule, Options, compile
-from mpcompiler.emit_onnx import OnnxArtifact
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from mpcompiler.errors import (
     CalibrationError,
     CaptureError,
@@ -21,7 +24,34 @@ from mpcompiler.errors import (
     PassError,
     ToleranceError,
 )
-from mpcompiler.report import Report
+
+if TYPE_CHECKING:
+    from mpcompiler.api import CompiledModule, Options, compile
+    from mpcompiler.emit_onnx import OnnxArtifact
+    from mpcompiler.report import Report
+
+# The compiler's names load on first use (PEP 562): importing torch and the compiler takes seconds,
+# which the command line's --help and a script that only catches mpcompiler's errors need not pay.
+_LAZY = {
+    "compile": "mpcompiler.api",
+    "CompiledModule": "mpcompiler.api",
+    "Options": "mpcompiler.api",
+    "OnnxArtifact": "mpcompiler.emit_onnx",
+    "Report": "mpcompiler.report",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mpcompiler' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

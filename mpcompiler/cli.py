@@ -18,13 +18,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import onnx
-import torch
-
 import mpcompiler
 from mpcompiler.files import clear_dumps, write_atomic
-from mpcompiler.report import Report
-from mpcompiler.verify import Accuracy
+
+# torch, onnx and the compiler load inside the command that needs them: --help and a bad command line
+# answer at once (importing them all took ~9 s on the CPU)
 
 EXIT_ERROR = 2  # a bad command line, a MODULE:NAME that cannot be loaded, or an mpcompiler error
 ONNX_NAME = "model.onnx"
@@ -218,6 +216,8 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    import torch
+
     factory = _load(args.model, "model factory")
     calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
     model = factory()
@@ -271,6 +271,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from mpcompiler.report import Report
+
     try:
         report = Report.load(args.path)
     except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
@@ -309,6 +311,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _onnx_type(value) -> tuple[str, str]:
     """(dtype, shape) of an ONNX graph input or output."""
+    import onnx
+
     tensor = value.type.tensor_type
     name = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
     dtype = {"float": "float32", "double": "float64"}.get(name, name)
@@ -324,6 +328,8 @@ def _per_dtype(text: str) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import onnx
+
     try:
         model = onnx.load(str(args.path), load_external_data=False)  # the summary needs no weights
     except Exception as exc:  # protobuf's DecodeError and OSError: the file is not a readable ONNX model
@@ -345,6 +351,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _summary(meta: dict[str, str], model) -> str:
+    from mpcompiler.verify import Accuracy
+
     """The precision summary from the model's ``mpcompiler.*`` metadata_props (docs/onnx.md)."""
     meta = dict(meta)
     lines = [f"precision summary (mpcompiler {meta.pop('mpcompiler.version', '?')}):"]

@@ -174,3 +174,17 @@ def test_python_dash_m_mpcompiler_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "mpcompiler", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: mpcompiler")
     assert "inspect" in done.stdout
+
+
+def test_help_and_the_package_import_load_neither_torch_nor_onnx():
+    # the compiler's names load on first use: --help answers at once (it took ~9 s on this CPU)
+    code = (
+        "import sys, mpcompiler\n"
+        "from mpcompiler.cli import main\n"
+        "try:\n    main(['compile', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))\n"
+        "print(mpcompiler.compile.__module__, 'compile' in dir(mpcompiler))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["[]", "mpcompiler.api True"]
