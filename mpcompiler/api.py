@@ -34,6 +34,7 @@ from mpcompiler.passes import (
     SearchPrecision,
 )
 from mpcompiler.report import Report
+from mpcompiler.triton_repo import export_triton
 from mpcompiler.verify import METRICS, Metric, measure, output_names, references
 
 log = logging.getLogger("mpcompiler")
@@ -225,6 +226,7 @@ class CompiledModule(torch.nn.Module):
         return self.graph_module(*args, **kwargs)
 
     export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring
+    export_triton = export_triton  # export_triton(compiled, repo, name, ...): a Triton model repository
 
     def cuda_graph(self, example) -> CudaGraphModule:
         """The fastest mode on the GPU: this module under ``torch.compile``, captured as one CUDA graph
