@@ -1,7 +1,7 @@
 """LLM generation on the GPU: mpcompiler's generate() against Hugging Face's and a gpt-fast-style loop.
 
     python -m benchmarks.llm --out DIR [--models tinyllama,smollm2] [--batches 1,8] [--prompt 128]
-                             [--new 128] [--prefill 512] [--deadline 420] [--onnx] [--autotune]
+                             [--new 128] [--prefill 512] [--deadline 420] [--onnx] [--experiments]
 
 Workloads: ``tinyllama``, a Llama with TinyLlama-1.1B's shapes (hidden 2048, 22 layers, 32 heads, 4 KV
 heads, MLP 5632, vocab 32000), random init; ``smollm2``, SmolLM2-135M-Instruct with its real weights
@@ -18,8 +18,9 @@ torch.compile(mode="reduce-overhead", fullgraph=True)); the prefill rows (below)
 mpcompiler's ONNX artifact (exported and verified in ONNX Runtime, in DIR/<model>/) run by its handoff
 file's generation loop (ONNX Runtime's CUDA provider, io_binding, each step's logits read back for the
 argmax); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
-eager (dynamic cache); with --autotune, mpcompiler with its decode step compiled under Inductor's
-max-autotune GEMM templates and coordinate-descent tuning (an experiment); the bandwidth floor (fp16
+eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways
+(``EXPERIMENTS``: Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share
+of its tokens equal to the default path's in llm.json; the bandwidth floor (fp16
 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
@@ -33,6 +34,7 @@ Writes DIR/llm.json and DIR/llm.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mpcompiler
 from benchmarks.gpu import median_ms_torch
@@ -103,19 +106,35 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
-def autotuned(fn):
-    """``fn`` whose first call (the compilation) runs under Inductor's max-autotune GEMM templates and
-    coordinate-descent tuning (gpt-fast's setting); only that compilation sees the flags."""
-    first = [True]
+@contextlib.contextmanager
+def fp16_math_attention():
+    """SDPA written as its math form in fp16 (no fp32 upcast): Inductor then writes the grouped-query
+    attention of a decode step as two small batched GEMMs and a softmax kernel, parallel over the cache's
+    slots, where the memory-efficient kernel parallelizes over queries and heads only."""
+    saved = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(saved)
 
-    def run():
-        if first[0]:
-            first[0] = False
-            with torch._inductor.config.patch(max_autotune_gemm=True, coordinate_descent_tuning=True):
-                return fn()
-        return fn()
 
-    return run
+EXPERIMENTS = {  # decode-step variants, compiled under each context; the default path's tokens checked
+    "decode under max-autotune": lambda: torch._inductor.config.patch(
+        max_autotune_gemm=True, coordinate_descent_tuning=True
+    ),  # gpt-fast's setting: Inductor's GEMM templates for the fixed shapes, tuned
+    "attention as fp16 math": fp16_math_attention,
+}
+
+
+def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
+    """A generation whose steps ``generator`` compiles under ``context`` (its first call, here); records
+    in ``meta[key]`` the share of its tokens equal to mpcompiler's default path's."""
+    with context():
+        tokens = generator.generate(prompt, max_new_tokens=new)
+    meta[key] = round(float((tokens == ours.generate(prompt, max_new_tokens=new)).float().mean()), 4)
+    return lambda: generator.generate(prompt, max_new_tokens=new)
 
 
 def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
@@ -269,11 +288,13 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "HF generate, eager", b, lambda b=b: lambda: half.generate(
             prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
             runs=1)  # fmt: skip
-    if args.autotune:  # an experiment: the decode step's GEMMs under Inductor's max-autotune templates
-        tuned = Generator(ours.graph_module, ours.lm)
-        for b in batches:
-            row(name, "mpcompiler generate, decode under max-autotune (experiment)", b,
-                lambda b=b: autotuned(lambda: tuned.generate(prompts[b], max_new_tokens=args.new)))  # fmt: skip
+    if args.experiments:  # decode-step variants, each on a generator of its own
+        for label, context in EXPERIMENTS.items():
+            variant = Generator(ours.graph_module, ours.lm)
+            for b in batches:
+                row(name, f"mpcompiler generate, {label} (experiment)", b,
+                    lambda b=b, v=variant, c=context, k=f"{name} {label} b{b} token agreement": experiment(
+                        ours, v, c, prompts[b], args.new, meta, k))  # fmt: skip
     return weight_bytes
 
 
@@ -287,7 +308,7 @@ def main():
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--deadline", type=float, default=420.0)
     parser.add_argument("--onnx", action="store_true", help="export the ONNX artifact and time it in ORT CUDA")
-    parser.add_argument("--autotune", action="store_true", help="also time decode under max-autotune")
+    parser.add_argument("--experiments", action="store_true", help="also time decode-step variants (EXPERIMENTS)")
     parser.add_argument("--only", default="", help="comma-separated words: run only the rows naming one")
     args = parser.parse_args()
     start = time.time()
