@@ -194,6 +194,7 @@ def _optimized(model, example, tmp: Path) -> str:
     opt.convert_float_to_float16(keep_io_types=True)
     path = str(tmp / "bert_legacy_opt_fp16.onnx")
     opt.save_model_to_file(path)
+    print(json.dumps({"optimizer fused ops": opt.get_fused_operator_statistics()}), flush=True)  # issue #12
     return path
 
 
