@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -85,7 +86,8 @@ Writes, under --out DIR (earlier outputs of this command there are replaced):
                         mpcompiler has no save/load of a compiled module (to run it, compile
                         again in Python, or deploy model.onnx)
   DIR/model.onnx        the ONNX artifact, verified in ONNX Runtime, with its handoff notes
-                        model.onnx.md and model.onnx.json (not with --no-onnx)""",
+                        model.onnx.md and model.onnx.json (not with --no-onnx)
+  DIR/triton/NAME/      with --triton NAME: a Triton model repository holding that artifact""",
         epilog="""\
 example:
   # mymodels.py: def build(): return MyNet()
@@ -139,6 +141,12 @@ example:
         choices=["error", "warn", "off"],
         help="the ONNX artifact's check in ONNX Runtime on the held-out samples: error (fail past 5e-3 "
         "rel. L2 error vs fp32 or the FX module), warn, or off (no ONNX Runtime needed) (default: %(default)s)",
+    )
+    compile_.add_argument(
+        "--triton",
+        metavar="NAME",
+        help="also write DIR/triton/NAME/ (config.pbtxt and 1/model.onnx), a Triton Inference Server model "
+        "repository for its ONNX Runtime backend, from the verified artifact (docs/deploy.md)",
     )
     compile_.set_defaults(run=_compile)
 
@@ -213,11 +221,14 @@ def _clear_outputs(out: Path) -> None:
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     clear_dumps(out / "dumps")
+    shutil.rmtree(out / "triton", ignore_errors=True)
 
 
 def _compile(args: argparse.Namespace) -> int:
     import torch
 
+    if args.triton and not args.onnx:
+        raise CliError("--triton packages the ONNX artifact: drop --no-onnx")
     factory = _load(args.model, "model factory")
     calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
     model = factory()
@@ -250,6 +261,9 @@ def _compile(args: argparse.Namespace) -> int:
         else:
             checked = "not verified in ONNX Runtime"
         print(f"wrote {artifact.path} ({checked}) and its handoff notes {artifact.handoff}")
+        if args.triton:
+            folder = compiled.export_triton(out / "triton", args.triton, artifact=artifact)
+            print(f"wrote {folder}/ (a Triton model repository: tritonserver --model-repository={out / 'triton'})")
     return 0
 
 

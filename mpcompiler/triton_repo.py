@@ -4,6 +4,7 @@ Writes, for Triton's ONNX Runtime backend::
 
     repo/name/config.pbtxt          the model configuration (text protobuf, Triton's ModelConfig)
     repo/name/1/model.onnx          the verified ONNX artifact (export_onnx), its handoff notes beside it
+                                    (or a copy of an artifact exported before, under its own file name)
 
 The configuration comes from the artifact's handoff JSON: each input and output with its Triton dtype
 and dims (a dynamic dim is -1). When every input and output has the same dynamic first dim (the batch),
@@ -20,6 +21,7 @@ export leaves an earlier version of the model as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -54,6 +56,7 @@ def export_triton(
     max_batch_size: int | None = None,
     instances: int = 1,
     kind: str = "gpu",
+    artifact=None,
     **onnx_options,
 ) -> Path:
     """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.onnx`` for Triton's ONNX Runtime backend.
@@ -67,6 +70,9 @@ def export_triton(
             compiled for generation, else 8. Ignored (0) where the artifact has no batch dim.
         instances: model instances per device (``instance_group``'s count).
         kind: ``"gpu"`` (ONNX Runtime's CUDA provider) or ``"cpu"``.
+        artifact: an :class:`~mpcompiler.OnnxArtifact` this module's ``export_onnx`` wrote: copied into
+            the repository with its handoff and weights files, under their names (the config then
+            names the model file), instead of exporting again.
         onnx_options: passed to :meth:`export_onnx` (``io_dtype``, ``verify``, ``tolerance``, ...).
 
     Returns the model's folder. Raises :class:`~mpcompiler.OptionError` for a bad name or option, and
@@ -79,13 +85,18 @@ def export_triton(
     for option, value in (("instances", instances), ("max_batch_size", max_batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OptionError(f"{option} must be a positive int; got {value!r}")
+    if artifact is not None and onnx_options:
+        raise OptionError(f"artifact= is exported already: {', '.join(onnx_options)} would not apply to it")
     if max_batch_size is None:
         max_batch_size = compiled.lm.max_batch if compiled.lm is not None else 8
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
-        artifact = compiled.export_onnx(staging / "1" / "model.onnx", **onnx_options)
+        if artifact is None:
+            artifact = compiled.export_onnx(staging / "1" / "model.onnx", **onnx_options)
+        else:
+            artifact = _copied(artifact, staging / "1")
         info = json.loads(artifact.handoff.with_suffix(".json").read_text())
         (staging / "config.pbtxt").write_text(model_config(info, name, max_batch_size, instances, kind))
         target = repo / name
@@ -102,12 +113,24 @@ def export_triton(
     return target
 
 
+def _copied(artifact, folder: Path):
+    """``artifact``'s files (the model, its handoff notes, its external weights) copied into ``folder``
+    under their names: the model refers to its weights file by name, the handoff to the model's."""
+    folder.mkdir(parents=True)
+    files = [artifact.path, artifact.handoff, artifact.handoff.with_suffix(".json"), artifact.external_data]
+    for source in (f for f in files if f is not None):
+        shutil.copy2(source, folder / source.name)
+    return dataclasses.replace(artifact, path=folder / artifact.path.name, handoff=folder / artifact.handoff.name)
+
+
 def model_config(info: dict, name: str, max_batch_size: int, instances: int, kind: str) -> str:
     """Triton's ModelConfig for the artifact described by its handoff JSON ``info``, as text protobuf."""
     tensors = info["inputs"] + info["outputs"]
     first = {str(t["shape"][0]) if t["shape"] and isinstance(t["shape"][0], str) else None for t in tensors}
     batched = len(first) == 1 and None not in first
     lines = [f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch_size if batched else 0}"]
+    if info.get("model_file", "model.onnx") != "model.onnx":
+        lines.append(f'default_model_filename: "{info["model_file"]}"')
     for field, values in (("input", info["inputs"]), ("output", info["outputs"])):
         entries = []
         for t in values:

@@ -25,7 +25,8 @@ def compiled_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "mlp"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # capsys is per test; this fixture is per module
-        rc = main(["compile", MODEL, "--calib", CALIB, "--out", str(out), "--tolerance", "1e-3", "--keep-fp32", "fc2"])
+        rc = main(["compile", MODEL, "--calib", CALIB, "--out", str(out), "--tolerance", "1e-3", "--keep-fp32", "fc2",
+                   "--triton", "mlp"])  # fmt: skip
     assert rc == 0
     return out, printed.getvalue()
 
@@ -36,6 +37,10 @@ def test_compile_writes_report_dumps_code_and_onnx(compiled_dir):
         assert (out / name).is_file(), name
     assert (out / "dumps" / "00_capture.txt").is_file() and (out / "dumps" / "report.json").is_file()
     assert "def forward" in (out / "graph_module.py").read_text()
+    # the Triton repository holds a copy of the same verified artifact, not a second export
+    triton = out / "triton" / "mlp"
+    assert (triton / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert 'name: "mlp"' in (triton / "config.pbtxt").read_text() and f"wrote {triton}/" in printed
 
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == "float16" and report["calib_samples"] == 8  # 10 samples, 2 held out
@@ -148,7 +153,7 @@ def test_a_rerun_replaces_the_earlier_outputs_and_only_them(compiled_dir, tmp_pa
     stale = [out / "dumps" / "precision.png", *(out / "dumps").glob("*_search_precision.txt")]
     assert len(stale) == 2  # the tolerance search's outputs; this run has none
     assert main(["compile", MODEL, "--calib", CALIB, "--out", str(out), "--no-onnx"]) == 0
-    assert not (out / "model.onnx").exists() and not any(f.exists() for f in stale)
+    assert not (out / "model.onnx").exists() and not (out / "triton").exists() and not any(f.exists() for f in stale)
     assert (out / "notes.txt").read_text() == "the user's"
     report = json.loads((out / "report.json").read_text())
     assert report["search"] is None and report["counts"] == {"float16": 4}  # no keep_fp32 this time
@@ -188,3 +193,8 @@ def test_help_and_the_package_import_load_neither_torch_nor_onnx():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["[]", "mpcompiler.api True"]
+
+
+def test_triton_needs_the_onnx_artifact(tmp_path, capsys):
+    assert main(["compile", MODEL, "--calib", CALIB, "--out", str(tmp_path), "--no-onnx", "--triton", "m"]) == 2
+    assert "--triton packages the ONNX artifact: drop --no-onnx" in capsys.readouterr().err

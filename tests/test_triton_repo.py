@@ -140,3 +140,15 @@ def test_a_static_artifact_keeps_the_handoffs_cuda_graphs():
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [1, 3, 8, 8]
     with pytest.raises(mpcompiler.OptionError, match="complex64"):
         model_config(info | {"outputs": [{"name": "y", "dtype": "complex64", "shape": [1]}]}, "cnn", 8, 1, "gpu")
+
+
+def test_an_exported_artifact_is_copied_under_its_own_name(mlp, tmp_path):
+    _, compiled = mlp
+    artifact = compiled.export_onnx(tmp_path / "net.onnx")
+    folder = compiled.export_triton(tmp_path / "repo", "net", artifact=artifact)
+    config = _parse((folder / "config.pbtxt").read_text())
+    assert config.default_model_filename == "net.onnx"
+    assert sorted(p.name for p in (folder / "1").iterdir()) == ["net.onnx", "net.onnx.json", "net.onnx.md"]
+    assert (folder / "1" / "net.onnx").read_bytes() == artifact.path.read_bytes()
+    with pytest.raises(mpcompiler.OptionError, match="io_dtype would not apply"):
+        compiled.export_triton(tmp_path / "repo", "net", artifact=artifact, io_dtype="float16")
