@@ -27,6 +27,7 @@ from mpcompiler.errors import (
 
 if TYPE_CHECKING:
     from mpcompiler.api import CompiledModule, Options, compile
+    from mpcompiler.dynamo_backend import backend
     from mpcompiler.emit_onnx import OnnxArtifact
     from mpcompiler.report import Report
 
@@ -37,6 +38,7 @@ _LAZY = {
     "CompiledModule": "mpcompiler.api",
     "Options": "mpcompiler.api",
     "OnnxArtifact": "mpcompiler.emit_onnx",
+    "backend": "mpcompiler.dynamo_backend",
     "Report": "mpcompiler.report",
 }
 
@@ -69,5 +71,6 @@ __all__ = [
     "Report",
     "ToleranceError",
     "__version__",
+    "backend",
     "compile",
 ]
