@@ -103,7 +103,12 @@ def export_triton(
         if target.exists():  # swap: the old folder is removed only once the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
             target.rename(old / name)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except BaseException:
+                (old / name).rename(target)  # the earlier model back where it was
+                old.rmdir()
+                raise
             shutil.rmtree(old)
         else:
             staging.rename(target)

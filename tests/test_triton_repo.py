@@ -81,6 +81,26 @@ def test_a_failed_export_leaves_the_model_as_it_was(mlp, tmp_path, monkeypatch):
     assert (repo / "mlp" / "config.pbtxt").read_text() == config
 
 
+def test_a_failed_swap_puts_the_earlier_model_back(mlp, tmp_path, monkeypatch):
+    _, compiled = mlp
+    repo = tmp_path / "repo"
+    compiled.export_triton(repo, "mlp")
+    config = (repo / "mlp" / "config.pbtxt").read_text()
+    rename = Path.rename
+
+    def failing(self, target):  # the new folder cannot move in (the old one already moved aside)
+        if self.name.startswith(".mlp.") and ".old." not in self.name:
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk full"):
+        compiled.export_triton(repo, "mlp", max_batch_size=4)
+    monkeypatch.undo()
+    assert (repo / "mlp" / "config.pbtxt").read_text() == config
+    assert [p.name for p in repo.iterdir()] == ["mlp"]
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
