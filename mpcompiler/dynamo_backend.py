@@ -15,15 +15,18 @@ Dynamo hands the backend each graph it captures, with the module's parameters an
 inputs. The backend makes them the graph's own weights again (so the plan converts them once), reads
 each calibration sample's values for the graph's other inputs off the function's arguments, through
 the source dynamo records for each input (``L['x']``, ``L['batch']['input_ids']``), and compiles the
-graph with :func:`mpcompiler.compile`. A graph that starts after a graph break reads intermediate
-values that no sample gives: it runs as dynamo captured it, in fp32, and a warning names it
-(``fullgraph=True`` turns a break into an error instead). Each recompilation (a new shape, by dynamo's
-rules; ``dynamic=False`` keeps them to one per shape) calibrates and compiles again. Module paths are
+graph with :func:`mpcompiler.compile`. A graph of other code than the function torch.compile was
+applied to (after a graph break) reads intermediate values that no sample gives: it runs as dynamo
+captured it, in fp32, and a warning names it (``fullgraph=True`` turns a break into an error instead).
+Each recompilation (a new shape, by dynamo's rules; ``dynamic=False`` keeps them to one per shape)
+calibrates and compiles again, or runs as captured (a warning says so) where the samples cannot be
+captured in its shapes. Module paths are
 the model's (``encoder.layer.0.attention``), in the report and for ``keep_fp32``.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import re
 import warnings
@@ -40,9 +43,10 @@ class Backend:
     """A torch.compile backend that compiles each captured graph with :func:`mpcompiler.compile`."""
 
     def __init__(self, calib_data, **options):
-        self.samples = list(calib_data)
+        self.samples = list(calib_data)  # read once: every graph and recompilation calibrates on them
         self.options = options
         self.compiled = []  # one CompiledModule per graph compiled, in order
+        self.entry = None  # the code torch.compile was applied to: the first graph's
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options=None, **_):
         from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -53,18 +57,17 @@ class Backend:
             raise OptionError(f"give compile()'s options to mpcompiler.backend(calib_data, ...), not options={options}")
         tx = InstructionTranslator.current_tx()
         code = tx.f_code
-        if code.co_name.startswith(RESUMED):
-            warnings.warn(
-                f"mpcompiler backend: a graph after a graph break in {code.co_name.removeprefix(RESUMED)} "
-                "reads intermediate values that no calibration sample gives; it runs as captured, in fp32 "
-                "(torch.compile(..., fullgraph=True) makes the break an error)",
-                stacklevel=2,
-            )
-            return gm.forward
-        root, inputs = _with_weights(gm, example_inputs, _arguments(code))
+        self.entry = self.entry or code
+        if code is not self.entry:  # after a graph break: a resumed function, or a callee compiled alone
+            return _as_captured(gm, f"reads values from inside {self.entry.co_name} (after a graph break in "
+                                    f"{code.co_name.removeprefix(RESUMED)})")  # fmt: skip
+        root, inputs = _with_weights(gm, example_inputs, tx.f_locals)
         samples = [_graph_inputs(sample, i, code, tx.f_locals, inputs) for i, sample in enumerate(self.samples)]
-        with torch._guards.tracing(None):  # outside dynamo's fake tensors: compile() runs the real model
-            compiled = mpcompiler.compile(root, samples, **self.options)
+        try:
+            with torch._guards.tracing(None):  # outside dynamo's fake tensors: compile() runs the real model
+                compiled = mpcompiler.compile(root, samples, **self.options)
+        except mpcompiler.CaptureError as exc:  # seen: a recompilation for a shape the samples do not have
+            return _as_captured(gm, f"cannot be captured on the calibration samples ({exc})")
         self.compiled.append(compiled)
         positions = [position for position, _ in inputs]
 
@@ -74,6 +77,15 @@ class Backend:
         return run
 
 
+def _as_captured(gm: torch.fx.GraphModule, why: str):
+    warnings.warn(
+        f"mpcompiler backend: a graph {why}; it runs as captured, in fp32 (torch.compile(..., fullgraph=True) "
+        "makes a graph break an error)",
+        stacklevel=3,
+    )
+    return gm.forward
+
+
 def backend(calib_data, **options) -> Backend:
     """A torch.compile backend for ``torch.compile(model, backend=...)``: each graph torch.compile
     captures is compiled by :func:`mpcompiler.compile` with ``calib_data`` (samples of the compiled
@@ -81,15 +93,21 @@ def backend(calib_data, **options) -> Backend:
     return Backend(calib_data, **options)
 
 
+_BY_OPTIONS: dict[int, tuple[dict, Backend]] = {}  # torch passes one options dict per torch.compile call
+
+
 def entry_point(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **_):
-    """``torch.compile(model, backend="mpcompiler", options={"calib_data": ..., ...})``."""
-    options = dict(options or {})
-    if "calib_data" not in options:
+    """``torch.compile(model, backend="mpcompiler", options={"calib_data": ..., ...})``: one Backend per
+    torch.compile call (its options dict), so that calib_data is read once for all its graphs."""
+    if not options or "calib_data" not in options:
         raise OptionError(
             "backend='mpcompiler' needs calibration data: torch.compile(model, backend='mpcompiler', "
             "options={'calib_data': samples, ...}), or backend=mpcompiler.backend(samples, ...)"
         )
-    return Backend(options.pop("calib_data"), **options)(gm, example_inputs)
+    if id(options) not in _BY_OPTIONS:
+        rest = {k: v for k, v in options.items() if k != "calib_data"}
+        _BY_OPTIONS[id(options)] = (options, Backend(options["calib_data"], **rest))  # options kept: id stays
+    return _BY_OPTIONS[id(options)][1](gm, example_inputs)
 
 
 def _source_name(node: torch.fx.Node) -> str:
@@ -97,18 +115,18 @@ def _source_name(node: torch.fx.Node) -> str:
     return name() if callable(name) else name  # a method in older torch, a property in 2.14
 
 
-def _with_weights(gm, example_inputs, arguments) -> tuple[torch.fx.GraphModule, list]:
-    """A copy of ``gm`` whose inputs read from the frame's arguments stay inputs, and whose others (the
-    module's parameters and buffers, read from ``self`` or globals) are its weights; and the inputs kept,
-    as (position among gm's inputs, source name)."""
+def _with_weights(gm, example_inputs, frame: dict) -> tuple[torch.fx.GraphModule, list]:
+    """A copy of ``gm`` whose inputs read from the call's arguments stay inputs, and whose others (the
+    modules' parameters and buffers, globals) are its weights; and the inputs kept, as (position among
+    gm's inputs, source name). ``frame``: the traced call's arguments."""
     graph = torch.fx.Graph()
     env, inputs = {}, []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for position, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
         source = _source_name(node)
-        base = re.match(r"L\['(\w+)'\]", source)
-        weight = any(f"._{kind}[" in source for kind in ("parameters", "buffers", "modules"))
-        if base and base.group(1) in arguments and base.group(1) != "self" and not weight:
+        state = "._parameters[" in source or "._buffers[" in source or isinstance(value, torch.nn.Parameter)
+        arguments = [n for n in re.findall(r"L\['(\w+)'\]", source) if not isinstance(frame.get(n), torch.nn.Module)]
+        if arguments and not state:
             if not isinstance(value, torch.Tensor):
                 raise OptionError(
                     f"mpcompiler backend: graph input {source} is a {type(value).__name__}, not a tensor "
@@ -135,10 +153,11 @@ def _with_weights(gm, example_inputs, arguments) -> tuple[torch.fx.GraphModule, 
 
 
 def _module_path(path: str) -> str:
-    """A module's path as the model names it, from dynamo's source form (``L['self'].layers[0].fc``)."""
+    """A module's path as the model names it, from dynamo's source form (``L['self'].layers[0].fc``,
+    ``L['fn'].2`` inside nn.Sequential, ``G['model'].fc`` for a global model)."""
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"^[LG]\['\w+'\]\.?", "", path)  # the root: self, a wrapper's fn, a global model
 
 
 def _arguments(code) -> tuple[str, ...]:
@@ -151,10 +170,10 @@ def _arguments(code) -> tuple[str, ...]:
 def _frame(sample, code, template: dict) -> dict:
     """The compiled function's arguments for a calibration sample (a tensor, a tuple of positional
     arguments or a dict of keyword arguments), bound as Python would; ``template`` (the call dynamo
-    traced) gives only the modules (``self``). A decorator's ``wrapper(*args, **kwargs)`` (transformers'
-    forwards) keeps the module it was called on as its first positional argument."""
-    if isinstance(sample, dict):
-        args, kwargs = (), sample
+    traced) gives only the modules (``self``), which take no sample's value. A decorator's
+    ``wrapper(*args, **kwargs)`` (transformers' forwards) keeps its module as the first positional one."""
+    if hasattr(sample, "keys"):  # a dict, a tokenizer's BatchEncoding
+        args, kwargs = (), dict(sample)
     else:
         args, kwargs = (tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)), {}
     names = code.co_varnames
@@ -162,7 +181,7 @@ def _frame(sample, code, template: dict) -> dict:
     varargs = names[len(named)] if code.co_flags & inspect.CO_VARARGS else None
     varkw = names[len(named) + (varargs is not None)] if code.co_flags & inspect.CO_VARKEYWORDS else None
     frame = {k: v for k, v in template.items() if isinstance(v, torch.nn.Module)}  # self; the rest: the sample's
-    positional = [n for n in names[: code.co_argcount] if n != "self"]
+    positional = [n for n in names[: code.co_argcount] if not isinstance(template.get(n), torch.nn.Module)]
     frame.update(zip(positional, args, strict=False))
     if varargs is not None:
         lead = [a for a in template.get(varargs, ()) if isinstance(a, torch.nn.Module)]
@@ -185,7 +204,7 @@ def _graph_inputs(sample, index: int, code, template: dict, inputs) -> tuple:
     values = []
     for _, source in inputs:
         try:
-            value = eval(source, {"__builtins__": {}}, {"L": frame})  # a source name: L['kwargs']['input_ids']
+            value = eval(source, {"__builtins__": builtins}, {"L": frame})  # a source: L['kwargs']['input_ids']
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             value, why = None, f"{type(exc).__name__}: {exc}"
         else:

@@ -69,7 +69,8 @@ def test_keyword_inputs_of_a_hugging_face_model():
         mask[1, 9:] = 0
         return {"input_ids": torch.randint(0, 200, (2, 12)), "attention_mask": mask}
 
-    backend = mpcompiler.backend([sample() for _ in range(10)], keep_fp32="encoder.layer.1")
+    samples = [transformers.BatchEncoding(sample()) for _ in range(10)]  # a tokenizer's output
+    backend = mpcompiler.backend(samples, keep_fp32="encoder.layer.1")
     fast = torch.compile(bert, backend=backend, dynamic=False)
     x = sample()
     with torch.no_grad():
@@ -118,3 +119,60 @@ def test_a_sample_that_does_not_fit_the_arguments_is_named():
     backend = mpcompiler.backend([(torch.randn(8, 16), torch.randn(8, 16)) for _ in range(10)])
     with pytest.raises(Exception, match="a calibration sample has 2 positional arguments"), torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(torch.randn(8, 16))
+
+
+class Outer(nn.Module):
+    """A graph break inside a submodule: dynamo compiles the submodule's forward as a graph of its own,
+    whose input is an intermediate value (here 100x the model's input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.block = nn.Linear(16, 16), Broken()
+
+    def forward(self, x):
+        return self.block(self.pre(x) * 100)
+
+
+def test_a_callee_compiled_alone_after_a_break_is_not_calibrated_on_the_models_inputs():
+    torch.manual_seed(0)
+    model = Outer().eval()
+    backend = mpcompiler.backend(iter([torch.randn(8, 16) for _ in range(10)]))  # read once
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    x = torch.randn(8, 16)
+    with pytest.warns(UserWarning, match="reads values from inside forward"), torch.no_grad():
+        assert _rel(fast(x), model(x)) < 5e-3
+    assert len(backend.compiled) == 1  # the model's own graph, up to the call into the block
+
+
+def test_sequential_module_paths_are_the_models():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    backend = mpcompiler.backend([torch.randn(8, 4, 4) for _ in range(10)], keep_fp32="3")
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    x = torch.randn(8, 4, 4)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) < 5e-3
+    dtypes = {n.module_path: n.dtype for n in backend.compiled[0].report.nodes if n.op == "linear"}
+    assert dtypes == {"1": "float16", "3": "float32"}  # dynamo calls them L['fn'].1 and L['fn'].3
+
+
+class Reshaping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], -1))  # dynamo bakes the batch size into the graph
+
+
+def test_a_recompilation_for_a_shape_the_samples_lack_runs_as_captured():
+    torch.manual_seed(0)
+    model = Reshaping().eval()
+    backend = mpcompiler.backend([torch.randn(8, 4, 4) for _ in range(10)])
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    eight, three = torch.randn(8, 4, 4), torch.randn(3, 4, 4)
+    with torch.no_grad():
+        assert _rel(fast(eight), model(eight)) < 5e-3
+        with pytest.warns(UserWarning, match="cannot be captured on the calibration samples"):
+            assert _rel(fast(three), model(three)) < 1e-6  # fp32, as captured
+    assert len(backend.compiled) == 1
