@@ -229,6 +229,10 @@ def _compile(args: argparse.Namespace) -> int:
 
     if args.triton and not args.onnx:
         raise CliError("--triton packages the ONNX artifact: drop --no-onnx")
+    if args.triton:
+        from mpcompiler.triton_repo import check_name
+
+        check_name(args.triton)  # before the compile, not after it
     factory = _load(args.model, "model factory")
     calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
     model = factory()
@@ -365,9 +369,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _summary(meta: dict[str, str], model) -> str:
+    """The precision summary from the model's ``mpcompiler.*`` metadata_props (docs/onnx.md)."""
     from mpcompiler.verify import Accuracy
 
-    """The precision summary from the model's ``mpcompiler.*`` metadata_props (docs/onnx.md)."""
     meta = dict(meta)
     lines = [f"precision summary (mpcompiler {meta.pop('mpcompiler.version', '?')}):"]
     labels = {

@@ -10,9 +10,9 @@ The configuration comes from the artifact's handoff JSON: each input and output 
 and dims (a dynamic dim is -1). When every input and output has the same dynamic first dim (the batch),
 ``max_batch_size`` is set, that dim leaves ``dims`` (Triton adds it) and the dynamic batcher is on;
 otherwise ``max_batch_size`` is 0 and the dims are whole. A GPU instance group runs ONNX Runtime's CUDA
-provider with the provider options the handoff measured fastest (``prefer_nhwc`` for CNNs), and
-``enable_cuda_graph`` only for an artifact whose every dim is static: ONNX Runtime replays a CUDA graph
-for the shapes it captured, and the dynamic batcher (or a new sequence length) changes them.
+provider with the provider options the handoff measured fastest (``prefer_nhwc`` for CNNs), except
+``enable_cuda_graph``: ONNX Runtime replays a CUDA graph on the buffers it captured, and Triton's backend
+binds each request's own (and its dynamic batcher changes the shapes).
 docs/deploy.md covers serving and scale-out.
 
 The model's folder is built beside the repository's others and moved into place at the end: a failed
@@ -45,7 +45,8 @@ TRITON_TYPES = {
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
 }
-FIXED_SHAPES = {"enable_cuda_graph"}  # provider options for inputs of one shape on every call
+# ONNX Runtime's CUDA graph replays the buffers it captured; Triton's backend binds each request's own
+NOT_UNDER_TRITON = {"enable_cuda_graph"}
 
 
 def export_triton(
@@ -78,8 +79,7 @@ def export_triton(
     Returns the model's folder. Raises :class:`~mpcompiler.OptionError` for a bad name or option, and
     what export_onnx raises (the repository then holds what it held before).
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise OptionError(f"Triton model name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    check_name(name)
     if kind not in ("gpu", "cpu"):
         raise OptionError(f"kind={kind!r}: 'gpu' or 'cpu'")
     for option, value in (("instances", instances), ("max_batch_size", max_batch_size)):
@@ -92,6 +92,7 @@ def export_triton(
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    staging.chmod(0o755)  # mkdtemp's 0700 would keep a server running as another user out
     try:
         if artifact is None:
             artifact = compiled.export_onnx(staging / "1" / "model.onnx", **onnx_options)
@@ -118,6 +119,12 @@ def export_triton(
     return target
 
 
+def check_name(name) -> None:
+    """A Triton model name names a folder: letters, digits, ``_``, ``-`` and ``.``."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise OptionError(f"Triton model name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+
+
 def _copied(artifact, folder: Path):
     """``artifact``'s files (the model, its handoff notes, its external weights) copied into ``folder``
     under their names: the model refers to its weights file by name, the handoff to the model's."""
@@ -142,13 +149,13 @@ def model_config(info: dict, name: str, max_batch_size: int, instances: int, kin
             if t["dtype"] not in TRITON_TYPES:
                 raise OptionError(f"ONNX {field} {t['name']!r} is {t['dtype']}, a type Triton's config has no name for")
             dims = [-1 if isinstance(d, str) else int(d) for d in t["shape"][1 if batched else 0 :]]
-            entries.append(f'  {{ name: "{t["name"]}" data_type: {TRITON_TYPES[t["dtype"]]} dims: {dims} }}')
+            shape = f"dims: {dims}" if dims else "dims: [1] reshape: { shape: [] }"  # Triton wants a dim
+            entries.append(f'  {{ name: "{t["name"]}" data_type: {TRITON_TYPES[t["dtype"]]} {shape} }}')
         lines += [f"{field} [", ",\n".join(entries), "]"]
     if batched:
         lines.append("dynamic_batching { }")
     lines.append(f"instance_group [ {{ count: {instances} kind: KIND_{kind.upper()} }} ]")
-    fixed = not batched and all(not isinstance(d, str) for t in tensors for d in t["shape"])
-    options = {k: v for k, v in info.get("cuda_provider_options", {}).items() if k not in FIXED_SHAPES or fixed}
+    options = {k: v for k, v in info.get("cuda_provider_options", {}).items() if k not in NOT_UNDER_TRITON}
     if kind == "gpu" and options:
         parameters = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in sorted(options.items()))
         cuda = f'{{ name: "cuda" {parameters} }}'

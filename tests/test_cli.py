@@ -195,6 +195,8 @@ def test_help_and_the_package_import_load_neither_torch_nor_onnx():
     assert done.stdout.splitlines()[-2:] == ["[]", "mpcompiler.api True"]
 
 
-def test_triton_needs_the_onnx_artifact(tmp_path, capsys):
+def test_triton_needs_the_onnx_artifact_and_a_folder_name(tmp_path, capsys):
     assert main(["compile", MODEL, "--calib", CALIB, "--out", str(tmp_path), "--no-onnx", "--triton", "m"]) == 2
     assert "--triton packages the ONNX artifact: drop --no-onnx" in capsys.readouterr().err
+    assert main(["compile", MODEL, "--calib", CALIB, "--out", str(tmp_path), "--triton", "a/b"]) == 2
+    assert "Triton model name 'a/b'" in capsys.readouterr().err and not any(tmp_path.iterdir())  # before compiling

@@ -78,6 +78,7 @@ def test_a_failed_export_leaves_the_model_as_it_was(mlp, tmp_path, monkeypatch):
     with pytest.raises(mpcompiler.ExportError, match="disagreed"):
         compiled.export_triton(repo, "mlp", max_batch_size=4)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before  # no staging folder left
+    assert (repo / "mlp").stat().st_mode & 0o755 == 0o755  # readable by a server running as another user
     assert (repo / "mlp" / "config.pbtxt").read_text() == config
 
 
@@ -148,16 +149,23 @@ def test_generation_artifact_config_keeps_the_cache_dims_dynamic():
     )
 
 
-def test_a_static_artifact_keeps_the_handoffs_cuda_graphs():
+def test_cuda_graphs_stay_out_and_a_scalar_gets_a_dim():
+    # ONNX Runtime's CUDA graph replays the buffers it captured; Triton binds each request's own
     info = {
         "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3, 8, 8]}],
-        "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 10]}],
+        "outputs": [
+            {"name": "y", "dtype": "float32", "shape": [1, 10]},
+            {"name": "s", "dtype": "float32", "shape": []},
+        ],
         "cuda_provider_options": {"enable_cuda_graph": "1", "prefer_nhwc": "1"},
     }
     config = _parse(model_config(info, "cnn", 8, 1, "gpu"))
     (cuda,) = config.optimization.execution_accelerators.gpu_execution_accelerator
-    assert cuda.name == "cuda" and dict(cuda.parameters) == {"enable_cuda_graph": "1", "prefer_nhwc": "1"}
+    assert cuda.name == "cuda" and dict(cuda.parameters) == {"prefer_nhwc": "1"}
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [1, 3, 8, 8]
+    # Triton refuses an empty dims: a 0-d output (or a batched one of shape [batch]) is [1] reshaped to []
+    assert list(config.output[1].dims) == [1] and config.output[1].reshape.shape == []
+    assert config.output[1].HasField("reshape")
     with pytest.raises(mpcompiler.OptionError, match="complex64"):
         model_config(info | {"outputs": [{"name": "y", "dtype": "complex64", "shape": [1]}]}, "cnn", 8, 1, "gpu")
 
