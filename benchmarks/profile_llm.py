@@ -4,7 +4,7 @@
     python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--hf]      (needs a CUDA GPU)
 
 Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each batch
-size: the replay's time (CUDA events, mean of 50 after 3 warm-ups), kernels per replay, and the kernels
+size: the replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels
 by time; the prompt step's median time (benchmarks/gpu.py's timer), its wall time, and its kernels. With
 --hf, HF's eager and compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json.
 """
@@ -21,22 +21,11 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 import mpcompiler
+from benchmarks.conv_fusion import ms as mean_ms
 from benchmarks.gpu import median_ms_torch
 from benchmarks.llm import SHAPES, hf_prefill
 
 MAX_SEQ, MAX_BATCH = 576, 8
-
-
-def mean_ms(fn, runs: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / runs
 
 
 def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:

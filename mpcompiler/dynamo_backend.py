@@ -160,11 +160,13 @@ def _module_path(path: str) -> str:
     return re.sub(r"^[LG]\['\w+'\]\.?", "", path)  # the root: self, a wrapper's fn, a global model
 
 
-def _arguments(code) -> tuple[str, ...]:
-    """The names of a code object's arguments, ``*args`` and ``**kwargs`` included."""
-    count = code.co_argcount + code.co_kwonlyargcount
-    count += bool(code.co_flags & inspect.CO_VARARGS) + bool(code.co_flags & inspect.CO_VARKEYWORDS)
-    return code.co_varnames[:count]
+def _parameters(code) -> tuple[tuple[str, ...], str | None, str | None]:
+    """A code object's named arguments, and the names of its ``*args`` and ``**kwargs`` (or None)."""
+    names = code.co_varnames
+    named = names[: code.co_argcount + code.co_kwonlyargcount]
+    varargs = names[len(named)] if code.co_flags & inspect.CO_VARARGS else None
+    varkw = names[len(named) + (varargs is not None)] if code.co_flags & inspect.CO_VARKEYWORDS else None
+    return named, varargs, varkw
 
 
 def _frame(sample, code, template: dict) -> dict:
@@ -176,12 +178,9 @@ def _frame(sample, code, template: dict) -> dict:
         args, kwargs = (), dict(sample)
     else:
         args, kwargs = (tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)), {}
-    names = code.co_varnames
-    named = names[: code.co_argcount + code.co_kwonlyargcount]
-    varargs = names[len(named)] if code.co_flags & inspect.CO_VARARGS else None
-    varkw = names[len(named) + (varargs is not None)] if code.co_flags & inspect.CO_VARKEYWORDS else None
+    named, varargs, varkw = _parameters(code)
     frame = {k: v for k, v in template.items() if isinstance(v, torch.nn.Module)}  # self; the rest: the sample's
-    positional = [n for n in names[: code.co_argcount] if not isinstance(template.get(n), torch.nn.Module)]
+    positional = [n for n in named[: code.co_argcount] if not isinstance(template.get(n), torch.nn.Module)]
     frame.update(zip(positional, args, strict=False))
     if varargs is not None:
         lead = [a for a in template.get(varargs, ()) if isinstance(a, torch.nn.Module)]
@@ -210,9 +209,10 @@ def _graph_inputs(sample, index: int, code, template: dict, inputs) -> tuple:
         else:
             why = f"a {type(value).__name__}"
         if not isinstance(value, torch.Tensor):
+            takes = [n for n in _parameters(code)[0] if not isinstance(template.get(n), torch.nn.Module)]
             raise OptionError(
                 f"calibration sample {index} gives no tensor for the graph's input {source} ({why}); the "
-                f"compiled function takes {', '.join(a for a in _arguments(code) if a != 'self')}"
+                f"compiled function takes {', '.join(takes)}"
             )
         values.append(value)
     return tuple(values)

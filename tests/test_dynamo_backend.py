@@ -37,11 +37,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _compiled(model):
+    """``model`` under torch.compile with the backend, calibrated on ten [8, 16] samples; and the backend."""
+    backend = mpcompiler.backend([torch.randn(8, 16) for _ in range(10)])
+    return torch.compile(model, backend=backend, dynamic=False), backend
+
+
 def test_the_captured_graph_runs_mpcompilers_plan():
     torch.manual_seed(0)
     model = MLP().eval()
-    backend = mpcompiler.backend([torch.randn(8, 16) for _ in range(10)])
-    fast = torch.compile(model, backend=backend, dynamic=False)
+    fast, backend = _compiled(model)
     x = torch.randn(8, 16)
     with torch.no_grad():
         assert _rel(fast(x), model(x)) < 5e-3
@@ -102,8 +107,7 @@ def test_by_name_with_options(tmp_path):
 def test_a_graph_after_a_break_runs_as_captured_and_says_so():
     torch.manual_seed(0)
     model = Broken().eval()
-    backend = mpcompiler.backend([torch.randn(8, 16) for _ in range(10)])
-    fast = torch.compile(model, backend=backend, dynamic=False)
+    fast, backend = _compiled(model)
     x = torch.randn(8, 16)
     with pytest.warns(UserWarning, match="graph break in forward"), torch.no_grad():
         assert _rel(fast(x), model(x)) < 5e-3
