@@ -14,7 +14,8 @@ HF eager); tokens/s = batch x new tokens / time. Rows, in this order (a row that
 the next runs; past --deadline seconds the rest are skipped): mpcompiler (compiled on the GPU with
 max_seq and max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay); a
 gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
-torch.compile(mode="reduce-overhead", fullgraph=True)); the prefill rows (below); with --onnx,
+torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-descent tuning on as
+gpt-fast's generate.py sets it); the prefill rows (below); with --onnx,
 mpcompiler's ONNX artifact (exported and verified in ONNX Runtime, in DIR/<model>/) run by its handoff
 file's generation loop (ONNX Runtime's CUDA provider, io_binding, each step's logits read back for the
 argmax); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
@@ -99,9 +100,10 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
         cache.reset()
         logits = step(ids, torch.arange(length, device=ids.device))
         token = logits.argmax(-1, keepdim=True)
-        for i in range(new - 1):
-            logits = decode(token, torch.tensor([length + i], device=ids.device)).clone()
-            token = logits.argmax(-1, keepdim=True)
+        with torch._inductor.config.patch(coordinate_descent_tuning=True):  # gpt-fast's generate.py sets it
+            for i in range(new - 1):
+                logits = decode(token, torch.tensor([length + i], device=ids.device)).clone()
+                token = logits.argmax(-1, keepdim=True)
 
     return run
 
@@ -121,6 +123,7 @@ def fp16_math_attention():
 
 
 EXPERIMENTS = {  # decode-step variants, compiled under each context; the default path's tokens checked
+    "decode under coordinate-descent tuning": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
     "decode under max-autotune": lambda: torch._inductor.config.patch(
         max_autotune_gemm=True, coordinate_descent_tuning=True
     ),  # gpt-fast's setting: Inductor's GEMM templates for the fixed shapes, tuned
@@ -261,7 +264,7 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "mpcompiler generate (CUDA graph decode)", b,
             lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
     for b in batches:
-        row(name, "gpt-fast-style loop (static cache, reduce-overhead)", b,
+        row(name, "gpt-fast-style loop (static cache, reduce-overhead, coordinate descent)", b,
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
     positions = torch.arange(args.prefill, device="cuda")

@@ -5,7 +5,8 @@
 
 Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each batch
 size: the replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels
-by time; the prompt step's median time (benchmarks/gpu.py's timer), its wall time, and its kernels. With
+by time; a whole generation's kernel time beside its wall time (a gap between them is the host's);
+the prompt step's median time (benchmarks/gpu.py's timer), its wall time, and its kernels. With
 --hf, HF's eager and compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json.
 """
 
@@ -70,6 +71,20 @@ def main():
             graph = compiled.generator.decode_graph(rows)
             result[f"decode {rows} rows"] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
             report(f"decode {rows} rows", graph.graph.replay, calls=5)
+        for rows in (int(r) for r in args.rows.split(",")):  # a whole generation: kernels vs wall time
+            ids = torch.randint(3, 32000, (rows, 128), device="cuda")
+            label = f"generate {rows} rows, 128 + 128 tokens"
+
+            def generate(ids=ids):
+                return compiled.generate(ids, max_new_tokens=128)
+
+            generate()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            generate()
+            torch.cuda.synchronize()
+            result[label] = {"wall_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            report(label, generate, calls=1)
         long = torch.randint(3, 32000, (1, 512), device="cuda")
         ones = torch.ones(1, MAX_SEQ, dtype=torch.long, device="cuda")
         positions = torch.arange(512, device="cuda")
