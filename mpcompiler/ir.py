@@ -137,7 +137,8 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else ""
+    # torch.export marks nodes it made outside any module (sizes of dynamic dims) with a hook's name
+    return path if isinstance(path, str) and not path.startswith("_empty_nn_module_stack") else ""
 
 
 def value_of(node: torch.fx.Node):

@@ -71,6 +71,16 @@ class _Stats:
         hist = torch.histc(torch.log2(nz), bins=_BINS, min=_LOG2_LO, max=_LOG2_HI)
         self.hist += hist.double().cpu() * weight
 
+    def merge(self, other: _Stats) -> _Stats:
+        """Add ``other``'s samples to these statistics (sums, extremes and histograms all add): statistics
+        gathered in several processes, each over part of the samples, merge into those of all of them
+        (exactly, but for tensors over 2**20 elements, whose histograms are of random subsets)."""
+        self.min, self.max, self.absmin = min(self.min, other.min), max(self.max, other.max), min(self.absmin, other.absmin)
+        for name in ("nan", "inf", "count", "nonzero", "subnormal", "samples"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.hist += other.hist
+        return self
+
     def percentile_abs(self, q: float) -> float:
         rank = q * self.count - (self.count - self.nonzero)  # zeros sort first
         if rank <= 0 or self.nonzero == 0:
@@ -85,7 +95,8 @@ class _Stats:
             min=0.0 if empty else self.min,
             max=0.0 if empty else self.max,
             absmax=0.0 if empty else max(abs(self.min), abs(self.max)),
-            p9999=self.percentile_abs(0.9999),
+            # a bin's upper edge can pass the largest value: the percentile is at most absmax
+            p9999=min(self.percentile_abs(0.9999), max(abs(self.min), abs(self.max)) if not empty else 0.0),
             nan=self.nan,
             inf=self.inf,
             subnormal_share=self.subnormal / self.nonzero if self.nonzero else 0.0,

@@ -28,6 +28,24 @@ def test_percentile_within_a_bin():
     assert exact <= st.finish().p9999 <= exact * 2 ** (1 / 4) * 1.0001
 
 
+def test_the_percentile_is_at_most_the_largest_value():
+    st = _Stats()
+    st.update(torch.full((1000,), 3.0))  # every value in one histogram bin, whose upper edge is past 3
+    r = st.finish()
+    assert r.p9999 == r.absmax == 3.0
+
+
+def test_statistics_of_two_halves_merge_into_those_of_the_whole():
+    torch.manual_seed(0)
+    samples = [torch.randn(50) * 10**i for i in range(-3, 3)] + [torch.tensor([0.0, float("nan"), 1e-6])]
+    whole, first, second = _Stats(), _Stats(), _Stats()
+    for i, x in enumerate(samples):
+        whole.update(x)
+        (first if i % 2 else second).update(x)
+    assert first.merge(second).finish() == whole.finish()
+    assert torch.equal(first.hist, whole.hist)
+
+
 def test_large_tensors_are_histogrammed_on_a_sample():
     st = _Stats()
     x = torch.randn(3_000_000)

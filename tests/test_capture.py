@@ -76,6 +76,21 @@ def test_batch_dim_is_dynamic_and_varying_dims_too():
         assert rel_err(compiled(x), model(x)) < 5e-3
 
 
+def test_sizes_of_dynamic_dims_belong_to_no_module():
+    # torch.export tags the nodes that read a dynamic dim's size with an internal hook's name
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x).reshape(x.shape[0], -1)
+
+    compiled = mpcompiler.compile(Flat().eval(), [torch.randn(4, 5, 8), torch.randn(3, 7, 8)])
+    paths = {d.op: d.module_path for d in compiled.report.nodes}
+    assert paths["sym_size"] == "" and paths["linear"] == "fc"
+
+
 def test_batch_of_one_warns_that_the_batch_is_static():
     with pytest.warns(UserWarning, match="dim 0 of input input is static"):
         compiled = mpcompiler.compile(nn.Sequential(nn.Linear(8, 8)).eval(), [torch.randn(1, 8)])
