@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import os
 import tempfile
@@ -18,7 +19,7 @@ from mpcompiler.capture import InputCheck, as_sample, capture, collect_samples, 
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
-from mpcompiler.errors import CaptureError, OptionError, ToleranceError
+from mpcompiler.errors import CaptureError, InputError, OptionError, ToleranceError
 from mpcompiler.files import clear_dumps
 from mpcompiler.llm import CALIB_NEW_TOKENS, SEQ_INPUTS, Generator, LMOptions, capture_example, sequences
 from mpcompiler.pass_manager import Pass, PassManager
@@ -196,6 +197,19 @@ class CompiledModule(torch.nn.Module):
         self.input_check = InputCheck(graph_module)
         self.lm = lm  # LMOptions: compiled for generation
         self._generator = None
+        self.defaults = {}  # the model's keyword arguments capture never saw: the default it ran with
+
+    def _drop_defaults(self, kwargs: dict) -> None:
+        """Drop keyword arguments the samples never passed (``use_cache``) where they equal the default
+        the module was captured with; another value is an InputError (the graph has no input for it)."""
+        for name in [k for k in kwargs if k in self.defaults]:
+            value, default = kwargs.pop(name), self.defaults[name]
+            if not (value is default or (type(value) is type(default) and not torch.is_tensor(value) and value == default)):
+                raise InputError(
+                    f"{name}={value!r}: no calibration sample passed {name}, so the module was captured with "
+                    f"the model's default, {name}={default!r}; to compile it with another value, pass "
+                    f"{name} in calib_data's samples (as keyword arguments)"
+                )
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
         """Generate from a causal LM compiled with ``max_seq``, like Hugging Face's ``generate``: prompts
@@ -222,6 +236,8 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         """Run the compiled graph. An input of another rank, another size in a static dim, or another
         kind of dtype than the module was compiled for is an :class:`~mpcompiler.InputError` naming it."""
+        if kwargs and self.defaults:
+            self._drop_defaults(kwargs)
         self.input_check(args, kwargs)
         return self.graph_module(*args, **kwargs)
 
@@ -363,4 +379,17 @@ def compile(
     log.info("%s", report)
     if accuracy.met is False:  # the search judged the same plan on the same samples: a mismatch is a bug
         raise ToleranceError(f"the emitted module misses the tolerance the search met: {accuracy}")
-    return CompiledModule(graph_module, report, options, val, refs, lm)
+    compiled = CompiledModule(graph_module, report, options, val, refs, lm)
+    compiled.defaults = _uncaptured_defaults(model, graph_module)
+    return compiled
+
+
+def _uncaptured_defaults(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> dict:
+    """The model's forward parameters with a default that are not the graph's inputs: by name, that default."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing to accept
+        return {}
+    inputs = set(graph_module.graph._codegen.pytree_info.orig_args)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.name not in inputs and p.default is not p.empty}

@@ -91,6 +91,25 @@ def test_sizes_of_dynamic_dims_belong_to_no_module():
     assert paths["sym_size"] == "" and paths["linear"] == "fc"
 
 
+def test_keyword_arguments_no_sample_passed_are_taken_at_their_default_value():
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, use_cache=True, scale=None):
+            return self.fc(x) if scale is None else self.fc(x) * scale
+
+    model = Cached().eval()
+    compiled = mpcompiler.compile(model, [torch.randn(4, 8), torch.randn(3, 8)])
+    x = torch.randn(2, 8)
+    assert rel_err(compiled(x, use_cache=True, scale=None), model(x)) < 5e-3
+    with pytest.raises(mpcompiler.InputError, match=r"use_cache=False: no calibration sample passed use_cache"):
+        compiled(x, use_cache=False)
+    with pytest.raises(mpcompiler.InputError, match="scale=tensor"):
+        compiled(x, scale=torch.ones(8))
+
+
 def test_batch_of_one_warns_that_the_batch_is_static():
     with pytest.warns(UserWarning, match="dim 0 of input input is static"):
         compiled = mpcompiler.compile(nn.Sequential(nn.Linear(8, 8)).eval(), [torch.randn(1, 8)])
