@@ -35,7 +35,7 @@ from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
-from mpcompiler.pass_manager import retype
+from mpcompiler.pass_manager import progress, retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
 from mpcompiler.verify import flat_outputs, output_names, rel_l2
 
@@ -115,7 +115,15 @@ def export_onnx(
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:
         kwargs, dynamic_shapes = _with_pasts(program, kwargs, dynamic_shapes)
-    onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
+    stages = progress(what=f"ONNX export of {path.name}", total=3 if verify != "off" else 2, unit="stage")
+    stages.set_postfix_str("torch.onnx.export")
+    try:
+        onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
+    except BaseException:
+        stages.close()
+        raise
+    stages.update()
+    stages.set_postfix_str("save and check")
     model = onnx_program.model
     _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
     _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
@@ -127,6 +135,8 @@ def export_onnx(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         files = _save_checked(model, tmp / path.name, external_data)
+        stages.update()
+        stages.set_postfix_str("verify in ONNX Runtime")
         provider, errors_fp32, errors_fx = None, {}, {}
         if verify != "off":
             provider, errors_fp32, errors_fx = _verify(
@@ -135,6 +145,7 @@ def export_onnx(
         for f in reversed(files):  # the weights first, the model that points at them last
             f.replace(path.parent / f.name)
     finally:
+        stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
     handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset)
     data_path = path.parent / files[1].name if len(files) > 1 else None

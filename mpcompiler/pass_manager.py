@@ -21,11 +21,18 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
 
 from mpcompiler.errors import MpCompilerError, PassError
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import META_KEY, float_dtype, graph_record, short_dtype
 from mpcompiler.printer import format_graph
+
+
+def progress(items=None, what: str = "", total: int | None = None, unit: str = "sample", show: bool = True):
+    """tqdm's bar for a long step, ``mpcompiler: <what>``: shown on a terminal only (``disable=None``),
+    never when ``show`` is False, and gone when the step ends."""
+    return tqdm(items, desc=f"mpcompiler: {what}", total=total, unit=unit, disable=None if show else True, leave=False)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,12 @@ from collections.abc import Callable
 import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
-from tqdm.auto import tqdm
 
 from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import CalibrationError
 from mpcompiler.ir import FP16_TINY, InnerRange, RangeStats, attr_of, graph_record, module_path, op_name, record
 from mpcompiler.ops import SAME_VALUES, positional_names
-from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.pass_manager import Pass, PassResult, progress
 
 _LOG2_LO, _LOG2_HI, _BINS_PER_OCTAVE = -150, 130, 4  # covers fp32's subnormals to its max
 _BINS = (_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE
@@ -288,14 +287,7 @@ class CalibrateRanges(Pass):
                 stats[node] = _Stats()
         in_spec = gm.graph._codegen.pytree_info.in_spec
         recorder = _Recorder(gm, stats)
-        # disable=None: tqdm shows the bar only on a terminal
-        bar = tqdm(
-            self.samples,
-            desc="mpcompiler: calibrate_ranges",
-            unit="sample",
-            disable=None if self.progress else True,
-            leave=False,
-        )
+        bar = progress(self.samples, "calibrate_ranges", show=self.progress)
         with torch.no_grad():
             for index, sample in enumerate(bar):
                 try:

@@ -35,7 +35,7 @@ from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record, short_dtype
 from mpcompiler.ops import FOLLOW_OPS, convert_inputs
-from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.pass_manager import Pass, PassResult, progress
 from mpcompiler.verify import Metric, flat_outputs
 
 LOW_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,11 +77,11 @@ class PlanRunner(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _run_samples(gm, samples: Sequence[Sample], device) -> list[list]:
+def _run_samples(gm, samples: Sequence[Sample], device, what: str = "evaluate a plan") -> list[list]:
     in_spec = gm.graph._codegen.pytree_info.in_spec
     runner, outs = PlanRunner(gm), []
     with torch.no_grad():
-        for sample in samples:
+        for sample in progress(samples, what):
             flat = fx_pytree.tree_flatten_spec(to_device(sample, device), in_spec)
             out = runner.run(*flat)
             outs.append([t.float().cpu() if isinstance(t, torch.Tensor) else t for t in flat_outputs(out)])
@@ -140,7 +140,7 @@ def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample]
     squared = dict.fromkeys(candidates, 0.0)
     local = dict.fromkeys(candidates, 0.0)
     generator = torch.Generator().manual_seed(0)  # the same ranking on every run: tolerances compare
-    for sample in samples:
+    for sample in progress(samples, f"sensitivity ({PROJECTIONS} projections a sample)"):
         flat = fx_pytree.tree_flatten_spec(to_device(sample, device), in_spec)
         with torch.enable_grad():
             outs = flat_outputs(shadow.run(*flat))
@@ -204,7 +204,8 @@ class SearchPrecision(Pass):
 
         def evaluate(k: int) -> bool:
             apply(k)
-            value = self.metric(_run_samples(gm, self.val, self.device), refs, self.val)
+            outs = _run_samples(gm, self.val, self.device, f"tolerance search, {k} of {len(ranked)} kept high")
+            value = self.metric(outs, refs, self.val)
             log.evaluations.append((k, value))
             return self.metric.meets(value, self.tolerance)
 

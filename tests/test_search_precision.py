@@ -1,7 +1,9 @@
 """search_precision: the tolerance is met on held-out samples, by the fewest ops kept high, at small cost."""
 
 import copy
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -186,3 +188,21 @@ def test_resnet_meets_1e3_with_most_flops_low():
     model = torchvision.models.resnet18(num_classes=10).eval()
     calib, val = [torch.randn(4, 3, 64, 64) for _ in range(4)], [torch.randn(4, 3, 64, 64)]
     _flops_low_and_met(model, calib, val, lambda m, v: m(v))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_long_steps_show_progress_on_a_terminal_only(monkeypatch, tmp_path, terminal):
+    model, calib, val = _cancel()
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    compiled = mpcompiler.compile(model, calib, val_data=val, tolerance=1e-3)
+    compiled.export_onnx(tmp_path / "m.onnx")
+    shown = stderr.getvalue()
+    steps = ("calibrate_ranges", "sensitivity (8 projections a sample)", "tolerance search, 0 of", "ONNX export of m.onnx")
+    for step in steps:
+        assert (f"mpcompiler: {step}" in shown) is terminal, step
