@@ -149,6 +149,9 @@ class Accuracy:
     perplexity_fp32: float | None = None
     perplexity: float | None = None
     greedy_agreement: float | None = None
+    # with a tolerance: how many other held-out samples the search judged its plans on (0: too few were
+    # held out to keep them apart, and these are the search's own)
+    searched: int | None = None
 
     @property
     def max(self) -> float:
@@ -166,7 +169,17 @@ class Accuracy:
         where = "held-out" if self.held_out else "calibration (none held out)"
         outs = ", ".join(f"{k} {v:.2e}" for k, v in self.per_output.items())
         rows = f" ({self.rows} rows)" if self.rows not in (None, self.samples) else ""
-        text = f"rel. L2 error vs fp32 on {self.samples} {where} sample{'s' if self.samples != 1 else ''}{rows}: {outs}"
+        search = ""
+        if self.searched is not None and self.held_out:
+            search = (
+                f", apart from the {self.searched} the tolerance search judged plans on"
+                if self.searched
+                else ", the tolerance search's own (hold out 2 or more to keep them apart)"
+            )
+        text = (
+            f"rel. L2 error vs fp32 on {self.samples} {where} sample{'s' if self.samples != 1 else ''}{rows}"
+            f"{search}: {outs}"
+        )
         if self.perplexity is not None:
             text += (
                 f"; perplexity {self.perplexity:.4g} vs fp32's {self.perplexity_fp32:.4g} "
@@ -241,6 +254,7 @@ def measure(
     metric: Metric | None = None,
     tolerance: float | None = None,
     language_model: bool = False,
+    searched: int | None = None,
 ) -> Accuracy:
     """Run ``fn(*args, **kwargs)`` on each sample and compare its flat outputs with ``refs`` (and, for a
     language model, its perplexity and next-token agreement on the samples' text)."""
@@ -249,7 +263,9 @@ def measure(
         for args, kwargs in samples:
             args, kwargs = to_device((args, kwargs), device)
             outs.append(flat_outputs(fn(*args, **kwargs)))
-    accuracy = Accuracy(rel_l2(outs, refs, names), samples=len(samples), held_out=held_out, rows=_rows(samples))
+    accuracy = Accuracy(
+        rel_l2(outs, refs, names), samples=len(samples), held_out=held_out, rows=_rows(samples), searched=searched
+    )
     if language_model:
         nll, ref = _nll(outs, refs, samples)
         accuracy = dataclasses.replace(

@@ -157,7 +157,8 @@ def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample]
             local[n] = max(local[n], shadow.local.get(n, 0.0))
         shadow.values.clear()  # free this sample's autograd graph
         shadow.deltas.clear()
-    return {n: (math.sqrt(squared[n]), local[n]) for n in candidates}, shadow.flops
+    count = max(len(samples), 1)  # a sample's error: the mean over samples of its square
+    return {n: (math.sqrt(squared[n] / count), local[n]) for n in candidates}, shadow.flops
 
 
 class SearchPrecision(Pass):
@@ -217,7 +218,7 @@ class SearchPrecision(Pass):
             tried = ", ".join(f"{kk} high: {v:.3g}" for kk, v in sorted(log.evaluations))
             raise ToleranceError(
                 f"no plan short of all-fp32 meets {self.metric.name} {self.metric.relation} {self.tolerance:g} on "
-                f"{len(self.val)} held-out samples; of the {len(ranked)} low-precision ops, the plans tried kept "
+                f"the {len(self.val)} held-out samples it judges plans on; of the {len(ranked)} low-precision ops, the plans tried kept "
                 f"the most sensitive high and measured ({tried}). Loosen the tolerance, keep_fp32 what must stay "
                 "fp32, or check the fp32 model on these samples."
             )
@@ -232,7 +233,8 @@ class SearchPrecision(Pass):
 
 
 def _ref_norms(refs: Sequence[Sequence]) -> list[float]:
-    """Per flat output: the L2 norm of the fp32 reference over all samples (0 for non-float outputs)."""
+    """Per flat output: the fp32 reference's L2 norm in a sample (the root mean square over samples; 0 for
+    non-float outputs), against which a sample's output error is relative."""
     norms = []
     for i in range(len(refs[0])):
         total = 0.0
@@ -240,7 +242,7 @@ def _ref_norms(refs: Sequence[Sequence]) -> list[float]:
             r = ref[i]
             if isinstance(r, torch.Tensor) and r.dtype.is_floating_point:
                 total += float(r.double().pow(2).sum())
-        norms.append(math.sqrt(total))
+        norms.append(math.sqrt(total / len(refs)))
     return norms
 
 
