@@ -206,7 +206,8 @@ class CompiledModule(torch.nn.Module):
         the module was captured with; another value is an InputError (the graph has no input for it)."""
         for name in [k for k in kwargs if k in self.defaults]:
             value, default = kwargs.pop(name), self.defaults[name]
-            if not (value is default or (type(value) is type(default) and not torch.is_tensor(value) and value == default)):
+            same = type(value) is type(default) and not torch.is_tensor(value) and value == default
+            if not (value is default or same):
                 raise InputError(
                     f"{name}={value!r}: no calibration sample passed {name}, so the module was captured with "
                     f"the model's default, {name}={default!r}; to compile it with another value, pass "

@@ -74,7 +74,8 @@ class _Stats:
         """Add ``other``'s samples to these statistics (sums, extremes and histograms all add): statistics
         gathered in several processes, each over part of the samples, merge into those of all of them
         (exactly, but for tensors over 2**20 elements, whose histograms are of random subsets)."""
-        self.min, self.max, self.absmin = min(self.min, other.min), max(self.max, other.max), min(self.absmin, other.absmin)
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.absmin = min(self.absmin, other.absmin)
         for name in ("nan", "inf", "count", "nonzero", "subnormal", "samples"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.hist += other.hist

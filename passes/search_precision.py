@@ -218,9 +218,9 @@ class SearchPrecision(Pass):
             tried = ", ".join(f"{kk} high: {v:.3g}" for kk, v in sorted(log.evaluations))
             raise ToleranceError(
                 f"no plan short of all-fp32 meets {self.metric.name} {self.metric.relation} {self.tolerance:g} on "
-                f"the {len(self.val)} held-out samples it judges plans on; of the {len(ranked)} low-precision ops, the plans tried kept "
-                f"the most sensitive high and measured ({tried}). Loosen the tolerance, keep_fp32 what must stay "
-                "fp32, or check the fp32 model on these samples."
+                f"the {len(self.val)} held-out samples it judges plans on; of the {len(ranked)} low-precision ops, "
+                f"the plans tried kept the most sensitive high and measured ({tried}). Loosen the tolerance, "
+                "keep_fp32 what must stay fp32, or check the fp32 model on these samples."
             )
         log.kept_high = k
         log.candidates = len(ranked)
