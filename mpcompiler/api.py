@@ -188,7 +188,14 @@ class CompiledModule(torch.nn.Module):
     """
 
     def __init__(
-        self, graph_module: torch.fx.GraphModule, report: Report, options: Options, val_samples, val_refs, lm=None
+        self,
+        graph_module: torch.fx.GraphModule,
+        report: Report,
+        options: Options,
+        val_samples,
+        val_refs,
+        lm=None,
+        defaults: dict | None = None,
     ):
         super().__init__()
         self.graph_module = graph_module
@@ -199,7 +206,7 @@ class CompiledModule(torch.nn.Module):
         self.input_check = InputCheck(graph_module)
         self.lm = lm  # LMOptions: compiled for generation
         self._generator = None
-        self.defaults = {}  # the model's keyword arguments capture never saw: the default it ran with
+        self.defaults = defaults or {}  # the model's keyword arguments no sample passed: the default captured
 
     def _drop_defaults(self, kwargs: dict) -> None:
         """Drop keyword arguments the samples never passed (``use_cache``) where they equal the default
@@ -362,8 +369,9 @@ def compile(
         # the search judges plans on the first half of the held-out samples, the report's error is
         # measured on the rest: a plan chosen on samples is not also judged on them
         searched = (len(val) + 1) // 2 if options.tolerance is not None and len(val) > 1 else 0
-        search_refs = functools.cache(lambda: val_refs()[:searched] if searched else val_refs())
-        passes = pipeline(options, samples, target_device, val[:searched] or val, search_refs)
+        search_val = val[:searched] or val
+        search_refs = functools.cache(lambda: val_refs()[: len(search_val)])
+        passes = pipeline(options, samples, target_device, search_val, search_refs)
         runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
         refs = val_refs()
         graph_module = emit_fx(gm, model)
@@ -394,9 +402,7 @@ def compile(
             "tolerance",
             stacklevel=2,
         )
-    compiled = CompiledModule(graph_module, report, options, val, refs, lm)
-    compiled.defaults = _uncaptured_defaults(model, graph_module)
-    return compiled
+    return CompiledModule(graph_module, report, options, val, refs, lm, _uncaptured_defaults(model, graph_module))
 
 
 def _uncaptured_defaults(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> dict:

@@ -115,38 +115,33 @@ def export_onnx(
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:
         kwargs, dynamic_shapes = _with_pasts(program, kwargs, dynamic_shapes)
-    stages = progress(what=f"ONNX export of {path.name}", total=3 if verify != "off" else 2, unit="stage")
-    stages.set_postfix_str("torch.onnx.export")
-    try:
+    with progress(what=f"ONNX export of {path.name}", total=3 if verify != "off" else 2, unit="stage") as stages:
+        stages.set_postfix_str("torch.onnx.export")
         onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
-    except BaseException:
-        stages.close()
-        raise
-    stages.update()
-    stages.set_postfix_str("save and check")
-    model = onnx_program.model
-    _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
-    _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
-    if external_data is None:
-        external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
-
-    # Written, checked and verified in a folder beside path; moved into place only when all passed.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        files = _save_checked(model, tmp / path.name, external_data)
         stages.update()
-        stages.set_postfix_str("verify in ONNX Runtime")
-        provider, errors_fp32, errors_fx = None, {}, {}
-        if verify != "off":
-            provider, errors_fp32, errors_fx = _verify(
-                compiled, program, tmp / path.name, io, providers, tolerance, verify
-            )
-        for f in reversed(files):  # the weights first, the model that points at them last
-            f.replace(path.parent / f.name)
-    finally:
-        stages.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stages.set_postfix_str("save and check")
+        model = onnx_program.model
+        _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
+        _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
+        if external_data is None:
+            external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
+
+        # Written, checked and verified in a folder beside path; moved into place only when all passed.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            files = _save_checked(model, tmp / path.name, external_data)
+            stages.update()
+            stages.set_postfix_str("verify in ONNX Runtime")
+            provider, errors_fp32, errors_fx = None, {}, {}
+            if verify != "off":
+                provider, errors_fp32, errors_fx = _verify(
+                    compiled, program, tmp / path.name, io, providers, tolerance, verify
+                )
+            for f in reversed(files):  # the weights first, the model that points at them last
+                f.replace(path.parent / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset)
     data_path = path.parent / files[1].name if len(files) > 1 else None
     return OnnxArtifact(path, handoff, data_path, provider, errors_fp32, errors_fx)

@@ -33,10 +33,10 @@ from mpcompiler.errors import CaptureError, InputError, OptionError
 from mpcompiler.ir import META_KEY, record
 from mpcompiler.pass_manager import PassManager
 from mpcompiler.passes import InsertKvCache, LowerFused
+from mpcompiler.passes.insert_kv_cache import SDPA
 from mpcompiler.verify import output_names
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
 STOP_CHECK = 8  # decode steps between reads of whether every row has stopped (each read waits for the GPU)

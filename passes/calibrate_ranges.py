@@ -91,12 +91,12 @@ class _Stats:
 
     def finish(self) -> RangeStats:
         empty = self.count == 0
+        absmax = 0.0 if empty else max(abs(self.min), abs(self.max))
         return RangeStats(
             min=0.0 if empty else self.min,
             max=0.0 if empty else self.max,
-            absmax=0.0 if empty else max(abs(self.min), abs(self.max)),
-            # a bin's upper edge can pass the largest value: the percentile is at most absmax
-            p9999=min(self.percentile_abs(0.9999), max(abs(self.min), abs(self.max)) if not empty else 0.0),
+            absmax=absmax,
+            p9999=min(self.percentile_abs(0.9999), absmax),  # a bin's upper edge can pass the largest value
             nan=self.nan,
             inf=self.inf,
             subnormal_share=self.subnormal / self.nonzero if self.nonzero else 0.0,

@@ -77,7 +77,7 @@ class PlanRunner(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _run_samples(gm, samples: Sequence[Sample], device, what: str = "evaluate a plan") -> list[list]:
+def _run_samples(gm, samples: Sequence[Sample], device, what: str) -> list[list]:
     in_spec = gm.graph._codegen.pytree_info.in_spec
     runner, outs = PlanRunner(gm), []
     with torch.no_grad():
