@@ -315,6 +315,10 @@ def _report(args: argparse.Namespace) -> int:
     except ValueError:
         print("culprits: none measured (compile with --tolerance to rank the ops by sensitivity)")
         return 0
+    if not culprits:
+        print("culprits: none ranked (with every op in low precision, the tolerance was met at the search's "
+              "first evaluation)")  # fmt: skip
+        return 0
     print(f"culprits (the {len(culprits)} ops that cost the most accuracy in low precision, most first):")
     rows = [
         [f"%{d.name}", d.op, _cell(d.module_path), _cell(d.dtype), _cell(d.sensitivity), _cell(d.local_error)]

@@ -112,10 +112,11 @@ class Report:
 
     def culprits(self, n: int = 10) -> list[NodeDecision]:
         """The ``n`` ops that would cost the most accuracy in low precision, most first (each with its
-        module path, dtype and reason). Needs the sensitivity that compile(tolerance=...) measures."""
-        measured = [d for d in self.ops() if d.sensitivity is not None]
-        if not measured:
+        module path, dtype and reason), as the tolerance search of compile(tolerance=...) measured them.
+        Empty where the search needed no ranking: every op low met the tolerance at its first evaluation."""
+        if self.search is None:
             raise ValueError("no sensitivity was measured: compile with tolerance=... to rank culprits")
+        measured = [d for d in self.ops() if d.sensitivity is not None]
         return sorted(measured, key=lambda d: -d.sensitivity)[:n]
 
     def low_flop_share(self) -> float | None:

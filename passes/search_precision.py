@@ -9,6 +9,8 @@ Runs only when compile() is given a ``tolerance``. Three steps:
    for ``r ~ N(0, I)`` over the outputs (scaled by 1/||ref||), ``E[(r . J_n d_n)^2] = ||J_n d_n||^2``,
    and ``r . J_n d_n`` is the gradient of ``r . out`` at node n dotted with ``d_n``. So ``PROJECTIONS``
    backward passes per sample give every node's own share of the output error (relative L2) at once.
+   The whole-model evaluation of the plan with every candidate low comes first: where it meets the
+   tolerance, nothing needs ranking and no sensitivity is measured (``report.culprits()`` is then empty).
 2. **Ranked search**: candidates sorted by that share; the plan keeps the first k of them in fp32 (the
    rest of the plan re-derived by assign_precision: follow-class nodes follow). k is found with
    whole-model evaluations on the held-out samples: k = 0, then 1, 2, 4, ... until the tolerance is
@@ -105,13 +107,9 @@ class _Shadow(torch.fx.Interpreter):
         self.values: dict[torch.fx.Node, torch.Tensor] = {}
         self.deltas: dict[torch.fx.Node, torch.Tensor] = {}
         self.local: dict[torch.fx.Node, float] = {}
-        self.flops: dict[torch.fx.Node, int] = {}
 
     def run_node(self, n: torch.fx.Node):
-        with FlopCounterMode(display=False) as counter:
-            out = super().run_node(n)
-        if counter.get_total_flops():
-            self.flops[n] = max(self.flops.get(n, 0), counter.get_total_flops())
+        out = super().run_node(n)
         if n.op in ("placeholder", "get_attr") and isinstance(out, torch.Tensor) and out.dtype.is_floating_point:
             return out.detach().requires_grad_()  # so that every activation has a gradient
         if n in self.candidates:
@@ -132,9 +130,33 @@ def _tensors(value) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
+class _Flops(torch.fx.Interpreter):
+    """Per node with matmul/conv/attention work: its FLOPs per call (torch's FlopCounterMode)."""
+
+    def __init__(self, gm):
+        super().__init__(gm, garbage_collect_values=True)
+        self.flops: dict[torch.fx.Node, int] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        if counter.get_total_flops():
+            self.flops[n] = max(self.flops.get(n, 0), counter.get_total_flops())
+        return out
+
+
+def flops(gm, samples: Sequence[Sample], device) -> dict[torch.fx.Node, int]:
+    """FLOPs per call of each node with matmul/conv/attention work (the largest sample's), run in fp32."""
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    counter = _Flops(gm)
+    with torch.no_grad():
+        for sample in samples:
+            counter.run(*fx_pytree.tree_flatten_spec(to_device(sample, device), in_spec))
+    return counter.flops
+
+
 def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample], device, refs_norms):
-    """Per candidate: (estimated rel. L2 output error it causes alone, its local relative error); and
-    per node with matmul/conv/attention work: its FLOPs per call (the largest sample's)."""
+    """Per candidate: (estimated rel. L2 output error it causes alone, its local relative error)."""
     in_spec = gm.graph._codegen.pytree_info.in_spec
     shadow = _Shadow(gm, set(candidates))
     squared = dict.fromkeys(candidates, 0.0)
@@ -158,7 +180,7 @@ def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample]
         shadow.values.clear()  # free this sample's autograd graph
         shadow.deltas.clear()
     count = max(len(samples), 1)  # a sample's error: the mean over samples of its square
-    return {n: (math.sqrt(squared[n] / count), local[n]) for n in candidates}, shadow.flops
+    return {n: (math.sqrt(squared[n] / count), local[n]) for n in candidates}
 
 
 class SearchPrecision(Pass):
@@ -183,18 +205,16 @@ class SearchPrecision(Pass):
         refs = self.val_refs()
         log = SearchLog(tolerance=self.tolerance, metric=self.metric.name)
         candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in LOW_DTYPES]
-        norms = _ref_norms(refs)
-        sens, flops = sensitivities(gm, candidates, self.calib[:SENSITIVITY_SAMPLES], self.device, norms)
-        log.sensitivity_passes = min(len(self.calib), SENSITIVITY_SAMPLES) * (1 + PROJECTIONS)
-        for n, count in flops.items():
+        low = {n: record(n).dtype for n in candidates}
+        samples = self.calib[:SENSITIVITY_SAMPLES]
+        for n, count in flops(gm, samples, self.device).items():
             record(n).flops = count
-        for n, (share, local) in sens.items():
-            record(n).sensitivity, record(n).local_error = share, local
-        ranked = sorted(candidates, key=lambda n: -sens[n][0])
-        low = {n: record(n).dtype for n in ranked}
+        ranked: list[torch.fx.Node] = []  # most sensitive first, once measured
+        sens: dict[torch.fx.Node, tuple[float, float]] = {}
+        judged: dict[int, bool] = {}
 
         def apply(k: int) -> None:  # the plan that keeps the k most sensitive high
-            for i, n in enumerate(ranked):
+            for i, n in enumerate(ranked or candidates):
                 record(n).promoted = (
                     f"kept high by the tolerance search: alone in {short_dtype(low[n])} it would "
                     f"cost ~{sens[n][0]:.2g} rel. L2 at the outputs (rank {i + 1} of {len(ranked)})"
@@ -204,12 +224,20 @@ class SearchPrecision(Pass):
             self.replan(gm)
 
         def evaluate(k: int) -> bool:
-            apply(k)
-            outs = _run_samples(gm, self.val, self.device, f"tolerance search, {k} of {len(ranked)} kept high")
-            value = self.metric(outs, refs, self.val)
-            log.evaluations.append((k, value))
-            return self.metric.meets(value, self.tolerance)
+            if k not in judged:
+                apply(k)
+                outs = _run_samples(gm, self.val, self.device, f"tolerance search, {k} of {len(candidates)} kept high")
+                value = self.metric(outs, refs, self.val)
+                log.evaluations.append((k, value))
+                judged[k] = self.metric.meets(value, self.tolerance)
+            return judged[k]
 
+        if not evaluate(0):  # the all-low plan misses: rank the candidates by what each costs
+            sens.update(sensitivities(gm, candidates, samples, self.device, _ref_norms(refs)))
+            log.sensitivity_passes = len(samples) * (1 + PROJECTIONS)
+            for n, (share, local) in sens.items():
+                record(n).sensitivity, record(n).local_error = share, local
+            ranked.extend(sorted(candidates, key=lambda n: -sens[n][0]))
         k = _smallest_passing(evaluate, len(ranked))
         if k is not None and log.evaluations[-1][0] != k:
             apply(k)  # leave the records at the plan chosen
@@ -218,17 +246,17 @@ class SearchPrecision(Pass):
             tried = ", ".join(f"{kk} high: {v:.3g}" for kk, v in sorted(log.evaluations))
             raise ToleranceError(
                 f"no plan short of all-fp32 meets {self.metric.name} {self.metric.relation} {self.tolerance:g} on "
-                f"the {len(self.val)} held-out samples it judges plans on; of the {len(ranked)} low-precision ops, "
+                f"the {len(self.val)} held-out samples it judges plans on; of the {len(candidates)} low-precision ops, "
                 f"the plans tried kept the most sensitive high and measured ({tried}). Loosen the tolerance, "
                 "keep_fp32 what must stay fp32, or check the fp32 model on these samples."
             )
         log.kept_high = k
-        log.candidates = len(ranked)
+        log.candidates = len(candidates)
         log.wall_s = time.perf_counter() - start
         graph_record(gm).search = log
         return PassResult(
             modified=k > 0,
-            stats={"candidates": len(ranked), "kept_high": k, "evaluations": len(log.evaluations)},
+            stats={"candidates": len(candidates), "kept_high": k, "evaluations": len(log.evaluations)},
         )
 
 

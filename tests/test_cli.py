@@ -71,6 +71,18 @@ def test_report_prints_every_node_and_the_culprits(compiled_dir, capsys):
     assert ["%linear_1", "linear", "fc2", "float32", "keep_fp32", "keep_fp32", "names", "'fc2'"] in table
     assert ["%linear", "linear", "fc1", "float16", "op", "class", "compute-bound", "op", "(linear)"] in table
 
+    # at 1e-3 the plan with every op low met the tolerance at once: nothing was ranked
+    assert report["search"]["sensitivity_passes"] == 0 and "culprits: none ranked" in text
+
+
+def test_report_prints_the_culprits_of_a_search_that_ranked(tmp_path, capsys):
+    # every op low measures 2.3e-4 on the search's sample: at 2e-4 the search ranks the ops
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["compile", MODEL, "--calib", CALIB, "--out", str(tmp_path), "--tolerance", "2e-4"]) == 0
+    assert main(["report", str(tmp_path / "report.json"), "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["search"]["sensitivity_passes"] > 0 and report["search"]["kept_high"] > 0
     culprits = text.split("culprits (the 1 ops")[1].splitlines()[2:]
     assert len(culprits) == 1
     top = max((n for n in report["nodes"] if n["sensitivity"] is not None), key=lambda n: n["sensitivity"])

@@ -55,17 +55,33 @@ def test_cancellation_fails_in_half_and_meets_the_tolerance():
     assert compiled.report.counts("low") == {"float16": 1, "float32": 2}  # a and b high, the head low
 
 
-def test_sensitivity_predicts_the_error_of_one_low_op():
+def _mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)).eval()
-    calib, val = [torch.randn(32, 64) for _ in range(6)], [torch.randn(32, 64) for _ in range(2)]
-    searched = mpcompiler.compile(model, calib, val_data=val, tolerance=1.0)  # met at once: measures only
+    return model, [torch.randn(32, 64) for _ in range(6)], [torch.randn(32, 64) for _ in range(2)]
+
+
+def test_sensitivity_predicts_the_error_of_one_low_op():
+    model, calib, val = _mlp()
+    # the search judges on the first held-out sample (the report's error is the second's): a tolerance just
+    # under the all-low plan's error there makes it rank the ops
+    all_low = mpcompiler.compile(model, calib, val_data=val[:1]).report.accuracy.max
+    searched = mpcompiler.compile(model, calib, val_data=val, tolerance=0.9 * all_low)
+    assert searched.report.search["sensitivity_passes"] > 0 and searched.report.search["kept_high"] > 0
     predicted = {d.module_path: d.sensitivity for d in searched.report.ops() if d.op == "linear"}
     for low, high in (("0", "2"), ("2", "0")):
-        # the search judged on the first held-out sample (the report's error is the second's): measure there
         alone = mpcompiler.compile(model, calib, val_data=val[:1], keep_fp32=[high, "tanh"])
         measured = alone.report.accuracy.max
         assert measured / 2 < predicted[low] < measured * 2, (low, predicted[low], measured)
+
+
+def test_a_plan_met_with_every_op_low_is_not_ranked():
+    model, calib, val = _mlp()
+    report = mpcompiler.compile(model, calib, val_data=val, tolerance=1.0).report
+    assert report.search["sensitivity_passes"] == 0 and [k for k, _ in report.search["evaluations"]] == [0]
+    assert report.culprits() == [] and all(d.sensitivity is None for d in report.nodes)
+    assert report.low_flop_share() == 1.0  # the FLOPs are counted all the same
+    assert "0 sensitivity passes" in str(report)
 
 
 def _bert():
