@@ -7,6 +7,7 @@ compiled.graph_module                              # the emitted torch.fx.GraphM
 compiled.report                                    # per node: op, module path, dtype, range, reason
 compiled.export_onnx("model.onnx")                 # ONNX for ONNX Runtime, verified, with a handoff file
 fast = compiled.cuda_graph(example)                # on the GPU: one CUDA graph replay per call, fixed shapes
+mpcompiler.calibrate(model, part).save("part.pt")   # calibration statistics of one process, to merge
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ from mpcompiler.errors import (
 )
 
 if TYPE_CHECKING:
-    from mpcompiler.api import CompiledModule, Options, compile
+    from mpcompiler.api import CompiledModule, Options, calibrate, compile
     from mpcompiler.dynamo_backend import backend
     from mpcompiler.emit_onnx import OnnxArtifact
+    from mpcompiler.passes.calibrate_ranges import Calibration
     from mpcompiler.report import Report
 
 # The compiler's names load on first use (PEP 562): importing torch and the compiler takes seconds,
 # which the command line's --help and a script that only catches mpcompiler's errors need not pay.
 _LAZY = {
     "compile": "mpcompiler.api",
+    "calibrate": "mpcompiler.api",
+    "Calibration": "mpcompiler.passes.calibrate_ranges",
     "CompiledModule": "mpcompiler.api",
     "Options": "mpcompiler.api",
     "OnnxArtifact": "mpcompiler.emit_onnx",
@@ -58,6 +62,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "CalibrationError",
     "CaptureError",
     "CompiledModule",
@@ -72,5 +77,6 @@ __all__ = [
     "ToleranceError",
     "__version__",
     "backend",
+    "calibrate",
     "compile",
 ]

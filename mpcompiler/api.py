@@ -35,6 +35,7 @@ from mpcompiler.passes import (
     PlaceCasts,
     SearchPrecision,
 )
+from mpcompiler.passes.calibrate_ranges import Calibration
 from mpcompiler.report import Report
 from mpcompiler.triton_repo import export_triton
 from mpcompiler.verify import METRICS, Metric, measure, output_names, references
@@ -147,9 +148,12 @@ def has_bf16_kernels(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.is_bf16_supported()
 
 
-def pipeline(options: Options, samples: list, device: torch.device, val=(), refs=list) -> list[Pass]:
-    """The passes, in order. search_precision runs only with a tolerance; it re-plans with
-    assign_precision and place_casts."""
+def pipeline(
+    options: Options, samples: list, device: torch.device, val=(), refs=list, calibration: Calibration | None = None
+) -> list[Pass]:
+    """The passes, in order. calibrate_ranges adds the samples' statistics to ``calibration`` (other
+    processes'); search_precision runs only with a tolerance; it re-plans with assign_precision and
+    place_casts."""
     assign = AssignPrecision(
         target=options.dtype,
         fallback=options.fallback if has_bf16_kernels(device) else None,
@@ -169,7 +173,7 @@ def pipeline(options: Options, samples: list, device: torch.device, val=(), refs
         CleanGraph(),
         FoldBatchNorm(),
         LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
-        CalibrateRanges(samples=samples, device=device),
+        CalibrateRanges(samples=samples, device=device, prior=calibration),
         assign,
         place,
         *([search] if options.tolerance is not None else []),
@@ -288,6 +292,7 @@ def compile(
     held_out: int | None = None,
     max_seq: int | None = None,
     max_batch: int | None = None,
+    calibration: Calibration | None = None,
 ) -> CompiledModule:
     """Compile ``model`` to mixed precision, calibrated on ``calib_data``.
 
@@ -325,6 +330,9 @@ def compile(
             token ids [batch, seq] or a tokenizer's output (left-padded); each is continued by the
             fp32 model's greedy tokens, and the model is calibrated on those whole sequences.
         max_batch: the rows of the KV cache, the largest batch ``generate`` takes (default 1).
+        calibration: statistics :func:`calibrate` gathered on other samples (in other processes, merged
+            with :meth:`Calibration.merge`): calib_data's samples are added to them, and the ranges
+            are those of all. They must be of this model's capture (a CalibrationError says otherwise).
 
     Returns:
         A :class:`CompiledModule`, called like ``model``.
@@ -342,6 +350,12 @@ def compile(
         metric=metric,
         language_model=lm is not None,
     )
+    if calibration is not None and (lm is not None or not isinstance(calibration, Calibration)):
+        raise OptionError(
+            "calibration= takes the statistics mpcompiler.calibrate() returns (a Calibration), for a model "
+            "compiled without max_seq" if lm is None else "calibration= is not supported with max_seq yet: "
+            "calibrate a causal LM on all its prompts in the process that compiles it"
+        )
     samples = collect_samples(calib_data)
     if held_out is not None and val_data is not None:
         raise OptionError("give val_data or held_out, not both: held_out holds back part of calib_data instead")
@@ -371,7 +385,7 @@ def compile(
         searched = (len(val) + 1) // 2 if options.tolerance is not None and len(val) > 1 else 0
         search_val = val[:searched] or val
         search_refs = functools.cache(lambda: val_refs()[: len(search_val)])
-        passes = pipeline(options, samples, target_device, search_val, search_refs)
+        passes = pipeline(options, samples, target_device, search_val, search_refs, calibration)
         runs = PassManager(passes, dump_dir=options.dump_dir, debug=options.debug).run(gm)
         refs = val_refs()
         graph_module = emit_fx(gm, model)
@@ -403,6 +417,28 @@ def compile(
             stacklevel=2,
         )
     return CompiledModule(graph_module, report, options, val, refs, lm, _uncaptured_defaults(model, graph_module))
+
+
+def calibrate(
+    model: torch.nn.Module, calib_data: Iterable, *, device: str | torch.device | None = None
+) -> Calibration:
+    """Calibration statistics of ``model`` over every sample of ``calib_data``, for calibrating in several
+    processes: each calibrates on its part of the samples and saves them (:meth:`Calibration.save`); one
+    loads and merges them (:meth:`Calibration.load`, :meth:`Calibration.merge`) and compiles with
+    ``compile(model, calib_data, calibration=merged)``, whose own samples are added. The statistics are
+    sums and extremes: two halves merged are the whole's (the histograms of tensors over 2**20 values are of
+    random subsets)."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    options = Options.parse(dtype="float16", keep_fp32=(), dump_dir=None, device=device, debug=None)
+    samples = collect_samples(calib_data)
+    target_device = options.device or model_device(model)
+    with on_device(model, target_device):
+        gm = capture(model, samples)
+        passes = pipeline(options, samples, target_device)
+        calibrating = next(p for p in passes if isinstance(p, CalibrateRanges))
+        PassManager(passes[: passes.index(calibrating) + 1], debug=options.debug).run(gm)
+    return calibrating.calibration
 
 
 def _uncaptured_defaults(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> dict:

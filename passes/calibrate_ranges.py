@@ -10,12 +10,19 @@ output do not. Convolutions are not measured (their accumulation would need a se
 
 The percentile comes from a histogram of log2|x| (4 bins per octave, mergeable across samples), so
 it is exact to within 19%; min/max/absmax are exact.
+
+All of it is sums and extremes over samples: a :class:`Calibration` (``mpcompiler.calibrate``) made in
+another process, over other samples, merges into these statistics (``compile(calibration=...)``).
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -23,6 +30,7 @@ import torch.fx._pytree as fx_pytree
 
 from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import CalibrationError
+from mpcompiler.files import write_atomic
 from mpcompiler.ir import FP16_TINY, InnerRange, RangeStats, attr_of, graph_record, module_path, op_name, record
 from mpcompiler.ops import SAME_VALUES, positional_names
 from mpcompiler.pass_manager import Pass, PassResult, progress
@@ -81,6 +89,15 @@ class _Stats:
         self.hist += other.hist
         return self
 
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> _Stats:
+        stats = cls()
+        stats.__dict__.update(data)
+        return stats
+
     def percentile_abs(self, q: float) -> float:
         rank = q * self.count - (self.count - self.nonzero)  # zeros sort first
         if rank <= 0 or self.nonzero == 0:
@@ -103,6 +120,70 @@ class _Stats:
             samples=self.samples,
             absmin=0.0 if self.absmin == math.inf else self.absmin,
         )
+
+
+_FORMAT = "mpcompiler.calibration/1"
+
+
+@dataclass
+class Calibration:
+    """Calibration statistics of one captured graph: per float value (by node name) its op, its
+    statistics and the peak of what it computes inside. Statistics made in several processes, each over
+    part of the samples, merge (:meth:`merge`) into those of all the samples; ``compile(model, calib_data,
+    calibration=...)`` adds its own samples' to them. ``mpcompiler.calibrate`` makes one."""
+
+    nodes: dict[str, tuple[str, _Stats, InnerRange | None]]
+    samples: int
+
+    def merge(self, *others: Calibration) -> Calibration:
+        """These statistics and ``others``' together, as if one process had calibrated on all their samples."""
+        nodes = {name: (op, _Stats().merge(st), inner) for name, (op, st, inner) in self.nodes.items()}
+        for other in others:
+            _check_same_graph(nodes, other.nodes, "merged statistics")
+            for name, (_, st, inner) in other.nodes.items():
+                op, mine, seen = nodes[name]
+                nodes[name] = (op, mine.merge(st), _higher(seen, inner))
+        return Calibration(nodes, self.samples + sum(o.samples for o in others))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the statistics to ``path`` (atomically; read back with :meth:`load`)."""
+        nodes = {
+            name: {"op": op, "stats": st.to_dict(), "inner": inner.to_dict() if inner else None}
+            for name, (op, st, inner) in self.nodes.items()
+        }
+        buffer = io.BytesIO()
+        torch.save({"format": _FORMAT, "samples": self.samples, "nodes": nodes}, buffer)
+        return write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        """Read statistics written by :meth:`save`; another file is a CalibrationError."""
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as exc:
+            raise CalibrationError(f"{path} is not calibration statistics mpcompiler can read: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise CalibrationError(f"{path} is not calibration statistics written by Calibration.save ({_FORMAT})")
+        nodes = {
+            name: (n["op"], _Stats.from_dict(n["stats"]), InnerRange(**n["inner"]) if n["inner"] else None)
+            for name, n in data["nodes"].items()
+        }
+        return cls(nodes, data["samples"])
+
+
+def _higher(a: InnerRange | None, b: InnerRange | None) -> InnerRange | None:
+    return b if a is None or (b is not None and b.absmax > a.absmax) else a
+
+
+def _check_same_graph(mine: dict, theirs: dict, what: str) -> None:
+    """Statistics merge value by value: both must be of the same graph (same model, torch and mpcompiler)."""
+    for name in mine.keys() | theirs.keys():
+        ours, other = mine.get(name, (None,))[0], theirs.get(name, (None,))[0]
+        if ours != other:
+            raise CalibrationError(
+                f"the {what} are of another graph: value %{name} is {other or 'absent'} there and "
+                f"{ours or 'absent'} here. Calibrate with the same model, inputs' structure, torch and mpcompiler"
+            )
 
 
 def _dims(x: torch.Tensor, dim) -> tuple[int, ...]:
@@ -277,8 +358,11 @@ def _non_finite(outputs, first: dict[str, tuple[int, torch.fx.Node]], index: int
 class CalibrateRanges(Pass):
     """Record per-value range statistics over all calibration samples (fp32, no graph change)."""
 
-    def __init__(self, *, samples: list[Sample], device: torch.device, progress: bool = True):
-        self.samples, self.device, self.progress = samples, device, progress
+    def __init__(
+        self, *, samples: list[Sample], device: torch.device, progress: bool = True, prior: Calibration | None = None
+    ):
+        self.samples, self.device, self.progress, self.prior = samples, device, progress, prior
+        self.calibration: Calibration | None = None  # the statistics of the last call, prior included
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats: dict[torch.fx.Node, _Stats] = {}
@@ -288,6 +372,13 @@ class CalibrateRanges(Pass):
                 stats[node] = _Stats()
         in_spec = gm.graph._codegen.pytree_info.in_spec
         recorder = _Recorder(gm, stats)
+        if self.prior is not None:  # another process's samples: their statistics start these
+            _check_same_graph({n.name: (op_name(n),) for n in stats}, self.prior.nodes, "calibration statistics given")
+            for node in stats:
+                _, st, inner = self.prior.nodes[node.name]
+                stats[node].merge(st)
+                if inner is not None:
+                    recorder.inner[node] = inner
         bar = progress(self.samples, "calibrate_ranges", show=self.progress)
         with torch.no_grad():
             for index, sample in enumerate(bar):
@@ -308,6 +399,9 @@ class CalibrateRanges(Pass):
                 message = _non_finite(outputs, recorder.first, index)
                 if message is not None:
                     raise CalibrationError(message)
+        samples = len(self.samples) + (self.prior.samples if self.prior else 0)
+        values = {n.name: (op_name(n), st, recorder.inner.get(n)) for n, st in stats.items()}
+        self.calibration = Calibration(values, samples)
         for node in gm.graph.nodes:
             if node in stats:
                 record(node).range = stats[node].finish()
@@ -322,7 +416,5 @@ class CalibrateRanges(Pass):
                 source = node.args[0]
                 if isinstance(source, torch.fx.Node):
                     record(node).range = record(source).range
-        graph_record(gm).calib_samples = len(self.samples)
-        return PassResult(
-            modified=True, stats={"samples": len(self.samples), "values": len(stats), "inner": len(recorder.inner)}
-        )
+        graph_record(gm).calib_samples = samples
+        return PassResult(modified=True, stats={"samples": samples, "values": len(stats), "inner": len(recorder.inner)})

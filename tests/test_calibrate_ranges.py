@@ -114,3 +114,35 @@ def test_sample_that_fails_names_the_sample_and_node():
         mpcompiler.CalibrationError, match=r"sample 1 failed at %embedding \(embedding\) in 0: IndexError"
     ):
         mpcompiler.compile(model, ids)
+
+
+def _ranges(compiled) -> dict:
+    return {n.name: (n.range, n.inner) for n in compiled.report.nodes if n.range is not None}
+
+
+def test_statistics_calibrated_in_two_processes_merge_into_those_of_all_samples(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    samples = [torch.randn(b, 16) * s for b, s in ((4, 1), (2, 10), (3, 0.1), (4, 3), (2, 1), (5, 30))]
+    val = [torch.randn(4, 16)]
+    whole = mpcompiler.compile(model, samples, val_data=val)
+    # two "processes" calibrate a part each and save; a third loads, merges and compiles with its own part
+    mpcompiler.calibrate(model, samples[:2]).save(tmp_path / "a.pt")
+    mpcompiler.calibrate(model, samples[2:4]).save(tmp_path / "b.pt")
+    merged = mpcompiler.Calibration.load(tmp_path / "a.pt").merge(mpcompiler.Calibration.load(tmp_path / "b.pt"))
+    assert merged.samples == 4
+    parts = mpcompiler.compile(model, samples[4:], val_data=val, calibration=merged)
+    assert _ranges(parts) == _ranges(whole) and len(_ranges(whole)) >= 6
+    assert parts.report.calib_samples == whole.report.calib_samples == 6
+    assert torch.equal(parts(val[0]), whole(val[0]))  # the same ranges, the same plan
+
+
+def test_statistics_of_another_model_or_file_are_refused(tmp_path):
+    other = mpcompiler.calibrate(nn.Sequential(nn.Linear(16, 4)), [torch.randn(2, 16)])
+    with pytest.raises(mpcompiler.CalibrationError, match=r"of another graph: value %\w+ is .* Calibrate with the same"):
+        mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration=other)
+    (tmp_path / "not.pt").write_text("hello")
+    with pytest.raises(mpcompiler.CalibrationError, match="not.pt is not calibration statistics"):
+        mpcompiler.Calibration.load(tmp_path / "not.pt")
+    with pytest.raises(mpcompiler.OptionError, match="takes the statistics mpcompiler.calibrate"):
+        mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration={"fc1": 1.0})
