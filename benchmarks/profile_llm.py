@@ -1,18 +1,21 @@
 """Where a TinyLlama-shaped generation spends its GPU time: one decode-graph replay per batch size and the
 512-token prompt step, each as a kernel table (torch.profiler), with the HF prefill peers beside them.
 
-    python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--hf]      (needs a CUDA GPU)
+    python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--variants default,...] [--hf]   (needs a GPU)
 
-Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each batch
-size: the replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels
-by time; a whole generation's kernel time beside its wall time (a gap between them is the host's);
-the prompt step's median time (benchmarks/gpu.py's timer), its wall time, and its kernels. With
---hf, HF's eager and compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json.
+Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each variant
+(``default``: the compiled model's own generator; or a key of benchmarks.llm's EXPERIMENTS: a generator
+whose steps are compiled under that context, its tokens compared with the default's) and batch size: the
+replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels by time;
+a whole generation's kernel time beside its wall time (a gap between them is the host's). Then the
+prompt step's median time (benchmarks/gpu.py's timer) and its kernels. With --hf, HF's eager and
+compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json (after each measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -24,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 import mpcompiler
 from benchmarks.conv_fusion import ms as mean_ms
 from benchmarks.gpu import median_ms_torch
-from benchmarks.llm import SHAPES, hf_prefill
+from benchmarks.llm import EXPERIMENTS, SHAPES, hf_prefill
+from mpcompiler.llm import Generator
 
 MAX_SEQ, MAX_BATCH = 576, 8
 
@@ -50,6 +54,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--rows", default="1,8", help="decode graphs' batch sizes")
+    parser.add_argument("--variants", default="default", help=f"comma-separated: default, {', '.join(EXPERIMENTS)}")
     parser.add_argument("--hf", action="store_true", help="HF's eager and compiled prefill too")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -61,30 +66,43 @@ def main():
         result[label] = result.get(label, {}) | {"kernel_ms": round(ms, 4), "kernels": round(count)}
         text.extend([f"== {label}: {ms:.4f} ms of kernels a call, {count:.0f} kernels", *lines])
         print("\n".join(text[-len(lines) - 1 :]), flush=True)
+        (args.out / "profile_llm.json").write_text(json.dumps(result, indent=1))  # each step: a timeout keeps it
+        (args.out / "profile_llm.txt").write_text("\n".join(text) + "\n")
 
     torch.manual_seed(0)
     fp32 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES)).eval().cuda()
     calib = [torch.randint(3, 32000, (2, 32 + 8 * i), device="cuda") for i in range(5)]
     compiled = mpcompiler.compile(fp32, calib, max_seq=MAX_SEQ, max_batch=MAX_BATCH)
     with torch.no_grad():
-        for rows in (int(r) for r in args.rows.split(",")):
-            graph = compiled.generator.decode_graph(rows)
-            result[f"decode {rows} rows"] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
-            report(f"decode {rows} rows", graph.graph.replay, calls=5)
-        for rows in (int(r) for r in args.rows.split(",")):  # a whole generation: kernels vs wall time
-            ids = torch.randint(3, 32000, (rows, 128), device="cuda")
-            label = f"generate {rows} rows, 128 + 128 tokens"
+        for variant in args.variants.split(","):
+            if variant == "default":
+                generator, context, tag = compiled.generator, contextlib.nullcontext, ""
+            else:
+                generator, context = Generator(compiled.graph_module, compiled.lm), EXPERIMENTS[variant]
+                tag = f"{variant}: "
+            with context():  # the decode graphs and the prompt step compile on their first call, here
+                for rows in (int(r) for r in args.rows.split(",")):
+                    graph = generator.decode_graph(rows)
+                    label = f"{tag}decode {rows} rows"
+                    result[label] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
+                    report(label, graph.graph.replay, calls=5)
+                for rows in (int(r) for r in args.rows.split(",")):  # a whole generation: kernels vs wall time
+                    ids = torch.randint(3, 32000, (rows, 128), device="cuda")
+                    label = f"{tag}generate {rows} rows, 128 + 128 tokens"
 
-            def generate(ids=ids):
-                return compiled.generate(ids, max_new_tokens=128)
+                    def generate(ids=ids, generator=generator):
+                        return generator.generate(ids, max_new_tokens=128)
 
-            generate()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            generate()
-            torch.cuda.synchronize()
-            result[label] = {"wall_ms": round((time.perf_counter() - t0) * 1e3, 2)}
-            report(label, generate, calls=1)
+                    tokens = generate()
+                    if generator is not compiled.generator:
+                        same = (tokens == compiled.generate(ids, max_new_tokens=128)).float().mean()
+                        result[f"{label} token agreement"] = round(float(same), 4)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    generate()
+                    torch.cuda.synchronize()
+                    result[label] = {"wall_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+                    report(label, generate, calls=1)
         long = torch.randint(3, 32000, (1, 512), device="cuda")
         ones = torch.ones(1, MAX_SEQ, dtype=torch.long, device="cuda")
         positions = torch.arange(512, device="cuda")
@@ -102,8 +120,6 @@ def main():
                 fn = hf_prefill(half, long, MAX_SEQ, flag)
                 result[label] = {"median_ms": round(median_ms_torch(fn), 4)}
                 report(label, fn, calls=3, top=12)
-    (args.out / "profile_llm.json").write_text(json.dumps(result, indent=1))
-    (args.out / "profile_llm.txt").write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":
