@@ -331,8 +331,10 @@ def compile(
             fp32 model's greedy tokens, and the model is calibrated on those whole sequences.
         max_batch: the rows of the KV cache, the largest batch ``generate`` takes (default 1).
         calibration: statistics :func:`calibrate` gathered on other samples (in other processes, merged
-            with :meth:`Calibration.merge`): calib_data's samples are added to them, and the ranges
-            are those of all. They must be of this model's capture (a CalibrationError says otherwise).
+            with :meth:`Calibration.merge`): calib_data's calibration samples (those not held out) are
+            added to them, and the ranges are those of all. The model is captured with their dynamic
+            dims; they must be of this model's graph (a CalibrationError names the first value that
+            differs).
 
     Returns:
         A :class:`CompiledModule`, called like ``model``.
@@ -376,8 +378,8 @@ def compile(
             samples = sequences(model, samples, CALIB_NEW_TOKENS, lm.max_seq)
             val = sequences(model, val, 0, lm.max_seq)
             gm = capture(model, [capture_example(samples[0]), *samples, *(val if held else [])], SEQ_INPUTS)
-        else:
-            gm = capture(model, samples + val if held else samples)
+        else:  # with statistics of other processes: their graph's dynamic dims, so that the graphs agree
+            gm = capture(model, samples + val if held else samples, calibration.dynamic if calibration else None)
         # after calibration, whose errors name the node; before the search, which needs them
         val_refs = functools.cache(lambda: references(model, val, target_device))
         # the search judges plans on the first half of the held-out samples, the report's error is
@@ -420,21 +422,27 @@ def compile(
 
 
 def calibrate(
-    model: torch.nn.Module, calib_data: Iterable, *, device: str | torch.device | None = None
+    model: torch.nn.Module,
+    calib_data: Iterable,
+    *,
+    device: str | torch.device | None = None,
+    dynamic: dict[str, Sequence[int]] | None = None,
 ) -> Calibration:
     """Calibration statistics of ``model`` over every sample of ``calib_data``, for calibrating in several
     processes: each calibrates on its part of the samples and saves them (:meth:`Calibration.save`); one
     loads and merges them (:meth:`Calibration.load`, :meth:`Calibration.merge`) and compiles with
-    ``compile(model, calib_data, calibration=merged)``, whose own samples are added. The statistics are
-    sums and extremes: two halves merged are the whole's (the histograms of tensors over 2**20 values are of
-    random subsets)."""
+    ``compile(model, calib_data, calibration=merged)``, whose own calibration samples are added. The
+    statistics are sums and extremes: two halves merged are the whole's (the histograms of tensors over
+    2**20 values are of random subsets). They are of one captured graph, whose dynamic dims are those that
+    vary across the samples: where one process's samples vary in a dim and another's do not, give every
+    process ``dynamic`` (input name -> dims, e.g. ``{"input_ids": [1]}``) so that all capture alike."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     options = Options.parse(dtype="float16", keep_fp32=(), dump_dir=None, device=device, debug=None)
     samples = collect_samples(calib_data)
     target_device = options.device or model_device(model)
     with on_device(model, target_device):
-        gm = capture(model, samples)
+        gm = capture(model, samples, dynamic)
         passes = pipeline(options, samples, target_device)
         calibrating = next(p for p in passes if isinstance(p, CalibrateRanges))
         PassManager(passes[: passes.index(calibrating) + 1], debug=options.debug).run(gm)

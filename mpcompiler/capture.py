@@ -320,6 +320,13 @@ def capture(
     gm.meta[META_KEY] = GraphRecord(
         target=torch.float16,
         dynamic_shapes=dynamic_shapes,
+        # the dims past the batch's made dynamic: capturing again with these as ``dynamic`` gives the same
+        # graph whatever the samples
+        dynamic_dims={
+            describe_input(path, param_names): sorted(varying[i] - {0})
+            for i, (path, _) in enumerate(leaves)
+            if varying.get(i, set()) - {0}
+        },
         output_dtypes=tuple(float_dtype(o.meta.get("val")) if isinstance(o, torch.fx.Node) else None for o in outputs),
     )
     return gm

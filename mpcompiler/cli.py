@@ -316,8 +316,8 @@ def _report(args: argparse.Namespace) -> int:
         print("culprits: none measured (compile with --tolerance to rank the ops by sensitivity)")
         return 0
     if not culprits:
-        print("culprits: none ranked (with every op in low precision, the tolerance was met at the search's "
-              "first evaluation)")  # fmt: skip
+        print("culprits: none ranked (the tolerance search met the tolerance at its first evaluation, with "
+              "every op it could keep high in low precision)")  # fmt: skip
         return 0
     print(f"culprits (the {len(culprits)} ops that cost the most accuracy in low precision, most first):")
     rows = [

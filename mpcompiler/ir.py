@@ -107,6 +107,7 @@ class GraphRecord:
     target: torch.dtype  # the low-precision dtype asked for
     fallback: torch.dtype | None = None  # dtype="auto": bf16 where the target's range is too small
     dynamic_shapes: dict | None = None  # torch.export's spec at capture, by forward() argument name
+    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)  # dims past the batch's, as capture's dynamic=
     output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit
     calib_samples: int = 0
     casts_inserted: bool = False  # after insert_casts, each planned dtype must equal the node's dtype

@@ -127,32 +127,42 @@ _FORMAT = "mpcompiler.calibration/1"
 
 @dataclass
 class Calibration:
-    """Calibration statistics of one captured graph: per float value (by node name) its op, its
-    statistics and the peak of what it computes inside. Statistics made in several processes, each over
-    part of the samples, merge (:meth:`merge`) into those of all the samples; ``compile(model, calib_data,
-    calibration=...)`` adds its own samples' to them. ``mpcompiler.calibrate`` makes one."""
+    """Calibration statistics of one captured graph: per float value (by node name) what it is (op,
+    dtype and shape), its statistics and the peak of what it computes inside; and the input dims the
+    capture made dynamic (by input name), which shape the graph. Statistics made in several processes,
+    each over part of the samples, merge (:meth:`merge`) into those of all the samples; ``compile(model,
+    calib_data, calibration=...)`` captures with the same dynamic dims and adds its own samples'
+    statistics to them. ``mpcompiler.calibrate`` makes one."""
 
     nodes: dict[str, tuple[str, _Stats, InnerRange | None]]
     samples: int
+    dynamic: dict[str, list[int]]
 
     def merge(self, *others: Calibration) -> Calibration:
         """These statistics and ``others``' together, as if one process had calibrated on all their samples."""
-        nodes = {name: (op, _Stats().merge(st), inner) for name, (op, st, inner) in self.nodes.items()}
+        nodes = {name: (what, _Stats().merge(st), inner) for name, (what, st, inner) in self.nodes.items()}
         for other in others:
+            if other.dynamic != self.dynamic:
+                raise CalibrationError(
+                    f"the merged statistics were captured with other dynamic dims ({other.dynamic} there, "
+                    f"{self.dynamic} here): the samples' shapes varied in one process and not in another, so "
+                    "the graphs differ. Calibrate with the same dynamic= in every process (the union: "
+                    f"{_union(self.dynamic, other.dynamic)})"
+                )
             _check_same_graph(nodes, other.nodes, "merged statistics")
             for name, (_, st, inner) in other.nodes.items():
-                op, mine, seen = nodes[name]
-                nodes[name] = (op, mine.merge(st), _higher(seen, inner))
-        return Calibration(nodes, self.samples + sum(o.samples for o in others))
+                what, mine, seen = nodes[name]
+                nodes[name] = (what, mine.merge(st), _higher(seen, inner))
+        return Calibration(nodes, self.samples + sum(o.samples for o in others), self.dynamic)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the statistics to ``path`` (atomically; read back with :meth:`load`)."""
         nodes = {
-            name: {"op": op, "stats": st.to_dict(), "inner": inner.to_dict() if inner else None}
-            for name, (op, st, inner) in self.nodes.items()
+            name: {"value": what, "stats": st.to_dict(), "inner": inner.to_dict() if inner else None}
+            for name, (what, st, inner) in self.nodes.items()
         }
         buffer = io.BytesIO()
-        torch.save({"format": _FORMAT, "samples": self.samples, "nodes": nodes}, buffer)
+        torch.save({"format": _FORMAT, "samples": self.samples, "dynamic": self.dynamic, "nodes": nodes}, buffer)
         return write_atomic(path, buffer.getvalue())
 
     @classmethod
@@ -165,10 +175,20 @@ class Calibration:
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise CalibrationError(f"{path} is not calibration statistics written by Calibration.save ({_FORMAT})")
         nodes = {
-            name: (n["op"], _Stats.from_dict(n["stats"]), InnerRange(**n["inner"]) if n["inner"] else None)
+            name: (n["value"], _Stats.from_dict(n["stats"]), InnerRange(**n["inner"]) if n["inner"] else None)
             for name, n in data["nodes"].items()
         }
-        return cls(nodes, data["samples"])
+        return cls(nodes, data["samples"], data["dynamic"])
+
+
+def value_kind(node: torch.fx.Node) -> str:
+    """What a value is, for matching statistics to it: its op, and its tensors' dtypes and shapes."""
+    tensors = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in _float_tensors(node.meta.get("val"))]
+    return f"{op_name(node)} {', '.join(tensors)}"
+
+
+def _union(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {name: sorted(set(a.get(name, ())) | set(b.get(name, ()))) for name in a.keys() | b.keys()}
 
 
 def _higher(a: InnerRange | None, b: InnerRange | None) -> InnerRange | None:
@@ -176,13 +196,15 @@ def _higher(a: InnerRange | None, b: InnerRange | None) -> InnerRange | None:
 
 
 def _check_same_graph(mine: dict, theirs: dict, what: str) -> None:
-    """Statistics merge value by value: both must be of the same graph (same model, torch and mpcompiler)."""
-    for name in mine.keys() | theirs.keys():
+    """Statistics merge value by value: both must be of the same graph, each value of the same op, dtype
+    and shape. The first value that differs, in graph order, is named."""
+    for name in [*mine, *(n for n in theirs if n not in mine)]:
         ours, other = mine.get(name, (None,))[0], theirs.get(name, (None,))[0]
         if ours != other:
             raise CalibrationError(
                 f"the {what} are of another graph: value %{name} is {other or 'absent'} there and "
-                f"{ours or 'absent'} here. Calibrate with the same model, inputs' structure, torch and mpcompiler"
+                f"{ours or 'absent'} here. Calibrate the same model, with samples of the same structure, the "
+                "same dynamic dims (mpcompiler.calibrate's dynamic=), torch and mpcompiler"
             )
 
 
@@ -373,7 +395,8 @@ class CalibrateRanges(Pass):
         in_spec = gm.graph._codegen.pytree_info.in_spec
         recorder = _Recorder(gm, stats)
         if self.prior is not None:  # another process's samples: their statistics start these
-            _check_same_graph({n.name: (op_name(n),) for n in stats}, self.prior.nodes, "calibration statistics given")
+            here = {n.name: (value_kind(n),) for n in stats}
+            _check_same_graph(here, self.prior.nodes, "calibration statistics given")
             for node in stats:
                 _, st, inner = self.prior.nodes[node.name]
                 stats[node].merge(st)
@@ -400,8 +423,8 @@ class CalibrateRanges(Pass):
                 if message is not None:
                     raise CalibrationError(message)
         samples = len(self.samples) + (self.prior.samples if self.prior else 0)
-        values = {n.name: (op_name(n), st, recorder.inner.get(n)) for n, st in stats.items()}
-        self.calibration = Calibration(values, samples)
+        values = {n.name: (value_kind(n), st, recorder.inner.get(n)) for n, st in stats.items()}
+        self.calibration = Calibration(values, samples, graph_record(gm).dynamic_dims)
         for node in gm.graph.nodes:
             if node in stats:
                 record(node).range = stats[node].finish()

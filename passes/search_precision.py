@@ -232,7 +232,7 @@ class SearchPrecision(Pass):
                 judged[k] = self.metric.meets(value, self.tolerance)
             return judged[k]
 
-        if not evaluate(0):  # the all-low plan misses: rank the candidates by what each costs
+        if not evaluate(0) and candidates:  # the all-low plan misses: rank the candidates by what each costs
             sens.update(sensitivities(gm, candidates, samples, self.device, _ref_norms(refs)))
             log.sensitivity_passes = len(samples) * (1 + PROJECTIONS)
             for n, (share, local) in sens.items():

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import transformers
+
 import mpcompiler
 from mpcompiler.ir import record
 from passes.calibrate_ranges import _Stats
@@ -139,10 +141,32 @@ def test_statistics_calibrated_in_two_processes_merge_into_those_of_all_samples(
 
 def test_statistics_of_another_model_or_file_are_refused(tmp_path):
     other = mpcompiler.calibrate(nn.Sequential(nn.Linear(16, 4)), [torch.randn(2, 16)])
-    with pytest.raises(mpcompiler.CalibrationError, match=r"of another graph: value %\w+ is .* Calibrate with the same"):
+    with pytest.raises(mpcompiler.CalibrationError, match=r"of another graph: value %\w+ is .* Calibrate the same"):
         mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration=other)
+    # the same value names and ops, another width: the shapes tell them apart
+    with pytest.raises(mpcompiler.CalibrationError, match=r"value %linear is linear float32\[\w+, 4\] there and "):
+        mpcompiler.compile(nn.Sequential(nn.Linear(16, 256)), [torch.randn(2, 16)], calibration=other)
     (tmp_path / "not.pt").write_text("hello")
     with pytest.raises(mpcompiler.CalibrationError, match="not.pt is not calibration statistics"):
         mpcompiler.Calibration.load(tmp_path / "not.pt")
     with pytest.raises(mpcompiler.OptionError, match="takes the statistics mpcompiler.calibrate"):
         mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration={"fc1": 1.0})
+
+
+def test_processes_whose_samples_vary_in_other_dims_capture_alike_with_dynamic():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                  vocab_size=50)  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+
+    def sample(seq):
+        return {"input_ids": torch.randint(0, 50, (2, seq)), "attention_mask": torch.ones(2, seq, dtype=torch.long)}
+
+    varying, fixed = [sample(8), sample(12)], [sample(8), sample(8)]
+    a = mpcompiler.calibrate(model, varying)  # the sequence dim varies here, not in the other process
+    with pytest.raises(mpcompiler.CalibrationError, match=r"other dynamic dims .* union: .*'input_ids': \[1\]"):
+        a.merge(mpcompiler.calibrate(model, fixed))
+    dims = {"input_ids": [1], "attention_mask": [1]}
+    merged = a.merge(mpcompiler.calibrate(model, fixed, dynamic=dims))
+    compiled = mpcompiler.compile(model, [sample(8)], val_data=[sample(10)], calibration=merged)
+    assert compiled.report.calib_samples == 5 and compiled.report.accuracy.max < 5e-3

@@ -84,6 +84,13 @@ def test_a_plan_met_with_every_op_low_is_not_ranked():
     assert "0 sensitivity passes" in str(report)
 
 
+def test_a_search_with_nothing_to_keep_high_is_a_tolerance_error():
+    model, calib, val = _mlp()
+    with pytest.raises(mpcompiler.ToleranceError, match="of the 0 low-precision ops"):
+        mpcompiler.compile(model, calib, val_data=val, keep_fp32=["0", "2", "tanh"], tolerance=0.5,
+                           metric=lambda outs, refs: 1.0)  # fmt: skip
+
+
 def _bert():
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
