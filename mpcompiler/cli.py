@@ -1,11 +1,12 @@
-"""The command line: ``mpcompiler compile``, ``mpcompiler report`` and ``mpcompiler inspect``.
+"""The command line: ``mpcompiler compile``, ``report``, ``inspect`` and ``calibrate``.
 
     mpcompiler compile mymodels:build --calib mymodels:samples --out out/mlp --tolerance 1e-3
     mpcompiler report out/mlp/report.json
     mpcompiler inspect out/mlp/model.onnx
+    mpcompiler calibrate mymodels:build --calib mymodels:my_share --out calib-0.pt   # then compile --calibration
 
 Also ``python -m mpcompiler``. Every command is a thin layer over the Python API (``mpcompiler.compile``,
-``CompiledModule.export_onnx``, ``Report.load``); docs/cli.md describes them.
+``CompiledModule.export_onnx``, ``Report.load``, ``mpcompiler.calibrate``); docs/cli.md describes them.
 """
 
 from __future__ import annotations
@@ -148,7 +149,39 @@ example:
         help="also write DIR/triton/NAME/ (config.pbtxt and 1/model.onnx), a Triton Inference Server model "
         "repository for its ONNX Runtime backend, from the verified artifact (docs/deploy.md)",
     )
+    compile_.add_argument(
+        "--calibration",
+        nargs="+",
+        type=Path,
+        metavar="STATS",
+        help="calibration statistics 'mpcompiler calibrate' wrote (other processes' samples): merged, and the "
+        "samples of --calib added to them (docs/deploy.md)",
+    )
     compile_.set_defaults(run=_compile)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="calibrate on a share of the samples; write the statistics for compile --calibration",
+        description="Calibrate the model MODULE:FACTORY builds on the samples --calib returns (all of them: "
+        "none is held out) and write the statistics to --out, for 'mpcompiler compile --calibration' to "
+        "merge with others: several processes, each with its share of the samples (docs/deploy.md).",
+    )
+    calibrate.add_argument("model", metavar="MODULE:FACTORY", help="the function that returns the model")
+    calibrate.add_argument(
+        "--calib", required=True, metavar="MODULE:FUNCTION", help="the function that returns this share's samples"
+    )
+    calibrate.add_argument("--out", required=True, type=Path, metavar="STATS", help="the statistics file to write")
+    calibrate.add_argument("--device", help="where calibration runs (default: the model's device)")
+    calibrate.add_argument(
+        "--dynamic",
+        action="append",
+        default=[],
+        type=_dims,
+        metavar="INPUT:DIMS",
+        help="dims of an input to capture dynamic whatever these samples (input_ids:1): give every process the "
+        "same, where the samples' lengths vary in one process and not in another; repeat for more inputs",
+    )
+    calibrate.set_defaults(run=_calibrate)
 
     report = commands.add_parser(
         "report",
@@ -173,6 +206,17 @@ example:
     inspect.add_argument("path", type=Path, metavar="MODEL_ONNX", help="the .onnx file")
     inspect.set_defaults(run=_inspect)
     return parser
+
+
+def _dims(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        values = [int(d) for d in dims.split(",")]
+    except ValueError:
+        values = []
+    if not sep or not name or not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be INPUT:DIMS, dims past the batch's: input_ids:1")
+    return name, values
 
 
 def _positive_int(text: str) -> int:
@@ -240,6 +284,7 @@ def _compile(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
     model.eval()
     samples = calib()
+    calibration = _statistics(args.calibration) if args.calibration else None
     out: Path = args.out
     _clear_outputs(out)
     print(f"compiling {args.model} to {args.dtype}" + (f" (tolerance {args.tolerance:g})" if args.tolerance else ""))
@@ -251,6 +296,7 @@ def _compile(args: argparse.Namespace) -> int:
         keep_fp32=args.keep_fp32,
         device=args.device,
         dump_dir=out / "dumps",
+        calibration=calibration,
     )
     print(compiled.report)
     compiled.report.save(out / "report.json")
@@ -268,6 +314,32 @@ def _compile(args: argparse.Namespace) -> int:
         if args.triton:
             folder = compiled.export_triton(out / "triton", args.triton, artifact=artifact)
             print(f"wrote {folder}/ (a Triton model repository: tritonserver --model-repository={out / 'triton'})")
+    return 0
+
+
+def _statistics(paths: list[Path]):
+    """The statistics files merged into one (a file that is not one is a CalibrationError naming it)."""
+    parts = [mpcompiler.Calibration.load(path) for path in paths]
+    return parts[0].merge(*parts[1:])
+
+
+# calibrate
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    factory = _load(args.model, "model factory")
+    calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
+    statistics = mpcompiler.calibrate(model.eval(), calib(), device=args.device, dynamic=dict(args.dynamic) or None)
+    statistics.save(args.out)
+    print(
+        f"wrote {args.out}: statistics of {len(statistics.nodes)} values over {statistics.samples} samples "
+        f"(merge them with: mpcompiler compile ... --calibration {args.out} ...)"
+    )
     return 0
 
 

@@ -30,3 +30,13 @@ def samples() -> list[torch.Tensor]:
 
 
 NOT_CALLABLE = 3
+
+
+def first_samples() -> list[torch.Tensor]:
+    """The first four of ``samples()``: one process's share, for ``mpcompiler calibrate``."""
+    return samples()[:4]
+
+
+def rest_samples() -> list[torch.Tensor]:
+    """The other six: the compiling process's share (it holds back the last one to measure the error on)."""
+    return samples()[4:]

@@ -215,3 +215,27 @@ def test_triton_needs_the_onnx_artifact_and_a_folder_name(tmp_path, capsys):
     assert "--triton packages the ONNX artifact: drop --no-onnx" in capsys.readouterr().err
     assert main(["compile", MODEL, "--calib", CALIB, "--out", str(tmp_path), "--triton", "a/b"]) == 2
     assert "Triton model name 'a/b'" in capsys.readouterr().err and not any(tmp_path.iterdir())  # before compiling
+
+
+def test_calibrate_a_share_then_compile_with_the_statistics(tmp_path, capsys):
+    stats = tmp_path / "calib-0.pt"
+    assert main(["calibrate", MODEL, "--calib", "tests.cli_model:first_samples", "--out", str(stats)]) == 0
+    assert f"wrote {stats}: statistics of " in capsys.readouterr().out and stats.is_file()
+    out = tmp_path / "mlp"
+    args = ["compile", MODEL, "--calib", "tests.cli_model:rest_samples", "--out", str(out), "--no-onnx"]
+    assert main([*args, "--calibration", str(stats)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calib_samples"] == 4 + 5  # the file's four, and five of the six (one held out)
+    import mpcompiler
+    from tests.cli_model import build, samples
+
+    whole = mpcompiler.compile(build(), samples()[:9], val_data=samples()[9:]).report  # the same nine at once
+    assert {n["name"]: n["range"] for n in report["nodes"]} == {n.name: n.range for n in whole.nodes}
+
+    (tmp_path / "bad.pt").write_text("not statistics")
+    capsys.readouterr()
+    assert main([*args, "--calibration", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpcompiler: error: CalibrationError: ") and "bad.pt is not calibration statistics" in err
+    with pytest.raises(SystemExit):
+        main(["calibrate", MODEL, "--calib", "tests.cli_model:first_samples", "--out", str(stats), "--dynamic", "x"])
