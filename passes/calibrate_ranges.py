@@ -181,7 +181,7 @@ class Calibration:
         return cls(nodes, data["samples"], data["dynamic"])
 
 
-def value_kind(node: torch.fx.Node) -> str:
+def _value_kind(node: torch.fx.Node) -> str:
     """What a value is, for matching statistics to it: its op, and its tensors' dtypes and shapes."""
     tensors = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in _float_tensors(node.meta.get("val"))]
     return f"{op_name(node)} {', '.join(tensors)}"
@@ -395,7 +395,7 @@ class CalibrateRanges(Pass):
         in_spec = gm.graph._codegen.pytree_info.in_spec
         recorder = _Recorder(gm, stats)
         if self.prior is not None:  # another process's samples: their statistics start these
-            here = {n.name: (value_kind(n),) for n in stats}
+            here = {n.name: (_value_kind(n),) for n in stats}
             _check_same_graph(here, self.prior.nodes, "calibration statistics given")
             for node in stats:
                 _, st, inner = self.prior.nodes[node.name]
@@ -423,7 +423,7 @@ class CalibrateRanges(Pass):
                 if message is not None:
                     raise CalibrationError(message)
         samples = len(self.samples) + (self.prior.samples if self.prior else 0)
-        values = {n.name: (value_kind(n), st, recorder.inner.get(n)) for n, st in stats.items()}
+        values = {n.name: (_value_kind(n), st, recorder.inner.get(n)) for n, st in stats.items()}
         self.calibration = Calibration(values, samples, graph_record(gm).dynamic_dims)
         for node in gm.graph.nodes:
             if node in stats:
