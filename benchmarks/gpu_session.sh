@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A session's GPU checks on the lent machine, in steps that each fit one device call (600 s):
+#
+#   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
+#   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
+#   bash benchmarks/gpu_session.sh bert     # benchmarks/gpu.py --models bert; then starts the sweep
+#   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
+#
+# onnxruntime-gpu travels in five parts (../shared/device/ORT_GPU.md, ortgpu-parts.sh): four calls copy
+# .ortgpu0 ... .ortgpu3's part into /root/ortw/ (carry each folder), then `ort` runs with .ortgpu4 carried.
+# Run the steps back to back: the machine goes back after 30 s idle, and with it /tmp/site, the sweep
+# and the project's install. Outputs go under $OUT (llm/, bert/, sweep.md, sweep.jsonl, sweep-logs.tar.gz).
+set -uo pipefail
+export PYTHONPATH=/tmp/site
+case "${1:-}" in
+  ort)
+    name=$(cat .ortgpu4/NAME)
+    cp .ortgpu4/part4 /root/ortw/ && cat /root/ortw/part? > "/root/ortw/$name"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/root/ortw/$name" 2>&1 | tail -2
+    python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+    python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+    nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+    ;;
+  llm)
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/llm" --models tinyllama --batches 1,8 \
+      --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep '^{'
+    ;;
+  bert)
+    timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
+    rm -rf /root/sw
+    setsid nohup python3 benchmarks/sweep.py --out /root/sw --device cuda --jobs 12 --timeout 240 \
+      > /root/sweep.log 2>&1 < /dev/null &
+    echo "sweep started"
+    ;;
+  check)
+    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -15
+    for _ in $(seq 1 100); do pgrep -f "sweep.py --out" > /dev/null || break; sleep 3; done
+    pgrep -f "sweep.py --out" > /dev/null && echo "the sweep is still running"
+    tail -5 /root/sweep.log
+    cp /root/sw/sweep.md /root/sw/sweep.jsonl "$OUT/" 2>/dev/null
+    tar czf "$OUT/sweep-logs.tar.gz" -C /root/sw . 2>/dev/null
+    ls "$OUT"
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac
