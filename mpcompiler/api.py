@@ -352,11 +352,12 @@ def compile(
         metric=metric,
         language_model=lm is not None,
     )
-    if calibration is not None and (lm is not None or not isinstance(calibration, Calibration)):
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise OptionError(f"calibration= takes what mpcompiler.calibrate() returns; got {type(calibration).__name__}")
+    if calibration is not None and lm is not None:
         raise OptionError(
-            "calibration= takes the statistics mpcompiler.calibrate() returns (a Calibration), for a model "
-            "compiled without max_seq" if lm is None else "calibration= is not supported with max_seq yet: "
-            "calibrate a causal LM on all its prompts in the process that compiles it"
+            "calibration= is not supported with max_seq yet: calibrate a causal LM on all its prompts in the "
+            "process that compiles it"
         )
     samples = collect_samples(calib_data)
     if held_out is not None and val_data is not None:

@@ -268,22 +268,26 @@ def _clear_outputs(out: Path) -> None:
     shutil.rmtree(out / "triton", ignore_errors=True)
 
 
-def _compile(args: argparse.Namespace) -> int:
+def _model_and_samples(args: argparse.Namespace) -> tuple:
+    """The model MODULE:FACTORY builds (in eval mode) and the samples --calib returns."""
     import torch
 
+    factory = _load(args.model, "model factory")
+    calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval(), calib()
+
+
+def _compile(args: argparse.Namespace) -> int:
     if args.triton and not args.onnx:
         raise CliError("--triton packages the ONNX artifact: drop --no-onnx")
     if args.triton:
         from mpcompiler.triton_repo import check_name
 
         check_name(args.triton)  # before the compile, not after it
-    factory = _load(args.model, "model factory")
-    calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CliError(f"{args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
-    samples = calib()
+    model, samples = _model_and_samples(args)
     calibration = _statistics(args.calibration) if args.calibration else None
     out: Path = args.out
     _clear_outputs(out)
@@ -327,14 +331,8 @@ def _statistics(paths: list[Path]):
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import torch
-
-    factory = _load(args.model, "model factory")
-    calib = _load(args.calib, "calibration function", default_module=args.model.rpartition(":")[0])
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CliError(f"{args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
-    statistics = mpcompiler.calibrate(model.eval(), calib(), device=args.device, dynamic=dict(args.dynamic) or None)
+    model, samples = _model_and_samples(args)
+    statistics = mpcompiler.calibrate(model, samples, device=args.device, dynamic=dict(args.dynamic) or None)
     statistics.save(args.out)
     print(
         f"wrote {args.out}: statistics of {len(statistics.nodes)} values over {statistics.samples} samples "
