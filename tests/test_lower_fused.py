@@ -5,9 +5,11 @@ import math
 from collections import Counter
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 import transformers
 
@@ -166,7 +168,9 @@ def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gel
     art = compiled.export_onnx(tmp_path / "b.onnx")
     assert compiled.graph_module.code == fx_code  # the ONNX lowering ran on a copy
     ops = _onnx_ops(tmp_path / "b.onnx")
-    assert ops["Attention"] == 2 and ops["Softmax"] == 0
+    assert ops["Attention"] == 2 and ops["Softmax"] == 0 and ops["Transpose"] == 0
+    assert {n.domain for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "Attention"} == {"com.microsoft"}
+    assert ops["MatMul"] == 6  # per layer: attention's output projection, the MLP's two (q, k, v inside Attention)
     assert ops["SkipLayerNormalization"] == 4  # after attention and after the MLP, per layer
     assert ops["BiasGelu"] == 2
     assert ops["LayerNormalization"] == 1  # the embeddings' add broadcasts (position embeddings): not fused
@@ -291,3 +295,47 @@ def test_rms_norm_and_its_residual_add_become_one_op_for_onnx_runtime_in_their_p
     with torch.no_grad():
         ref = model(**held).logits
     assert rel_err(gm(**held).logits, compiled(**held).logits) < 1e-3 and rel_err(gm(**held).logits, ref) < 5e-3
+
+
+class _CrossAttention(nn.Module):
+    """q from x, k and v from y: a self-attention only when y is x."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x, y=None):
+        y = x if y is None else y
+        heads = lambda t: t.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(y)), heads(self.v(y)))
+        return out.transpose(1, 2).flatten(2)
+
+
+def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_left_padding(tmp_path):
+    from passes.lower_fused import _match_qkv_attention
+
+    model = _bert()
+    compiled = mpcompiler.compile(model, [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8)]])
+    gm = twin(compiled.graph_module, "Fused")
+    assert LowerFused(target="ort-cpu").call(gm).stats["qkv_attention"] == 2
+    fused = nodes_by_op(gm, "mpcompiler.qkv_attention")
+    assert [record(n).dtype for n in fused] == [torch.float16] * 2 and "packed QKV" in record(fused[0]).fused
+    assert gm.get_buffer("encoder.layer.0.attention.self.qkv_weight").shape == (128, 384)  # [in, q | k | v]
+    held = _bert_sample(3, 10)
+    held["attention_mask"][1, :4] = 0  # left padding: the mask goes in whole, no padding side assumed
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+    assert rel_err(gm(**held)[0], compiled(**held).last_hidden_state) < 1e-3
+    art = compiled.export_onnx(tmp_path / "b.onnx", target="ort-cpu")
+    assert _onnx_ops(tmp_path / "b.onnx")["Attention"] == 2 and art.verified_with == "CPUExecutionProvider"
+    sess = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(["last_hidden_state"], {k: v.numpy() for k, v in held.items()})[0]
+    assert rel_err(torch.from_numpy(out), ref) < 5e-3
+
+    torch.manual_seed(0)
+    cross = mpcompiler.compile(_CrossAttention().eval(), [(torch.randn(2, 6, 32), torch.randn(2, 5, 32))] * 4)
+    sdpa = nodes_by_op(cross.graph_module, "scaled_dot_product_attention")[0]
+    assert _match_qkv_attention(sdpa) == "q, k and v are not three linears of one input"
+    own = mpcompiler.compile(_CrossAttention().eval(), list(torch.randn(4, 2, 6, 32)))
+    sdpa = nodes_by_op(own.graph_module, "scaled_dot_product_attention")[0]
+    assert isinstance(_match_qkv_attention(sdpa), dict)  # the same module as a self-attention, in other spellings

@@ -245,3 +245,25 @@ def test_ort_float16_converter_overflows_where_mpcompiler_does_not(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 5e-3
+
+
+@pytest.mark.gpu
+def test_bert_fused_ops_run_in_onnx_runtime_cuda_within_tolerance_for_either_padding(bert, tmp_path):
+    """The ops ONNX Runtime's CUDA provider runs fused (issue #12), checked where they run: on CUDA."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    model, compiled = bert
+    art = compiled.export_onnx(tmp_path / "b.onnx", providers=["CUDAExecutionProvider"])
+    assert art.verified_with == "CUDAExecutionProvider" and max(art.error_vs_fp32.values()) <= 5e-3
+    ops = {(n.domain, n.op_type) for n in onnx.load(tmp_path / "b.onnx").graph.node}
+    fused = {("com.microsoft", op) for op in ("Attention", "SkipLayerNormalization", "BiasGelu")}
+    assert fused <= ops and ("", "Attention") not in ops
+    sess = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CUDAExecutionProvider"])
+    for left in (False, True):
+        sample = _bert_sample(4, 32)
+        if left:  # the padding at the front: the mask reaches the kernel whole
+            sample["attention_mask"] = sample["attention_mask"].flip(-1)
+        out = sess.run(["last_hidden_state"], {k: v.numpy() for k, v in sample.items()})[0]
+        with torch.no_grad():
+            ref = model(**sample).last_hidden_state.numpy()
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 5e-3, f"left padding: {left}"
