@@ -125,8 +125,11 @@ def main():
         "compile_seconds": round(compile_s, 1),
         "perplexity_held_out": {k: round(v, 4) for k, v in ppl.items()},
         "perplexity_increase_vs_fp32": round(ppl["compiled"] / ppl["fp32"] - 1, 5),
-        "tolerance_search": {"tolerance": TOLERANCE, "kept_high": compiled.report.search["kept_high"],
-                             "candidates": compiled.report.search["candidates"]},  # fmt: skip
+        "tolerance_search": {
+            "tolerance": TOLERANCE,
+            "kept_high": compiled.report.search["kept_high"],
+            "candidates": compiled.report.search["candidates"],
+        },  # fmt: skip
         "greedy_agreement_held_out": acc.greedy_agreement,
         "generated_tokens_agreeing_with_hf_fp32_greedy": agree,
         "tokens_per_s": round(ids.shape[0] * (ids.shape[1] - width) / gen_s, 1),

@@ -144,6 +144,14 @@ example:
         "rel. L2 error vs fp32 or the FX module), warn, or off (no ONNX Runtime needed) (default: %(default)s)",
     )
     compile_.add_argument(
+        "--padding",
+        default="any",
+        choices=["any", "right"],
+        help="the ONNX artifact's attention mask contract: any (taken whole, exact for any padding) or right "
+        "(each row's ones first, read as its length: ONNX Runtime's fused attention kernels; docs/onnx.md) "
+        "(default: %(default)s)",
+    )
+    compile_.add_argument(
         "--triton",
         metavar="NAME",
         help="also write DIR/triton/NAME/ (config.pbtxt and 1/model.onnx), a Triton Inference Server model "
@@ -308,7 +316,7 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'report.json'} (read it with: mpcompiler report {out / 'report.json'})")
     print(f"wrote {out / 'dumps'}/ (the IR after each pass) and {out / 'graph_module.py'} (the FX module's code)")
     if args.onnx:
-        artifact = compiled.export_onnx(out / ONNX_NAME, verify=args.verify)
+        artifact = compiled.export_onnx(out / ONNX_NAME, verify=args.verify, padding=args.padding)
         if artifact.verified_with:
             errors = ", ".join(f"{k} {v:.2e}" for k, v in artifact.error_vs_fp32.items())
             checked = f"verified with ONNX Runtime {artifact.verified_with}: rel. L2 error vs fp32 {errors}"
@@ -451,6 +459,7 @@ def _summary(meta: dict[str, str], model) -> str:
     labels = {
         "mpcompiler.dtype": ("low-precision dtype", str),
         "mpcompiler.io_dtype": ("inputs and outputs", str),
+        "mpcompiler.padding": ("attention mask padding", str),
         "mpcompiler.ops_per_dtype": ("ops per dtype", _per_dtype),
         "mpcompiler.compute_ops_per_dtype": ("compute-bound ops per dtype", _per_dtype),
         "mpcompiler.casts": ("casts inserted", str),

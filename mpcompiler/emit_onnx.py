@@ -69,6 +69,7 @@ def export_onnx(
     opset: int | None = None,
     target: str = "ort-cuda",
     io_dtype: str | torch.dtype | None = None,
+    padding: str = "any",
     external_data: bool | None = None,
     verify: str = "error",
     tolerance: float = DEFAULT_TOLERANCE,
@@ -86,6 +87,10 @@ def export_onnx(
         target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
             kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
         io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).
+        padding: ``"any"`` (default): attention takes its mask whole, exact for any padding.
+            ``"right"``: the artifact's contract is right padding (each row's ones first, as BERT's
+            tokenizers pad): attention reads only each row's length, ONNX Runtime's 1-D mask index,
+            with which its CUDA provider runs fused attention kernels (docs/onnx.md).
         external_data: weights in ``<path>.data``; default: only when they pass 2 GB.
         verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32 and
             the FX module: ``"error"`` (default) raises past ``tolerance``, ``"warn"`` warns, ``"off"``
@@ -97,6 +102,8 @@ def export_onnx(
         raise ExportError(f"verify={verify!r}: use 'error', 'warn' or 'off'")
     if target not in ("ort-cuda", "ort-cpu"):
         raise ExportError(f"target={target!r}: use 'ort-cuda' or 'ort-cpu'")
+    if padding not in ("any", "right"):
+        raise ExportError(f"padding={padding!r}: use 'any' or 'right'")
     path = Path(path)
     gm = compiled.graph_module
     if verify != "off":
@@ -107,7 +114,7 @@ def export_onnx(
         _low_precision_io(program, io)
     if compiled.lm is not None:  # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
         InsertKvCache(**compiled.lm.__dict__, cache="io").call(program)
-    LowerFused(target=target).call(program)
+    LowerFused(target=target, padding=padding).call(program)
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
@@ -123,6 +130,7 @@ def export_onnx(
         model = onnx_program.model
         _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
         _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
+        model.metadata_props["mpcompiler.padding"] = padding
         if external_data is None:
             external_data = sum(t.nbytes for t in gm.state_dict().values()) > EXTERNAL_DATA_LIMIT
 
@@ -136,13 +144,13 @@ def export_onnx(
             provider, errors_fp32, errors_fx = None, {}, {}
             if verify != "off":
                 provider, errors_fp32, errors_fx = _verify(
-                    compiled, program, tmp / path.name, io, providers, tolerance, verify
+                    compiled, program, tmp / path.name, io, providers, tolerance, verify, padding
                 )
             for f in reversed(files):  # the weights first, the model that points at them last
                 f.replace(path.parent / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset)
+    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset, padding)
     data_path = path.parent / files[1].name if len(files) > 1 else None
     return OnnxArtifact(path, handoff, data_path, provider, errors_fp32, errors_fx)
 
@@ -405,7 +413,7 @@ def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> 
     )
 
 
-def _verify(compiled, program, path, io, providers, tolerance, mode):
+def _verify(compiled, program, path, io, providers, tolerance, mode, padding):
     """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
     compare with fp32 and the FX module. A causal LM runs each held-out text as a prefill with an empty
     cache, and then decodes greedy tokens from the first, compared with the FX module's generate()."""
@@ -462,6 +470,13 @@ def _verify(compiled, program, path, io, providers, tolerance, mode):
             f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
             f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
             + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
+            + (
+                "; exported with padding='right', its attention reads each row's length only: a held-out "
+                "sample padded otherwise (on the left, or a mask that is not padding) is computed differently "
+                "(export with padding='any')"
+                if padding == "right"
+                else ""
+            )
         )
         if mode == "error":
             raise ExportError(msg)
@@ -499,7 +514,7 @@ def _tensor_info(value: ir.Value) -> dict:
     return {"name": value.name, "dtype": value.dtype.name.lower() if value.dtype else None, "shape": shape}
 
 
-def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset) -> Path:
+def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, padding) -> Path:
     inputs = [_tensor_info(v) for v in model.graph.inputs]
     outputs = [_tensor_info(v) for v in model.graph.outputs]
     report = compiled.report
@@ -526,6 +541,9 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset) -
         }
         if provider
         else None,
+        "padding": "right: each row's attention_mask ones first; attention reads each row's length only"
+        if padding == "right"
+        else "any: attention takes attention_mask whole",
         "error_vs_fp32": vs_fp32,
         "error_vs_fx_module": vs_fx,
         # fastest measured on ONNX Runtime's CUDA provider (docs/perf.md); CUDA graphs need fixed shapes
@@ -564,6 +582,8 @@ def _handoff_markdown(info: dict) -> str:
         "| output | dtype | shape |",
         "| --- | --- | --- |",
         *[row(v) for v in info["outputs"]],
+        "",
+        f"Padding: {info['padding']}.",
         "",
         "Named dims are dynamic: "
         + (

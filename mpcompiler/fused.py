@@ -29,10 +29,11 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   fp16/fp32 on the CPU. ``attention_bias`` has no CUDA kernel, hence that layout and not a mask.
 - ``qkv_attention``: self-attention whose q, k and v are linears of one input, heads split and merged
   around SDPA -> ``com.microsoft.Attention``: one GEMM on the packed q/k/v weight, the bias add and
-  the heads' layout in one kernel, and ONNX Runtime's fused attention (cuDNN's or the memory-efficient
-  kernel on CUDA), the mask passed as its additive ``attention_bias`` (exact for any mask: no
-  assumption about which side is padded). Written the way ONNX Runtime's transformer optimizer
-  writes BERT's attention, less its 1-D mask index (right padding only).
+  the heads' layout in one kernel. The mask goes in as its additive ``attention_bias`` (exact for any
+  mask, but ONNX Runtime 1.31's CUDA provider then runs attention unfused: two GEMMs and a softmax,
+  profiled in docs/perf.md), or, exported with ``padding="right"``, as its 1-D mask index (each row's
+  key count, the contract of ONNX Runtime's own optimized BERT), with which it runs cuDNN's fused
+  attention. Written the way ONNX Runtime's transformer optimizer writes BERT's attention.
 - ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
@@ -186,18 +187,34 @@ def qkv_attention(
     mask: torch.Tensor | None,
     num_heads: int,
     scale: float | None,
+    key_lengths: bool,
 ) -> torch.Tensor:
     """Self-attention of x [B, S, in]: q, k, v = (x @ weight + bias) split in three, each into
     ``num_heads`` heads; SDPA with ``mask`` (bool or additive, broadcast to [B, heads, S, S]); heads
-    merged: [B, S, hidden]. weight is [in, 3 * hidden], q's columns first (ONNX Runtime's layout)."""
+    merged: [B, S, hidden]. weight is [in, 3 * hidden], q's columns first (ONNX Runtime's layout).
+
+    ``key_lengths``: the mask is read as right padding: row b attends its first L_b keys, L_b the
+    count of keys its first query attends (ONNX Runtime's 1-D mask index, which its fastest kernels
+    take)."""
     qkv = x @ weight if bias is None else torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
+    if key_lengths and mask is not None:
+        lengths = key_counts(mask).expand(x.shape[0])
+        mask = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, mask, scale=scale).transpose(1, 2).flatten(2)
 
 
 @qkv_attention.register_fake
-def _(x, weight, bias, mask, num_heads, scale):
+def _(x, weight, bias, mask, num_heads, scale, key_lengths):
     return x.new_empty((*x.shape[:-1], weight.shape[1] // 3))
+
+
+def key_counts(mask: torch.Tensor) -> torch.Tensor:
+    """How many keys the first query of each row attends under ``mask`` (bool, or additive: a key is
+    attended where the mask is above ``MASKED / 2``), [B] (or [1] for a mask without batch)."""
+    attends = mask if mask.dtype == torch.bool else mask > MASKED / 2
+    attends = attends.reshape((1,) * (4 - attends.dim()) + tuple(attends.shape))
+    return attends[:, 0, 0, :].sum(-1)
 
 
 @torch.library.custom_op("mpcompiler::rms_norm", mutates_args=())
@@ -368,14 +385,25 @@ def _group_query_attention_onnx(query, key, value, past_key, past_value, attenti
     return out, present_key, present_value
 
 
-def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | None = None):
-    """``Attention`` with the packed q/k/v weight and bias; the mask as its [B|1, 1, S, S] attention_bias."""
+def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | None = None, key_lengths: bool = False):
+    """``Attention`` with the packed q/k/v weight and bias; the mask as its [B|1, 1, S, S] attention_bias
+    or, with ``key_lengths``, as its 1-D mask index (each row's key count: right padding)."""
+    attrs = {"num_heads": num_heads} | ({"scale": scale} if scale is not None else {})
+    if mask is not None and key_lengths:
+        attends = mask if mask.dtype == ir.DataType.BOOL else _OP.Greater(mask, _OP.CastLike(MASKED / 2, mask))
+        rank = len(mask.shape)
+        if rank < 4:
+            attends = _OP.Unsqueeze(attends, _OP.Constant(value_ints=list(range(4 - rank))))
+        first = _OP.Gather(_OP.Gather(attends, _OP.Constant(value_int=0), axis=1), _OP.Constant(value_int=0), axis=1)
+        counts = _OP.ReduceSum(_OP.Cast(first, to=6), _OP.Constant(value_ints=[-1]), keepdims=0)  # 6: int32
+        counts = _OP.Expand(counts, _OP.Shape(x, start=0, end=1))
+        out, _ = _MSFT.Attention(x, weight, bias, counts, **attrs)
+        return out
     if mask is not None:
         if mask.dtype not in (ir.DataType.BOOL, x.dtype):  # ORT takes it in x's dtype; clamped: no -inf
             mask = _OP.CastLike(_OP.Max(mask, _OP.CastLike(MASKED, mask)), x)
         q_len = _OP.Shape(x, start=1, end=2)
         mask = _additive_mask(mask, x, q_len, q_len)
-    attrs = {"num_heads": num_heads} | ({"scale": scale} if scale is not None else {})
     out, _ = _MSFT.Attention(x, weight, bias, None, None, mask, **attrs)
     return out
 

@@ -220,7 +220,9 @@ def _heads(t) -> torch.fx.Node | None:
     if not _op(lin, "linear") or not _only_user(lin, split) or _linear_parts(lin) is None or _rank(lin) != 3:
         return None
     b, s, hidden = lin.meta["val"].shape
-    return lin if tuple(split.meta["val"].shape[:2]) == (b, s) and split.meta["val"].shape[2:].numel() == hidden else None
+    return (
+        lin if tuple(split.meta["val"].shape[:2]) == (b, s) and split.meta["val"].shape[2:].numel() == hidden else None
+    )
 
 
 def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
@@ -243,9 +245,11 @@ def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
     if len({planned_dtype(n) for n in chain} | {value_of(w).dtype for w, _ in parts}) != 1:
         return "q, k, v, their weights and the attention in different dtypes"
     merged = sdpa  # the heads merged: [B, H, S, D] (-> same-shape reshapes) -> transpose(1, 2) -> [B, S, H * D]
-    while len(merged.users) == 1 and _op(next(iter(merged.users)), "reshape", "view", "clone") and next(
-        iter(merged.users)
-    ).meta["val"].shape == sdpa.meta["val"].shape:
+    while (
+        len(merged.users) == 1
+        and _op(next(iter(merged.users)), "reshape", "view", "clone")
+        and next(iter(merged.users)).meta["val"].shape == sdpa.meta["val"].shape
+    ):
         merged = next(iter(merged.users))
     t = next(iter(merged.users)) if len(merged.users) == 1 else None
     out = next(iter(t.users)) if _op(t, "transpose") and len(t.users) == 1 and {t.args[1] % 4, t.args[2] % 4} == {
@@ -278,7 +282,8 @@ def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
         packed.append(node)
     with gm.graph.inserting_before(m["out"]):
         return gm.graph.call_function(
-            torch.ops.mpcompiler.qkv_attention.default, (m["x"], *packed, m["mask"], m["heads"], m["scale"])
+            torch.ops.mpcompiler.qkv_attention.default,
+            (m["x"], *packed, m["mask"], m["heads"], m["scale"], m["mask_padding"] == "right"),
         )
 
 
@@ -548,10 +553,11 @@ RULES = [
 
 
 class LowerFused(Pass):
-    """Rewrite patterns into the fused ops ``target`` has kernels for."""
+    """Rewrite patterns into the fused ops ``target`` has kernels for. ``padding="right"``: attention
+    masks are right padding, read as each row's key count (see mpcompiler.fused.qkv_attention)."""
 
-    def __init__(self, *, target: str):
-        self.target = target
+    def __init__(self, *, target: str, padding: str = "any"):
+        self.target, self.padding = target, padding
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats = {rule.name: 0 for rule in RULES}
@@ -565,7 +571,7 @@ class LowerFused(Pass):
                 if isinstance(m, str) or not has_kernel(rule.name, self.target, planned):
                     continue
                 out = m.get("out", node)
-                fused = rule.rewrite(gm, node, m)
+                fused = rule.rewrite(gm, node, m | {"mask_padding": self.padding})
                 fused.meta["val"] = out.meta.get("val")
                 fused.meta[META_KEY] = dataclasses.replace(record(out), fused=rule.why, inserted=False)
                 out.replace_all_uses_with(fused)

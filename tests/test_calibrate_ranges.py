@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn as nn
-
 import transformers
 
 import mpcompiler
@@ -149,7 +148,7 @@ def test_statistics_of_another_model_or_file_are_refused(tmp_path):
     (tmp_path / "not.pt").write_text("hello")
     with pytest.raises(mpcompiler.CalibrationError, match="not.pt is not calibration statistics"):
         mpcompiler.Calibration.load(tmp_path / "not.pt")
-    with pytest.raises(mpcompiler.OptionError, match="takes what mpcompiler.calibrate\(\) returns; got dict"):
+    with pytest.raises(mpcompiler.OptionError, match=r"takes what mpcompiler.calibrate\(\) returns; got dict"):
         mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration={"fc1": 1.0})
 
 

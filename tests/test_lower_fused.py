@@ -169,7 +169,9 @@ def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gel
     assert compiled.graph_module.code == fx_code  # the ONNX lowering ran on a copy
     ops = _onnx_ops(tmp_path / "b.onnx")
     assert ops["Attention"] == 2 and ops["Softmax"] == 0 and ops["Transpose"] == 0
-    assert {n.domain for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "Attention"} == {"com.microsoft"}
+    assert {n.domain for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "Attention"} == {
+        "com.microsoft"
+    }
     assert ops["MatMul"] == 6  # per layer: attention's output projection, the MLP's two (q, k, v inside Attention)
     assert ops["SkipLayerNormalization"] == 4  # after attention and after the MLP, per layer
     assert ops["BiasGelu"] == 2
@@ -331,6 +333,27 @@ def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_
     sess = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(["last_hidden_state"], {k: v.numpy() for k, v in held.items()})[0]
     assert rel_err(torch.from_numpy(out), ref) < 5e-3
+
+    # padding="right": each row's length as Attention's 1-D mask index (ONNX Runtime's fused kernels)
+    art = compiled.export_onnx(tmp_path / "r.onnx", target="ort-cpu", padding="right")
+    m = onnx.load(tmp_path / "r.onnx")
+    attention = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2 and all(len(n.input) == 4 and n.input[3] for n in attention)  # no attention_bias
+    assert {p.key: p.value for p in m.metadata_props}["mpcompiler.padding"] == "right"
+    assert "Padding: right" in art.handoff.read_text()
+    sess = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    right = _bert_sample(3, 10)
+    right["attention_mask"][1, 6:] = 0
+    with torch.no_grad():
+        ref = model(**right).last_hidden_state
+    out = sess.run(["last_hidden_state"], {k: v.numpy() for k, v in right.items()})[0]
+    assert rel_err(torch.from_numpy(out), ref) < 5e-3  # padded queries too: they attend the row's keys
+    out = sess.run(["last_hidden_state"], {k: v.numpy() for k, v in held.items()})[0]
+    assert rel_err(torch.from_numpy(out[1]), model(**held).last_hidden_state[1].detach()) > 5e-3  # the contract
+    left = mpcompiler.compile(model, [_bert_sample(4, 16), _bert_sample(2, 24)], val_data=[held])
+    with pytest.raises(mpcompiler.ExportError, match="padding='right'.*reads each row's length only"):
+        left.export_onnx(tmp_path / "l.onnx", target="ort-cpu", padding="right")
+    assert not (tmp_path / "l.onnx").exists()
 
     torch.manual_seed(0)
     cross = mpcompiler.compile(_CrossAttention().eval(), [(torch.randn(2, 6, 32), torch.randn(2, 5, 32))] * 4)

@@ -267,3 +267,6 @@ def test_bert_fused_ops_run_in_onnx_runtime_cuda_within_tolerance_for_either_pad
         with torch.no_grad():
             ref = model(**sample).last_hidden_state.numpy()
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 5e-3, f"left padding: {left}"
+    # padding="right": Attention's 1-D mask index, with which the CUDA provider runs fused attention
+    art = compiled.export_onnx(tmp_path / "r.onnx", providers=["CUDAExecutionProvider"], padding="right")
+    assert art.verified_with == "CUDAExecutionProvider" and max(art.error_vs_fp32.values()) <= 5e-3
