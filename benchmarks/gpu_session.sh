@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
+#   bash benchmarks/gpu_session.sh onnx-llm # benchmarks/llm.py --onnx: the LLM artifact in ORT CUDA beside ours
 #   bash benchmarks/gpu_session.sh bert     # benchmarks/gpu.py --models bert; then starts the sweep
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
 #   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
@@ -29,6 +30,10 @@ case "${1:-}" in
   llm)
     timeout 560 python3 -m benchmarks.llm --out "$OUT/llm" --models tinyllama --batches 1,8 \
       --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep '^{'
+    ;;
+  onnx-llm)
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/llm_onnx" --models tinyllama --batches 1,8 --onnx \
+      --only 'mpcompiler generate,ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   bert)
     timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
@@ -58,7 +63,7 @@ case "${1:-}" in
       --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac

@@ -254,6 +254,7 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     vocab = fp32.config.vocab_size
     weight_bytes = sum(p.numel() * 2 for p in half.parameters())
     meta[f"{name}_weights_gb"] = round(weight_bytes / 1e9, 3)
+    meta[f"{name}_weight_bytes"] = weight_bytes  # the floor, were the run cut before its rows are written
     prompts = {b: torch.randint(3, vocab, (b, args.prompt), device="cuda") for b in batches}
     long = torch.randint(3, vocab, (1, args.prefill), device="cuda")
     calib = [torch.randint(3, vocab, (2, 32 + 8 * i), device="cuda") for i in range(CALIB_PROMPTS)]

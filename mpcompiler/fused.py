@@ -34,6 +34,11 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   profiled in docs/perf.md), or, exported with ``padding="right"``, as its 1-D mask index (each row's
   key count, the contract of ONNX Runtime's own optimized BERT), with which it runs cuDNN's fused
   attention. Written the way ONNX Runtime's transformer optimizer writes BERT's attention.
+- ``rotary_group_query_attention``: the same attention when its q, k and v are the heads of linears of
+  one input and q and k are rotated as Llama-family models rotate them (``q * cos + rotate_half(q) *
+  sin``, cos and sin computed from the positions alone) -> GroupQueryAttention on the packed q/k/v
+  projection (one GEMM instead of three) with its own rotary (``do_rotary``; cos/sin tables from the
+  model's own rotary math evaluated at every slot), where the plain form runs ~12 ops a layer for it.
 - ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
@@ -68,6 +73,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
     "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
     "group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
+    "rotary_group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
     "qkv_attention": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
     "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
     "skip_rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
@@ -177,6 +183,55 @@ def _(query, key, value, past_key, past_value, attention_mask, scale):
         torch._check(x.shape[0] == query.shape[0])
     present = (key.shape[0], key.shape[1], past_key.shape[2] + key.shape[2], key.shape[3])
     return query.new_empty((*query.shape[:3], value.shape[3])), key.new_empty(present), value.new_empty(present)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim (the rotary embedding of Llama-family models)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+@torch.library.custom_op("mpcompiler::rotary_group_query_attention", mutates_args=())
+def rotary_group_query_attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kv_attention` of x [B, T, in]'s q, k and v (x @ weight + bias, weight [in, (num_heads + 2 *
+    kv_heads) * head_dim], q's columns first), q and k rotated at each token's slot (its position: the
+    cache layout counts positions from 0 in each row), ``cos_cache``/``sin_cache`` [slots, head_dim / 2]
+    being cos and sin of each slot's angles. Returns the attention, heads merged, [B, T, num_heads *
+    head_dim], and the present keys and values."""
+    batch, length, _ = x.shape
+    qkv = x @ weight if bias is None else x @ weight + bias
+    dim = weight.shape[1] // (num_heads + 2 * kv_heads)
+    q, k, v = (
+        t.unflatten(-1, (-1, dim)).transpose(1, 2)
+        for t in qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    )
+    lengths = attention_mask.sum(-1, keepdim=True)
+    slots = (lengths - length).clamp(min=0) + torch.arange(length, device=x.device)  # [B, T]
+    cos, sin = (torch.cat([c[slots]] * 2, -1)[:, None] for c in (cos_cache, sin_cache))  # [B, 1, T, head_dim]
+    q, k = (t * cos + rotate_half(t) * sin for t in (q, k))
+    out, present_key, present_value = kv_attention(q, k, v, past_key, past_value, attention_mask, scale)
+    return out.transpose(1, 2).flatten(2), present_key, present_value
+
+
+@rotary_group_query_attention.register_fake
+def _(x, weight, bias, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads, kv_heads, scale):
+    for t in (attention_mask, past_key, past_value):
+        torch._check(t.shape[0] == x.shape[0])  # one batch dim when exported
+    dim = weight.shape[1] // (num_heads + 2 * kv_heads)
+    present = (x.shape[0], kv_heads, past_key.shape[2] + x.shape[1], dim)
+    return x.new_empty((*x.shape[:2], num_heads * dim)), x.new_empty(present), x.new_empty(present)
 
 
 @torch.library.custom_op("mpcompiler::qkv_attention", mutates_args=())
@@ -298,6 +353,8 @@ _SCHEMAS = [
             _param("past_value", True),
             _int32("seqlens_k"),
             _int32("total_sequence_length"),
+            _param("cos_cache", True),
+            _param("sin_cache", True),
         ],
         outputs=[_param("output"), _param("present_key", True), _param("present_value", True)],
         type_constraints=[_T, _M],
@@ -305,6 +362,8 @@ _SCHEMAS = [
             OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+            OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, "", required=False),
+            OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "", required=False),
         ],
     ),
     OpSchema(
@@ -374,15 +433,32 @@ def _group_query_attention_onnx(query, key, value, past_key, past_value, attenti
     def packed(x):  # [B, H, T, D] -> [B, T, H * D]
         return _OP.Reshape(_OP.Transpose(x, perm=[0, 2, 1, 3]), _OP.Constant(value_ints=[0, 0, -1]))
 
-    one = _OP.Constant(value_ints=[1])
-    seqlens_k = _OP.Cast(_OP.Sub(_OP.ReduceSum(attention_mask, one, keepdims=0), _OP.CastLike(1, attention_mask)), to=6)
-    total = _OP.Cast(_OP.Squeeze(_OP.Shape(attention_mask, start=1, end=2)), to=6)  # 6: int32
     attrs = {"num_heads": heads, "kv_num_heads": kv_heads} | ({"scale": scale} if scale is not None else {})
     out, present_key, present_value = _MSFT.GroupQueryAttention(
-        packed(query), packed(key), packed(value), past_key, past_value, seqlens_k, total, **attrs
+        packed(query), packed(key), packed(value), past_key, past_value, *_lengths(attention_mask), **attrs
     )
     out = _OP.Transpose(_OP.Reshape(out, _OP.Constant(value_ints=[0, 0, heads, -1])), perm=[0, 2, 1, 3])
     return out, present_key, present_value
+
+
+def _lengths(attention_mask):
+    """GroupQueryAttention's seqlens_k (each row's length - 1) and total_sequence_length, int32."""
+    one = _OP.Constant(value_ints=[1])
+    seqlens_k = _OP.Cast(_OP.Sub(_OP.ReduceSum(attention_mask, one, keepdims=0), _OP.CastLike(1, attention_mask)), to=6)
+    return seqlens_k, _OP.Cast(_OP.Squeeze(_OP.Shape(attention_mask, start=1, end=2)), to=6)  # 6: int32
+
+
+def _rotary_group_query_attention_onnx(
+    x, weight, bias, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads: int, kv_heads: int,
+    scale: float | None = None,
+):  # fmt: skip
+    """One MatMul for q, k and v, then GroupQueryAttention on the packed projection with its own rotary."""
+    packed = _OP.MatMul(x, weight) if bias is None else _OP.Add(_OP.MatMul(x, weight), bias)
+    attrs = {"num_heads": num_heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
+    attrs |= {"scale": scale} if scale is not None else {}
+    return _MSFT.GroupQueryAttention(
+        packed, None, None, past_key, past_value, *_lengths(attention_mask), cos_cache, sin_cache, **attrs
+    )
 
 
 def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | None = None, key_lengths: bool = False):
@@ -474,6 +550,7 @@ ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.skip_layer_norm.default: _skip_layer_norm_onnx,
     torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
     torch.ops.mpcompiler.group_query_attention.default: _group_query_attention_onnx,
+    torch.ops.mpcompiler.rotary_group_query_attention.default: _rotary_group_query_attention_onnx,
     torch.ops.mpcompiler.qkv_attention.default: _qkv_attention_onnx,
     torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
     torch.ops.mpcompiler.skip_rms_norm.default: _skip_rms_norm_onnx,
@@ -486,6 +563,7 @@ OPSET_23_OPS = frozenset(
     {
         torch.ops.aten.scaled_dot_product_attention.default,
         torch.ops.mpcompiler.group_query_attention.default,
+        torch.ops.mpcompiler.rotary_group_query_attention.default,
         torch.ops.mpcompiler.rms_norm.default,
     }
 )

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from mpcompiler.fused import has_kernel, kv_attention
-from mpcompiler.ir import META_KEY, attr_of, op_name, planned_dtype, record, value_of
+from mpcompiler.ir import META_KEY, NodeRecord, attr_of, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -225,6 +225,21 @@ def _heads(t) -> torch.fx.Node | None:
     )
 
 
+def _merged(heads: torch.fx.Node) -> torch.fx.Node | None:
+    """The node that merges attention heads [B, H, S, D] back to [B, S, H * D]: (same-shape reshapes,)
+    transpose(1, 2), reshape; each read only by the next."""
+    node = heads
+    while len(node.users) == 1 and _op(next(iter(node.users)), "reshape", "view", "clone"):
+        if next(iter(node.users)).meta["val"].shape != heads.meta["val"].shape:
+            break
+        node = next(iter(node.users))
+    t = next(iter(node.users)) if len(node.users) == 1 else None
+    if not _op(t, "transpose") or len(t.users) != 1 or {t.args[1] % 4, t.args[2] % 4} != {1, 2}:
+        return None
+    out = next(iter(t.users))
+    return out if _op(out, "reshape", "view", "flatten") and _rank(out) == 3 else None
+
+
 def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
     if not _op(sdpa, "scaled_dot_product_attention"):
         return "not an SDPA"
@@ -244,17 +259,8 @@ def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
     chain = [*linears, *(a[k] for k in ("query", "key", "value")), sdpa]
     if len({planned_dtype(n) for n in chain} | {value_of(w).dtype for w, _ in parts}) != 1:
         return "q, k, v, their weights and the attention in different dtypes"
-    merged = sdpa  # the heads merged: [B, H, S, D] (-> same-shape reshapes) -> transpose(1, 2) -> [B, S, H * D]
-    while (
-        len(merged.users) == 1
-        and _op(next(iter(merged.users)), "reshape", "view", "clone")
-        and next(iter(merged.users)).meta["val"].shape == sdpa.meta["val"].shape
-    ):
-        merged = next(iter(merged.users))
-    t = next(iter(merged.users)) if len(merged.users) == 1 else None
-    out = next(iter(t.users)) if _op(t, "transpose") and len(t.users) == 1 and {t.args[1] % 4, t.args[2] % 4} == {
-        1, 2} else None  # fmt: skip
-    if not _op(out, "reshape", "view", "flatten") or out.meta["val"].shape != linears[0].meta["val"].shape:
+    out = _merged(sdpa)
+    if out is None or out.meta["val"].shape != linears[0].meta["val"].shape:
         return "the output is not the heads merged back to [B, S, hidden]"
     if planned_dtype(out) != planned_dtype(sdpa):
         return "the merged heads in another dtype"
@@ -262,10 +268,10 @@ def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
     return {"x": x, "linears": linears, "mask": a.get("attn_mask"), "heads": heads, "scale": a.get("scale"), "out": out}
 
 
-def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
-    """Attention's packed weight [in, 3 * hidden] (q's columns first) and bias [3 * hidden], new buffers
-    of this graph's copy."""
-    parts = [_linear_parts(lin) for lin in m["linears"]]
+def _packed_projection(gm, linears: list[torch.fx.Node], before: torch.fx.Node) -> tuple:
+    """get_attr nodes of the linears' weights stacked and transposed, [in, sum(out)] (their columns in
+    order), and of their biases stacked (or None): new buffers of the attention module in this graph."""
+    parts = [_linear_parts(lin) for lin in linears]
     packed = []
     for k, name in ((0, "qkv_weight"), (1, "qkv_bias")):
         if parts[0][k] is None:
@@ -275,11 +281,17 @@ def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
         whole = whole.t().contiguous() if k == 0 else whole
         owner = parts[0][k].target.rpartition(".")[0].rpartition(".")[0]  # the attention module
         gm.get_submodule(owner).register_buffer(name, whole)
-        with gm.graph.inserting_before(m["out"]):
+        with gm.graph.inserting_before(before):
             node = gm.graph.get_attr(f"{owner}.{name}" if owner else name)
         node.meta["val"] = whole
         node.meta[META_KEY] = dataclasses.replace(record(parts[0][k]), inserted=False)
         packed.append(node)
+    return tuple(packed)
+
+
+def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """Attention's packed weight [in, 3 * hidden] (q's columns first) and bias [3 * hidden]."""
+    packed = _packed_projection(gm, m["linears"], m["out"])
     with gm.graph.inserting_before(m["out"]):
         return gm.graph.call_function(
             torch.ops.mpcompiler.qkv_attention.default,
@@ -374,6 +386,131 @@ def _rewrite_group_query_attention(gm, node: torch.fx.Node, m: dict) -> torch.fx
         return gm.graph.call_function(
             torch.ops.mpcompiler.group_query_attention.default, (*node.args, node.kwargs.get("scale"))
         )
+
+
+def _rotated(t) -> tuple | None:
+    """(x, cos, sin) when t = x * cos + rotate_half(x) * sin (rotate_half(x) = cat([-x[..., h:], x[..., :h]], -1),
+    h half the last dim), the factors in either order."""
+    if not _op(t, "add") or len(t.args) != 2:
+        return None
+    for a, b in (t.args, t.args[::-1]):
+        if _op(a, "mul") and _op(b, "mul"):
+            for x, cos in (a.args, a.args[::-1]):
+                for r, sin in (b.args, b.args[::-1]):
+                    if isinstance(x, torch.fx.Node) and _is_rotate_half(r, x):
+                        return x, cos, sin
+    return None
+
+
+def _is_rotate_half(r, x: torch.fx.Node) -> bool:
+    rank = _rank(x)
+    if not _op(r, "cat") or len(r.args[0]) != 2 or (r.args[1] if len(r.args) > 1 else 0) % rank != rank - 1:
+        return False
+    neg, first = r.args[0]
+    half = x.meta["val"].shape[-1] // 2
+
+    def part(node, start: int) -> bool:  # x[..., start:start + half] (the end may be written as "to the end")
+        return (
+            _op(node, "slice") and node.args[0] is x and node.args[1] % rank == rank - 1
+            and node.args[2] == start and node.args[3] >= start + half
+        )  # fmt: skip
+
+    return _op(neg, "neg") and part(neg.args[0], half) and part(first, 0) and first.args[3] == half
+
+
+def _positions_only(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, set] | str:
+    """The one graph input ``nodes`` are computed from (with constants), and the nodes in between."""
+    seen, stack, inputs = set(), list(nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            inputs.add(n)
+        elif n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+        elif n.op != "get_attr":
+            return f"computed by {n.op} {n.target}"
+    if len(inputs) != 1 or _rank(next(iter(inputs))) != 2:
+        return "not computed from one [B, T] input (the positions) and constants"
+    return next(iter(inputs)), seen - inputs
+
+
+def _match_rotary_group_query_attention(node: torch.fx.Node) -> Match:
+    if node.target is not kv_attention:
+        return "not an attention over a KV cache (insert_kv_cache's kv_attention)"
+    q, k, v = node.args[:3]
+    rq, rk = _rotated(q), _rotated(k)
+    if rq is None or rk is None:
+        return "q and k are not rotated as x * cos + rotate_half(x) * sin"
+    if rq[1:] != rk[1:]:
+        return "q and k rotated by different cos and sin"
+    linears = [_heads(rq[0]), _heads(rk[0]), _heads(v)]
+    if None in linears:
+        return "q, k or v is not a linear's heads (reshape, transpose)"
+    x = linears[0].args[0]
+    if any(lin.args[0] is not x for lin in linears) or len(set(linears)) != 3:
+        return "q, k and v are not three linears of one input"
+    parts = [_linear_parts(lin) for lin in linears]
+    tables = [t.args[0] if _op(t, "unsqueeze") and t.args[1] == 1 and _rank(t) == 4 else None for t in rq[1:]]
+    if None in tables or len({b is None for _, b in parts}) != 1:
+        return "cos and sin are not [B, T, head_dim] unsqueezed at dim 1, or q, k, v differ in having a bias"
+    chain = [*linears, q, k, v, node, *rq[1:]]
+    if len({planned_dtype(n) for n in chain} | {value_of(w).dtype for w, _ in parts}) != 1:
+        return "q, k, v, their weights, the rotation and the attention in different dtypes"
+    source = _positions_only(tables)
+    if isinstance(source, str):
+        return f"cos and sin are {source}"
+    head = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
+    out = _merged(head) if head is not None else None
+    if out is None or planned_dtype(out) != planned_dtype(node):
+        return "the output is not the heads merged back to [B, T, hidden] in the attention's dtype"
+    return {"x": x, "linears": linears, "tables": tables, "positions": source[0], "rope": source[1], "out": out}
+
+
+def _rewrite_rotary_group_query_attention(gm, node: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """The packed q/k/v weight; cos and sin tables over every slot of the cache (the model's own rotary
+    math, copied once per graph, fed the positions 0 .. the mask's width - 1); the op."""
+    graph, (q, k, _, past_key, past_value, mask) = gm.graph, node.args[:6]
+    weight, bias = _packed_projection(gm, m["linears"], m["out"])
+    names = [f"{src.name}_table" for src in m["tables"]]
+    existing = {n.name: n for n in graph.nodes}
+    if names[0] not in existing:  # the graph's first such attention: the tables, which the rest share
+        positions = m["positions"]
+        with graph.inserting_before(node):
+            width = graph.call_function(aten.sym_size.int, (mask, 1))
+            slots = graph.call_function(aten.arange.default, (width,), {
+                "dtype": positions.meta["val"].dtype, "device": positions.meta["val"].device})  # fmt: skip
+            env = {positions: graph.call_function(aten.unsqueeze.default, (slots, 0))}
+            for n in (width, slots, env[positions]):
+                n.meta[META_KEY] = NodeRecord(module_path=record(positions).module_path)
+            for n in [n for n in graph.nodes if n in m["rope"]]:  # in graph order
+                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+                env[n].meta[META_KEY] = dataclasses.replace(record(n))
+            for src, name in zip(m["tables"], names, strict=True):  # [1, L, head_dim] -> [L, head_dim / 2]
+                row = graph.call_function(aten.select.int, (env[src], 0, 0))
+                table = graph.create_node(
+                    "call_function", aten.slice.Tensor, (row, -1, 0, src.meta["val"].shape[-1] // 2), name=name
+                )
+                for n in (row, table):
+                    n.meta[META_KEY] = dataclasses.replace(record(src), inserted=False)
+                existing[name] = table
+    heads, kv_heads = q.meta["val"].shape[1], k.meta["val"].shape[1]
+    with graph.inserting_before(m["out"]):
+        fused = graph.call_function(
+            torch.ops.mpcompiler.rotary_group_query_attention.default,
+            (m["x"], weight, bias, past_key, past_value, mask, *(existing[n] for n in names), heads, kv_heads,
+             node.kwargs.get("scale")),
+        )  # fmt: skip
+        out, present_key, present_value = (graph.call_function(operator.getitem, (fused, i)) for i in range(3))
+    fused.meta[META_KEY] = dataclasses.replace(record(node), inserted=False)
+    for user in list(node.users):  # the presents (the cache's outputs) now come from the op
+        if user.target is operator.getitem and user.args[1] in (1, 2):
+            new = (present_key, present_value)[user.args[1] - 1]
+            new.meta[META_KEY] = dataclasses.replace(record(user), inserted=False)
+            user.replace_all_uses_with(new)
+    return out
 
 
 def _uncast(node):
@@ -536,6 +673,12 @@ RULES = [
     Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
     Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
     Rule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
+    Rule(
+        "rotary_group_query_attention",
+        _match_rotary_group_query_attention,
+        _rewrite_rotary_group_query_attention,
+        "q/k/v linears + rotary + attention over a KV cache -> GroupQueryAttention (packed QKV, do_rotary)",
+    ),
     Rule(
         "group_query_attention",
         _match_group_query_attention,

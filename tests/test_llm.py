@@ -178,6 +178,12 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     # ONNX Runtime's fused ops: one GroupQueryAttention per layer, RMSNorm as SimplifiedLayerNormalization
     ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["Attention"] == ops["Softmax"] == 0
+    # ... on the packed q/k/v projection, rotating q and k itself: one MatMul for q, k, v, the cos and sin
+    # tables computed once for all layers
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" and len(n.input) == 9 for n in gqa)
+    assert all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 for n in gqa)
+    assert ops["MatMul"] == 2 * 5 + 1 and ops["Cos"] == ops["Sin"] == 1  # per layer: qkv, o, gate, up, down
     # RMSNorm: 2 per layer and the final norm, each but the first joined to the residual add before it
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["Pow"] == ops["Sqrt"] == 0
@@ -198,16 +204,25 @@ def _check_artifact(compiled, path):
     assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].cpu().numpy()).mean() >= 0.9
 
 
-def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numbers(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("plain", ["rotary", "all"])
+def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numbers(
+    llama, tmp_path, monkeypatch, plain
+):
     # a target without GroupQueryAttention/SimplifiedLayerNormalization kernels gets plain ops computing the
-    # same step in the same layout (rows packed at the front), so one generation loop drives either artifact
+    # same step in the same layout (rows packed at the front), so one generation loop drives either artifact;
+    # without the rotary form, GroupQueryAttention on the three projections, rotated by plain ops
     model, compiled = llama
-    for op in ("group_query_attention", "rms_norm", "skip_rms_norm"):
+    ops_off = ["rotary_group_query_attention"]
+    ops_off += ["group_query_attention", "rms_norm", "skip_rms_norm"] if plain == "all" else []
+    for op in ops_off:
         monkeypatch.setitem(fused.KERNELS, op, {})
     compiled.export_onnx(tmp_path / "plain.onnx")
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "plain.onnx", load_external_data=False).graph.node)
-    assert ops["GroupQueryAttention"] == ops["SimplifiedLayerNormalization"] == 0 and ops["Attention"] == 2
-    assert ops["ScatterElements"] == 4  # each layer's new keys and values, written at each row's next slots
+    if plain == "all":
+        assert ops["GroupQueryAttention"] == ops["SimplifiedLayerNormalization"] == 0 and ops["Attention"] == 2
+        assert ops["ScatterElements"] == 4  # each layer's new keys and values, written at each row's next slots
+    else:
+        assert ops["GroupQueryAttention"] == 2 and ops["MatMul"] == 2 * 7 + 1  # q, k, v apart; rotary as ops
     _check_artifact(compiled, tmp_path / "plain.onnx")
 
 

@@ -362,3 +362,38 @@ def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_
     own = mpcompiler.compile(_CrossAttention().eval(), list(torch.randn(4, 2, 6, 32)))
     sdpa = nodes_by_op(own.graph_module, "scaled_dot_product_attention")[0]
     assert isinstance(_match_qkv_attention(sdpa), dict)  # the same module as a self-attention, in other spellings
+
+
+def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
+    from mpcompiler.emit_onnx import _empty_pasts
+    from mpcompiler.fused import kv_attention
+    from mpcompiler.passes import InsertKvCache
+    from mpcompiler.verify import flat_outputs
+    from passes.lower_fused import _match_rotary_group_query_attention
+    from tests.test_llm import _llama, _prompt
+
+    compiled = mpcompiler.compile(_llama(), [_prompt(2, n) for n in (6, 9, 7, 8)], max_seq=32, max_batch=2)
+    ref, gm = (twin(compiled.graph_module, name) for name in ("Ref", "Fused"))
+    for g in (ref, gm):
+        InsertKvCache(**compiled.lm.__dict__, cache="io").call(g)
+    stats = LowerFused(target="ort-cpu").call(gm).stats
+    assert stats["rotary_group_query_attention"] == 2 and stats["group_query_attention"] == 0
+    assert len([n for n in gm.graph.nodes if n.name.endswith("_table")]) == 2  # cos and sin, once for all layers
+    assert not nodes_by_op(gm, "neg")  # rotate_half's: now inside the op
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding: the cache layout's
+    feed = {"input_ids": torch.randint(3, 100, (2, 7)), "attention_mask": mask, "use_cache": False}
+    feed |= {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} | _empty_pasts(ref, 2)
+    with torch.no_grad():
+        (want, *want_cache), (got, *got_cache) = flat_outputs(ref(**feed)), flat_outputs(gm(**feed))
+    real = mask.bool()  # a padding token's position differs (its logits and cache slot are never read)
+    assert rel_err(got[real], want[real]) < 2e-3
+    for g, w in zip(got_cache, want_cache, strict=True):
+        assert rel_err(g[0], w[0]) < 2e-3 and rel_err(g[1, :, :5], w[1, :, :5]) < 2e-3
+
+    attention = next(n for n in ref.graph.nodes if n.target is kv_attention)
+    rotated_q = attention.args[0]
+    attention.args = (attention.args[1], *attention.args[1:])  # q is k: rotated alike, but k's linear twice
+    assert _match_rotary_group_query_attention(attention) == "q, k and v are not three linears of one input"
+    attention.args = (rotated_q.args[0].args[0], *attention.args[1:])  # q before its rotation
+    assert _match_rotary_group_query_attention(attention) == "q and k are not rotated as x * cos + rotate_half(x) * sin"
