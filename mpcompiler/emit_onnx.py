@@ -555,6 +555,8 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, p
         info["generation"] = {
             "kv_cache": "past_key_values.{i}.key/value in, present.{i}.key/value out: [batch, kv_heads, seq, head_dim]",
             "max_seq_compiled_for": compiled.lm.max_seq,
+            # GroupQueryAttention takes one buffer as past and present; the plain ops' cache grows a step
+            "shared_cache": any(node.op_type == "GroupQueryAttention" for node in model.graph),
         }
     json_path = path.with_name(path.name + ".json")
     write_atomic(json_path, json.dumps(info, indent=1) + "\n")
@@ -612,7 +614,8 @@ def _handoff_markdown(info: dict) -> str:
             "## Generate (ONNX Runtime, CUDA if it has it, else the CPU; the KV cache stays on the device)",
             "",
             "The KV cache is inputs and outputs, as ONNX Runtime GenAI names them: feed each step's `present.*` "
-            "back as the next step's `past_key_values.*`. Each row's tokens sit at the front of its cache "
+            "back as the next step's `past_key_values.*`, or, with GroupQueryAttention, bind one buffer as both "
+            "(it writes in place; the loop below does). Each row's tokens sit at the front of its cache "
             "(ONNX Runtime's GroupQueryAttention layout): prompts are right-padded, `attention_mask` "
             "[batch, past + new] has a row's ones first (its length is their count), positions count from 0, "
             "and a prompt's next-token logits are at its last real token.",
@@ -636,6 +639,7 @@ def _handoff_markdown(info: dict) -> str:
 
 
 def _generation_snippet(info: dict) -> str:
+    shared = info["generation"]["shared_cache"]
     return f"""import numpy as np
 import onnxruntime as ort
 
@@ -643,7 +647,10 @@ providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p i
 sess = ort.InferenceSession("{info["model_file"]}", providers=providers)
 device = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-outputs = [o.name for o in sess.get_outputs()]
+# One cache buffer per past input, [batch, kv_heads, prompt + new tokens, head_dim], bound as its present
+# output too (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as
+# ONNX Runtime GenAI runs such models; else each step's presents are fed back as the next pasts.
+SHARED_CACHE = {shared}
 
 
 def on_device(x):
@@ -653,36 +660,39 @@ def on_device(x):
 def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
     # greedy tokens after int64 prompts [batch, seq], padded on either side; returns prompts + new tokens.
     # The cache keeps each row's tokens at its front (GroupQueryAttention's layout): prompts go right-padded.
+    batch, width = input_ids.shape
     lengths = attention_mask.sum(-1)
     ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
-    mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
-    position_ids = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    feeds = {{"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}}
-    feeds = {{k: on_device(v.astype(np.int64)) for k, v in feeds.items()}}
-    for p in pasts:  # an empty cache: [batch, kv_heads, 0, head_dim]
-        dtype = np.float16 if p.type == "tensor(float16)" else np.float32
-        feeds[p.name] = on_device(np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), dtype))
-    new, done = [], np.zeros(ids.shape[0], dtype=bool)
+    slots = width + max_new_tokens if SHARED_CACHE else 0
+    cache = {{p.name: on_device(np.zeros((batch, p.shape[1], slots, p.shape[3]),
+                                        np.float16 if p.type == "tensor(float16)" else np.float32)) for p in pasts}}
+    feeds = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
+             "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
+    new, done, total = [], np.zeros(batch, dtype=bool), width
     for step in range(max_new_tokens):
         binding = sess.io_binding()
         for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, on_device(value.astype(np.int64)))
+        binding.bind_output("logits", device)
+        for name, value in cache.items():
             binding.bind_ortvalue_input(name, value)
-        for name in outputs:
-            binding.bind_output(name, device)
+            present = name.replace("past_key_values.", "present.")
+            binding.bind_ortvalue_output(present, value) if SHARED_CACHE else binding.bind_output(present, device)
         sess.run_with_iobinding(binding)
-        results = dict(zip(outputs, binding.get_outputs()))
+        results = dict(zip(["logits", *(p.name.replace("past_key_values.", "present.") for p in pasts)],
+                           binding.get_outputs()))  # in the order bound
         logits = results["logits"].numpy()  # [batch, new tokens, vocab]
-        last = logits[np.arange(len(ids)), lengths - 1] if step == 0 else logits[:, -1]
+        last = logits[np.arange(batch), lengths - 1] if step == 0 else logits[:, -1]
         token = last.argmax(-1)[:, None].astype(np.int64)
         new.append(token)
         done |= token[:, 0] == eos_token_id
         if done.all():
             break
-        lengths = lengths + 1
-        mask = (np.arange(mask.shape[1] + 1) < lengths[:, None]).astype(np.int64)
-        feeds = {{"input_ids": on_device(token), "attention_mask": on_device(mask),
-                 "position_ids": on_device((lengths - 1)[:, None].astype(np.int64))}}
-        feeds |= {{p.name: results[p.name.replace("past_key_values.", "present.")] for p in pasts}}
+        lengths, total = lengths + 1, slots or total + 1
+        feeds = {{"input_ids": token, "attention_mask": np.arange(total) < lengths[:, None],
+                 "position_ids": (lengths - 1)[:, None]}}
+        if not SHARED_CACHE:
+            cache = {{p.name: results[p.name.replace("past_key_values.", "present.")] for p in pasts}}
     return np.concatenate([input_ids, *new], 1)"""
 
 

@@ -37,8 +37,8 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
 - ``rotary_group_query_attention``: the same attention when its q, k and v are the heads of linears of
   one input and q and k are rotated as Llama-family models rotate them (``q * cos + rotate_half(q) *
   sin``, cos and sin computed from the positions alone) -> GroupQueryAttention on the packed q/k/v
-  projection (one GEMM instead of three) with its own rotary (``do_rotary``; cos/sin tables from the
-  model's own rotary math evaluated at every slot), where the plain form runs ~12 ops a layer for it.
+  projection (one GEMM instead of three) with its own rotary (``do_rotary``; cos/sin tables: the model's
+  own rotary math at every slot of the cache, constants), where the plain form runs ~12 ops a layer for it.
 - ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which

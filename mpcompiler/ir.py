@@ -112,6 +112,7 @@ class GraphRecord:
     calib_samples: int = 0
     casts_inserted: bool = False  # after insert_casts, each planned dtype must equal the node's dtype
     search: SearchLog | None = None  # set when compile() was given a tolerance
+    cache_slots: int | None = None  # a generation program's KV cache slots (max_seq), set by insert_kv_cache
 
 
 def record(node: torch.fx.Node) -> NodeRecord:

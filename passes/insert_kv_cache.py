@@ -44,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, statically_known_t
 
 from mpcompiler.errors import CaptureError
 from mpcompiler.fused import kv_attention
-from mpcompiler.ir import META_KEY, NodeRecord, op_name, record
+from mpcompiler.ir import META_KEY, NodeRecord, graph_record, op_name, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
 aten = torch.ops.aten
@@ -99,6 +99,7 @@ class InsertKvCache(Pass):
             )
         gm.recompile()
         retype(gm)
+        gm.meta[META_KEY] = dataclasses.replace(graph_record(gm), cache_slots=self.max_seq)  # its own: a copy's
         return PassResult(modified=True, stats={"attentions": len(attentions), "cache_slots": self.max_seq})
 
 

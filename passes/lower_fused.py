@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from mpcompiler.fused import has_kernel, kv_attention
-from mpcompiler.ir import META_KEY, NodeRecord, attr_of, op_name, planned_dtype, record, value_of
+from mpcompiler.ir import META_KEY, NodeRecord, attr_of, graph_record, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -471,19 +471,19 @@ def _match_rotary_group_query_attention(node: torch.fx.Node) -> Match:
 
 def _rewrite_rotary_group_query_attention(gm, node: torch.fx.Node, m: dict) -> torch.fx.Node:
     """The packed q/k/v weight; cos and sin tables over every slot of the cache (the model's own rotary
-    math, copied once per graph, fed the positions 0 .. the mask's width - 1); the op."""
+    math, copied once per graph, fed the positions 0 .. max_seq - 1: constants, which the export folds);
+    the op."""
     graph, (q, k, _, past_key, past_value, mask) = gm.graph, node.args[:6]
     weight, bias = _packed_projection(gm, m["linears"], m["out"])
     names = [f"{src.name}_table" for src in m["tables"]]
     existing = {n.name: n for n in graph.nodes}
     if names[0] not in existing:  # the graph's first such attention: the tables, which the rest share
-        positions = m["positions"]
+        positions, slots = m["positions"], graph_record(gm).cache_slots  # set by insert_kv_cache
         with graph.inserting_before(node):
-            width = graph.call_function(aten.sym_size.int, (mask, 1))
-            slots = graph.call_function(aten.arange.default, (width,), {
+            slots = graph.call_function(aten.arange.default, (slots,), {
                 "dtype": positions.meta["val"].dtype, "device": positions.meta["val"].device})  # fmt: skip
             env = {positions: graph.call_function(aten.unsqueeze.default, (slots, 0))}
-            for n in (width, slots, env[positions]):
+            for n in (slots, env[positions]):
                 n.meta[META_KEY] = NodeRecord(module_path=record(positions).module_path)
             for n in [n for n in graph.nodes if n in m["rope"]]:  # in graph order
                 env[n] = graph.node_copy(n, lambda a: env.get(a, a))

@@ -178,12 +178,14 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     # ONNX Runtime's fused ops: one GroupQueryAttention per layer, RMSNorm as SimplifiedLayerNormalization
     ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["Attention"] == ops["Softmax"] == 0
-    # ... on the packed q/k/v projection, rotating q and k itself: one MatMul for q, k, v, the cos and sin
-    # tables computed once for all layers
+    # ... on the packed q/k/v projection, rotating q and k itself: one MatMul for q, k, v; the cos and sin
+    # tables over the max_seq slots are constants (the model's rotary math, folded at export)
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     assert all(n.input[1] == n.input[2] == "" and len(n.input) == 9 for n in gqa)
     assert all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 for n in gqa)
-    assert ops["MatMul"] == 2 * 5 + 1 and ops["Cos"] == ops["Sin"] == 1  # per layer: qkv, o, gate, up, down
+    assert ops["MatMul"] == 2 * 5 + 1 and ops["Cos"] == ops["Sin"] == 0  # per layer: qkv, o, gate, up, down
+    tables = [t for t in graph.initializer if t.name in {n.input[7] for n in gqa} | {n.input[8] for n in gqa}]
+    assert [list(t.dims) for t in tables] == [[64, 8], [64, 8]]  # [max_seq, head_dim / 2], shared by the layers
     # RMSNorm: 2 per layer and the final norm, each but the first joined to the residual add before it
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["Pow"] == ops["Sqrt"] == 0
