@@ -478,9 +478,9 @@ def _rewrite_rotary_group_query_attention(gm, node: torch.fx.Node, m: dict) -> t
     names = [f"{src.name}_table" for src in m["tables"]]
     existing = {n.name: n for n in graph.nodes}
     if names[0] not in existing:  # the graph's first such attention: the tables, which the rest share
-        positions, slots = m["positions"], graph_record(gm).cache_slots  # set by insert_kv_cache
+        positions = m["positions"]
         with graph.inserting_before(node):
-            slots = graph.call_function(aten.arange.default, (slots,), {
+            slots = graph.call_function(aten.arange.default, (graph_record(gm).cache_slots,), {  # insert_kv_cache's
                 "dtype": positions.meta["val"].dtype, "device": positions.meta["val"].device})  # fmt: skip
             env = {positions: graph.call_function(aten.unsqueeze.default, (slots, 0))}
             for n in (slots, env[positions]):
