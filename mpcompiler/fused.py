@@ -254,7 +254,7 @@ def qkv_attention(
     qkv = x @ weight if bias is None else torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
     if key_lengths and mask is not None:
-        lengths = key_counts(mask).expand(x.shape[0])
+        lengths = _key_counts(mask).expand(x.shape[0])
         mask = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, mask, scale=scale).transpose(1, 2).flatten(2)
 
@@ -264,7 +264,7 @@ def _(x, weight, bias, mask, num_heads, scale, key_lengths):
     return x.new_empty((*x.shape[:-1], weight.shape[1] // 3))
 
 
-def key_counts(mask: torch.Tensor) -> torch.Tensor:
+def _key_counts(mask: torch.Tensor) -> torch.Tensor:
     """How many keys the first query of each row attends under ``mask`` (bool, or additive: a key is
     attended where the mask is above ``MASKED / 2``), [B] (or [1] for a mask without batch)."""
     attends = mask if mask.dtype == torch.bool else mask > MASKED / 2
