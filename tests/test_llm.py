@@ -330,7 +330,8 @@ def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path)
     assert artifact.verified_with == "CUDAExecutionProvider"
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
-    _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop on the CUDA provider
+    assert ops["MatMul"] == 2 * 5 + 1  # q, k and v packed; rotated inside GroupQueryAttention (do_rotary)
+    _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop (one KV buffer per layer) on CUDA
 
 
 def test_report_has_perplexity_and_the_search_meets_a_perplexity_tolerance():
