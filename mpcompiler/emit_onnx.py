@@ -651,6 +651,7 @@ pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 # output too (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as
 # ONNX Runtime GenAI runs such models; else each step's presents are fed back as the next pasts.
 SHARED_CACHE = {shared}
+MAX_SEQ = {info["generation"]["max_seq_compiled_for"]}  # prompt + new tokens: what the artifact was compiled for
 
 
 def on_device(x):
@@ -661,6 +662,8 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
     # greedy tokens after int64 prompts [batch, seq], padded on either side; returns prompts + new tokens.
     # The cache keeps each row's tokens at its front (GroupQueryAttention's layout): prompts go right-padded.
     batch, width = input_ids.shape
+    if width + max_new_tokens > MAX_SEQ:
+        raise ValueError(f"{{width}} prompt + {{max_new_tokens}} new tokens is past the {{MAX_SEQ}} compiled for")
     lengths = attention_mask.sum(-1)
     ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
     slots = width + max_new_tokens if SHARED_CACHE else 0

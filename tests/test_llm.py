@@ -204,6 +204,8 @@ def _check_artifact(compiled, path):
     got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)
     want = compiled.generate(**prompt, max_new_tokens=10)
     assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].cpu().numpy()).mean() >= 0.9
+    with pytest.raises(ValueError, match="past the 64 compiled for"):
+        namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 60)
 
 
 @pytest.mark.parametrize("plain", ["rotary", "all"])
