@@ -140,6 +140,12 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _new_slots(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T]: the cache slots (each row's positions) of T new tokens, rows of ``lengths`` [B, 1] tokens
+    (past and new) packed at the front."""
+    return (lengths - length).clamp(min=0) + torch.arange(length, device=lengths.device)
+
+
 def kv_attention(query, key, value, past_key, past_value, attention_mask, scale: float | None = None):
     """Attention of T new tokens over a KV cache laid out as ONNX Runtime's GroupQueryAttention lays it
     out: row b's tokens fill slots [0, L_b), L_b = ``attention_mask[b].sum()`` (past and new tokens), and
@@ -153,7 +159,7 @@ def kv_attention(query, key, value, past_key, past_value, attention_mask, scale:
     for x in (attention_mask, past_key, past_value):
         torch._check(x.shape[0] == batch)  # one batch dim when exported
     lengths = attention_mask.sum(-1, keepdim=True)  # [B, 1]
-    slots = (lengths - length).clamp(min=0) + torch.arange(length, device=key.device)  # [B, T]
+    slots = _new_slots(lengths, length)
     index = slots[:, None, :, None].expand(batch, kv_heads, length, dim)
     present_key = torch.cat([past_key, torch.zeros_like(key)], 2).scatter(2, index, key)
     present_value = torch.cat([past_value, torch.zeros_like(value)], 2).scatter(2, index, value)
@@ -185,7 +191,7 @@ def _(query, key, value, past_key, past_value, attention_mask, scale):
     return query.new_empty((*query.shape[:3], value.shape[3])), key.new_empty(present), value.new_empty(present)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [-x2, x1] over the last dim (the rotary embedding of Llama-family models)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], -1)
@@ -210,17 +216,15 @@ def rotary_group_query_attention(
     cache layout counts positions from 0 in each row), ``cos_cache``/``sin_cache`` [slots, head_dim / 2]
     being cos and sin of each slot's angles. Returns the attention, heads merged, [B, T, num_heads *
     head_dim], and the present keys and values."""
-    batch, length, _ = x.shape
     qkv = x @ weight if bias is None else x @ weight + bias
     dim = weight.shape[1] // (num_heads + 2 * kv_heads)
     q, k, v = (
         t.unflatten(-1, (-1, dim)).transpose(1, 2)
         for t in qkv.split([num_heads * dim, kv_heads * dim, kv_heads * dim], -1)
     )
-    lengths = attention_mask.sum(-1, keepdim=True)
-    slots = (lengths - length).clamp(min=0) + torch.arange(length, device=x.device)  # [B, T]
+    slots = _new_slots(attention_mask.sum(-1, keepdim=True), x.shape[1])
     cos, sin = (torch.cat([c[slots]] * 2, -1)[:, None] for c in (cos_cache, sin_cache))  # [B, 1, T, head_dim]
-    q, k = (t * cos + rotate_half(t) * sin for t in (q, k))
+    q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
     out, present_key, present_value = kv_attention(q, k, v, past_key, past_value, attention_mask, scale)
     return out.transpose(1, 2).flatten(2), present_key, present_value
 
@@ -251,7 +255,7 @@ def qkv_attention(
     ``key_lengths``: the mask is read as right padding: row b attends its first L_b keys, L_b the
     count of keys its first query attends (ONNX Runtime's 1-D mask index, which its fastest kernels
     take)."""
-    qkv = x @ weight if bias is None else torch.addmm(bias, x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+    qkv = x @ weight if bias is None else x @ weight + bias
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
     if key_lengths and mask is not None:
         lengths = _key_counts(mask).expand(x.shape[0])

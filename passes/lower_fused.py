@@ -280,13 +280,19 @@ def _packed_projection(gm, linears: list[torch.fx.Node], before: torch.fx.Node) 
         whole = torch.cat([attr_of(gm, p[k].target).detach() for p in parts])
         whole = whole.t().contiguous() if k == 0 else whole
         owner = parts[0][k].target.rpartition(".")[0].rpartition(".")[0]  # the attention module
-        gm.get_submodule(owner).register_buffer(name, whole)
-        with gm.graph.inserting_before(before):
-            node = gm.graph.get_attr(f"{owner}.{name}" if owner else name)
-        node.meta["val"] = whole
-        node.meta[META_KEY] = dataclasses.replace(record(parts[0][k]), inserted=False)
-        packed.append(node)
+        packed.append(_buffer(gm, f"{owner}.{name}" if owner else name, whole, parts[0][k], before))
     return tuple(packed)
+
+
+def _buffer(gm, target: str, tensor: torch.Tensor, like: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
+    """``tensor`` as a new buffer at ``target``, and the get_attr node that reads it (``like``'s record)."""
+    owner, _, name = target.rpartition(".")
+    gm.get_submodule(owner).register_buffer(name, tensor)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = tensor
+    node.meta[META_KEY] = dataclasses.replace(record(like), inserted=False)
+    return node
 
 
 def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
@@ -623,13 +629,7 @@ def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.N
         whole = torch.cat([t.detach() for t in tensors])
         for t, block in zip(tensors, whole.split(sizes), strict=True):
             t.data = block
-        owner, _, name = parts[0][k].target.rpartition(".")
-        gm.get_submodule(owner).register_buffer(f"{name}_fused", whole)
-        with gm.graph.inserting_before(group[0]):
-            node = gm.graph.get_attr(f"{parts[0][k].target}_fused")
-        node.meta["val"] = whole
-        node.meta[META_KEY] = dataclasses.replace(record(parts[0][k]), inserted=False)
-        fused.append(node)
+        fused.append(_buffer(gm, f"{parts[0][k].target}_fused", whole, parts[0][k], group[0]))
     with gm.graph.inserting_before(lin):
         out = gm.graph.call_function(aten.linear.default, (lin.args[0], *[f for f in fused if f is not None]))
         split = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
