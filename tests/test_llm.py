@@ -208,6 +208,38 @@ def _check_artifact(compiled, path):
         namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 60)
 
 
+MASSIVE = 7  # a token whose residual stream peaks at |x| ~ 3000 (SmolLM2's reaches 23,500): its squares do not fit fp16
+
+
+def _massive_llama(device="cpu"):
+    model = _llama(device)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[MASSIVE] = 0.0
+        model.model.embed_tokens.weight[MASSIVE, 0] = 3000.0
+    prompts = []
+    for n in (6, 9, 7, 5, 8):
+        p = _prompt(2, n, 1)
+        p["input_ids"][:, -2] = MASSIVE
+        prompts.append({k: v.to(device) for k, v in p.items()})
+    return model, prompts
+
+
+def test_a_residual_stream_whose_squares_pass_fp16_keeps_its_norms_unfused_for_the_cuda_provider(tmp_path):
+    # ONNX Runtime's CUDA SkipSimplifiedLayerNormalization sums x * x / ld in fp16 (mpcompiler.fused
+    # .IO_DTYPE_SQUARES): a residual stream at |x| ~ 3000 stays fp16 in the plan, but not in that kernel
+    model, prompts = _massive_llama()
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+    stream = [n for n in compiled.report.nodes if n.op == "add" and n.module_path.split(".")[-1].isdigit()]
+    assert max(n.range["absmax"] for n in stream) > 2000 and {n.dtype for n in stream} == {"float16"}
+    compiled.export_onnx(tmp_path / "llm.onnx")  # target ort-cuda, verified here on the CPU provider
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph.node)
+    assert ops["SkipSimplifiedLayerNormalization"] == 0 and ops["SimplifiedLayerNormalization"] == 5
+    assert ops["GroupQueryAttention"] == 2  # the rest still fused
+    compiled.export_onnx(tmp_path / "cpu.onnx", target="ort-cpu")  # the CPU kernel sums in fp32: fused
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "cpu.onnx", load_external_data=False).graph.node)
+    assert ops["SkipSimplifiedLayerNormalization"] == 4
+
+
 @pytest.mark.parametrize("plain", ["rotary", "all"])
 def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numbers(
     llama, tmp_path, monkeypatch, plain
@@ -334,6 +366,25 @@ def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path)
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["MatMul"] == 2 * 5 + 1  # q, k and v packed; rotated inside GroupQueryAttention (do_rotary)
     _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop (one KV buffer per layer) on CUDA
+
+
+@pytest.mark.gpu
+def test_fp16_squares_overflow_onnx_runtime_cuda_skip_norm_which_the_artifact_therefore_leaves_out(
+    tmp_path, monkeypatch
+):
+    import onnxruntime
+
+    from mpcompiler.passes import lower_fused
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    model, prompts = _massive_llama("cuda")
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+    artifact = compiled.export_onnx(tmp_path / "llm.onnx", providers=["CUDAExecutionProvider"])
+    assert artifact.verified_with == "CUDAExecutionProvider" and artifact.error_vs_fp32["logits"] < 5e-3
+    monkeypatch.setattr(lower_fused, "IO_DTYPE_SQUARES", frozenset())  # fused anyway: the kernel overflows
+    with pytest.raises(mpcompiler.ExportError):
+        compiled.export_onnx(tmp_path / "fused.onnx", providers=["CUDAExecutionProvider"])
 
 
 def test_report_has_perplexity_and_the_search_meets_a_perplexity_tolerance():
