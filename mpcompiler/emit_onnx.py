@@ -260,7 +260,28 @@ def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
     # statistics the plan keeps fp32 (T5), and its GQA rule writes an Attention that ONNX Runtime
     # 1.31's CUDA provider refuses.
     onnxscript.optimizer.optimize(program.model)
+    _drop_unused_outputs(program.model.graph)
     return program
+
+
+def _drop_unused_outputs(graph: ir.Graph) -> None:
+    """Rebuild each contrib op whose trailing outputs nothing reads without them. ONNX Runtime allocates
+    every declared output and picks its kernel by which exist: its CUDA ``Attention`` runs cuDNN's flash
+    attention only without ``present`` (contrib_ops/cuda/bert/attention.cc), which torch.onnx declares
+    from the schema whether read or not."""
+    for node in list(graph):
+        if node.domain != "com.microsoft":
+            continue
+        keep = len(node.outputs)
+        while keep > 1 and not node.outputs[keep - 1].uses() and not node.outputs[keep - 1].is_graph_output():
+            keep -= 1
+        if keep == len(node.outputs):
+            continue
+        lean = ir.Node(
+            node.domain, node.op_type, node.inputs, node.attributes.values(), num_outputs=keep, name=node.name,
+            metadata_props=dict(node.metadata_props),
+        )  # fmt: skip
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [lean], node.outputs[:keep], lean.outputs)
 
 
 def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
