@@ -17,11 +17,11 @@ gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode ste
 torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-descent tuning on as gpt-fast's
 generate.py sets it); the prefill rows (below); with --onnx, mpcompiler's ONNX artifact (exported and verified
 in ONNX Runtime, in DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider,
-io_binding, one KV buffer per layer bound as past and present, each step's logits read back for the argmax),
-and the same with its decode steps replayed as ONNX Runtime CUDA graphs (llm.json then also holds the CUDA
-kernels of one generation of the FX path and of the handoff loop, from a CUPTI trace: what bounds the
-artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
-eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
+io_binding, one KV buffer per layer bound as past and present, each decode step one ONNX Runtime CUDA graph
+replay, each step's logits read back for the argmax; llm.json then also holds the CUDA kernels of one
+generation of the FX path and of the handoff loop, from a CUPTI trace: what bounds the artifact); HF
+generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic
+cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
 Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share of its tokens equal to
 the default path's in llm.json; the bandwidth floor (fp16 weight bytes over the device-to-device copy
 bandwidth measured here).
@@ -157,66 +157,6 @@ def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, n
     return lambda: artifact["generate"](ids, mask, new)
 
 
-def onnx_graph_loop(path: Path, ids, new: int):
-    """The handoff loop's cache layout (one buffer per past input, [B, kv_heads, prompt + new, head_dim],
-    bound as its present output too; decode steps of one shape, the mask as wide as the buffer), its decode
-    steps replayed as one CUDA graph (``enable_cuda_graph``), as ONNX Runtime GenAI runs GroupQueryAttention
-    models: the buffers and bindings live across calls, which a graph's replay needs."""
-    import onnxruntime as ort
-
-    device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"  # cpu: to test it
-    options = {"enable_cuda_graph": "1"}
-    provider = ("CUDAExecutionProvider", options) if device == "cuda" else "CPUExecutionProvider"
-    sess = ort.InferenceSession(str(path), providers=[provider])
-    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    batch, length = ids.shape
-    slots, vocab = length + new, sess.get_outputs()[0].shape[-1]
-
-    def on_gpu(x):
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
-
-    kv = np.float16 if pasts[0].type == "tensor(float16)" else np.float32
-    cache = {p.name: on_gpu(np.zeros((batch, p.shape[1], slots, p.shape[3]), kv)) for p in pasts}
-
-    def binding(feeds: dict, logits):
-        b = sess.io_binding()
-        for name, value in feeds.items():
-            b.bind_ortvalue_input(name, value)
-        b.bind_ortvalue_output("logits", logits) if logits is not None else b.bind_output("logits", device)
-        for name, value in cache.items():
-            b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
-        return b
-
-    ids = ids.cpu().numpy()
-    prompt = {"input_ids": on_gpu(ids), "attention_mask": on_gpu(np.ones_like(ids)),
-              "position_ids": on_gpu(np.broadcast_to(np.arange(length), ids.shape))}  # fmt: skip
-    step = {"input_ids": on_gpu(ids[:, :1]), "attention_mask": on_gpu(np.zeros((batch, slots), np.int64)),
-            "position_ids": on_gpu(ids[:, :1])}  # fmt: skip
-    logits = on_gpu(np.zeros((batch, 1, vocab), np.float32))
-    prefill, decode = binding(prompt, None), binding(step, logits)
-    eager, replay = ort.RunOptions(), ort.RunOptions()
-    eager.add_run_config_entry("gpu_graph_id", "-1")  # the prompt's shapes vary: never captured
-    replay.add_run_config_entry("gpu_graph_id", "1")
-
-    def run():
-        sess.run_with_iobinding(prefill, eager)
-        last, lengths, tokens = prefill.get_outputs()[0].numpy()[:, -1], np.full((batch, 1), length), []
-        for i in range(new):
-            tokens.append(last.argmax(-1)[:, None].astype(np.int64))
-            if i == new - 1:
-                break
-            lengths = lengths + 1
-            step["input_ids"].update_inplace(tokens[-1])
-            step["attention_mask"].update_inplace((np.arange(slots) < lengths).astype(np.int64))
-            step["position_ids"].update_inplace(lengths - 1)
-            sess.run_with_iobinding(decode, replay)
-            last = logits.numpy()[:, -1]
-        return np.concatenate(tokens, 1)
-
-    return run
-
-
 def hf_prefill(model, ids, max_seq: int, compiled: bool):
     """HF's first generation step: a StaticCache filled from the prompt, the last position's logits. The
     compiled peer compiles the forward alone, as gpt-fast's --compile_prefill compiles its prefill."""
@@ -275,11 +215,8 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     if args.onnx:
         artifact, path = {}, args.out / name / "llm.onnx"
         for b in batches:
-            row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding)", b,
+            row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding, CUDA graph decode)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
-        for b in batches:  # the handoff loop's layout, its decode steps replayed as ORT CUDA graphs
-            row(name, "mpcompiler ONNX, ORT CUDA, shared KV buffers, CUDA graph", b,
-                lambda b=b: onnx_graph_loop(path, prompts[b], args.new))  # fmt: skip
         if artifact:  # what bounds the artifact against the FX path: the kernels of one generation each
             ids, ones = prompts[batches[0]], np.ones(tuple(prompts[batches[0]].shape), np.int64)
             runs = {"mpcompiler generate": lambda: ours.generate(ids, max_new_tokens=args.new),

@@ -664,19 +664,57 @@ def _generation_snippet(info: dict) -> str:
     return f"""import numpy as np
 import onnxruntime as ort
 
-providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-sess = ort.InferenceSession("{info["model_file"]}", providers=providers)
-device = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-# One cache buffer per past input, [batch, kv_heads, prompt + new tokens, head_dim], bound as its present
-# output too (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as
-# ONNX Runtime GenAI runs such models; else each step's presents are fed back as the next pasts.
+# One cache buffer per past input, [batch, kv_heads, MAX_SEQ, head_dim], bound as its present output too
+# (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as ONNX Runtime
+# GenAI runs such models: every decode step then has the same shapes and addresses, and replays as one
+# CUDA graph. Without it, each step's presents are fed back as the next pasts.
 SHARED_CACHE = {shared}
 MAX_SEQ = {info["generation"]["max_seq_compiled_for"]}  # prompt + new tokens: what the artifact was compiled for
+cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+graphs = {{"enable_cuda_graph": "1"}} if SHARED_CACHE else {{}}
+sess = ort.InferenceSession("{info["model_file"]}",
+                            providers=[("CUDAExecutionProvider", graphs)] if cuda else ["CPUExecutionProvider"])
+device = "cuda" if cuda else "cpu"
+pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+logits_out = sess.get_outputs()[0]
+EAGER = ort.RunOptions()
+EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
 
 
 def on_device(x):
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
+
+
+def zeros(shape, onnx_type):
+    dtype = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}.get(onnx_type, np.int64)
+    return on_device(np.zeros(shape, dtype))
+
+
+def bind(feeds, cache, logits=None):
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_ortvalue_output("logits", logits) if logits is not None else binding.bind_output("logits", device)
+    for name, value in cache.items():
+        binding.bind_ortvalue_input(name, value)
+        present = name.replace("past_key_values.", "present.")
+        binding.bind_ortvalue_output(present, value) if SHARED_CACHE else binding.bind_output(present, device)
+    return binding
+
+
+_decoders = {{}}  # batch -> its cache, decode step inputs, logits and binding: kept, so the graph replays them
+
+
+def decoder(batch):
+    if batch not in _decoders:
+        cache = {{p.name: zeros((batch, p.shape[1], MAX_SEQ, p.shape[3]), p.type) for p in pasts}}
+        step = {{"input_ids": zeros((batch, 1), ""), "attention_mask": zeros((batch, MAX_SEQ), ""),
+                "position_ids": zeros((batch, 1), "")}}
+        logits = zeros((batch, 1, logits_out.shape[-1]), logits_out.type)
+        replay = ort.RunOptions()
+        replay.add_run_config_entry("gpu_graph_id", str(batch))  # one CUDA graph per batch size
+        _decoders[batch] = cache, step, logits, bind(step, cache, logits), replay
+    return _decoders[batch]
 
 
 def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
@@ -687,36 +725,36 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
         raise ValueError(f"{{width}} prompt + {{max_new_tokens}} new tokens is past the {{MAX_SEQ}} compiled for")
     lengths = attention_mask.sum(-1)
     ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
-    slots = width + max_new_tokens if SHARED_CACHE else 0
-    cache = {{p.name: on_device(np.zeros((batch, p.shape[1], slots, p.shape[3]),
-                                        np.float16 if p.type == "tensor(float16)" else np.float32)) for p in pasts}}
-    feeds = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
-             "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
-    new, done, total = [], np.zeros(batch, dtype=bool), width
-    for step in range(max_new_tokens):
-        binding = sess.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, on_device(value.astype(np.int64)))
-        binding.bind_output("logits", device)
-        for name, value in cache.items():
-            binding.bind_ortvalue_input(name, value)
-            present = name.replace("past_key_values.", "present.")
-            binding.bind_ortvalue_output(present, value) if SHARED_CACHE else binding.bind_output(present, device)
-        sess.run_with_iobinding(binding)
-        results = dict(zip(["logits", *(p.name.replace("past_key_values.", "present.") for p in pasts)],
-                           binding.get_outputs()))  # in the order bound
-        logits = results["logits"].numpy()  # [batch, new tokens, vocab]
-        last = logits[np.arange(batch), lengths - 1] if step == 0 else logits[:, -1]
+    if SHARED_CACHE:
+        cache, step, logits, decode, replay = decoder(batch)
+    else:
+        cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), p.type) for p in pasts}}
+    prompt = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
+              "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
+    binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
+    sess.run_with_iobinding(binding, EAGER)
+    last = binding.get_outputs()[0].numpy()[np.arange(batch), lengths - 1]  # [batch, vocab]
+    new, done = [], np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
         token = last.argmax(-1)[:, None].astype(np.int64)
         new.append(token)
         done |= token[:, 0] == eos_token_id
-        if done.all():
+        if done.all() or len(new) == max_new_tokens:
             break
-        lengths, total = lengths + 1, slots or total + 1
-        feeds = {{"input_ids": token, "attention_mask": np.arange(total) < lengths[:, None],
-                 "position_ids": (lengths - 1)[:, None]}}
-        if not SHARED_CACHE:
-            cache = {{p.name: results[p.name.replace("past_key_values.", "present.")] for p in pasts}}
+        lengths = lengths + 1
+        if SHARED_CACHE:  # the decode graph's inputs, rewritten in place
+            step["input_ids"].update_inplace(token)
+            step["attention_mask"].update_inplace((np.arange(MAX_SEQ) < lengths[:, None]).astype(np.int64))
+            step["position_ids"].update_inplace((lengths - 1)[:, None].astype(np.int64))
+            sess.run_with_iobinding(decode, replay)
+            last = logits.numpy()[:, -1]
+        else:  # the presents in the order bound, after the logits
+            cache = dict(zip(cache, binding.get_outputs()[1:]))
+            feeds = {{"input_ids": token, "attention_mask": np.arange(width + len(new)) < lengths[:, None],
+                     "position_ids": (lengths - 1)[:, None]}}
+            binding = bind({{k: on_device(np.asarray(v, np.int64)) for k, v in feeds.items()}}, cache)
+            sess.run_with_iobinding(binding, EAGER)
+            last = binding.get_outputs()[0].numpy()[:, -1]
     return np.concatenate([input_ids, *new], 1)"""
 
 
