@@ -1,6 +1,7 @@
 """GPU benchmark: mpcompiler's artifacts against the peers users would pick, in one run.
 
     python benchmarks/gpu.py --models bert --out DIR      (and --models resnet; needs onnxruntime-gpu)
+                             [--only 'substring,...']  (time only the rows whose label has one)
 
 Workloads: BERT-base (HF, random init) batch 32 and 1 at seq 128; torchvision ResNet-50 batch 128 and 1.
 Rows: fp32 eager; torch.autocast fp16; model.half() eager; torch.compile(model.half()) default and
@@ -128,11 +129,14 @@ def ort_kernels(model, feeds: dict, runs: int = 20) -> dict:
 
 
 class Bench:
-    def __init__(self, name: str, out: Path):
-        self.name, self.out, self.rows = name, out, []
+    def __init__(self, name: str, out: Path, only: tuple[str, ...] = ()):
+        self.name, self.out, self.rows, self.only = name, out, [], only
 
     def row(self, workload, label, build, run, output, batch):
-        """Time ``run`` (after ``build``), compare ``output()`` with the fp32 reference."""
+        """Time ``run`` (after ``build``), compare ``output()`` with the fp32 reference; skipped unless
+        ``label`` has one of ``only``'s substrings (when given)."""
+        if self.only and not any(s in label for s in self.only):
+            return
         try:
             start = time.perf_counter()
             state = build()
@@ -262,16 +266,17 @@ def ort_row(bench, workload, label, model, feeds, batch, cuda_graph: bool, nhwc:
               lambda s: s.median_ms(), lambda s: s.output(), batch)  # fmt: skip
 
 
-def run_model(kind: str, out: Path):
+def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, calib, workloads, ds = bert_workloads() if kind == "bert" else resnet_workloads()
     cnn = kind == "resnet"
-    bench = Bench(kind, out)
+    bench = Bench(kind, out, only)
     bench.meta = {
         "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "onnxruntime": ort.__version__, "transformers": transformers.__version__, "mpcompiler": mpcompiler.__version__,
         "command": f"python benchmarks/gpu.py --models {kind} --out $OUT", "warmup": WARMUP, "runs": RUNS,
     }  # fmt: skip
+    bench.meta["command"] += f" --only '{','.join(only)}'" if only else ""
     cuda = lambda x: {k: v.cuda() for k, v in x.items()} if isinstance(x, dict) else x.cuda()  # noqa: E731
     cl = lambda x: x.to(memory_format=torch.channels_last) if cnn else x  # noqa: E731
     bench.ref = {}
@@ -394,12 +399,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="bert,resnet")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
+    parser.add_argument("--only", default="", help="comma-separated substrings: time only the rows they name")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for kind in args.models.split(","):
         with contextlib.suppress(KeyboardInterrupt):
-            run_model(kind, out)
+            run_model(kind, out, tuple(filter(None, args.only.split(","))))
 
 
 if __name__ == "__main__":

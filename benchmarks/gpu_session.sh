@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
-#   bash benchmarks/gpu_session.sh onnx-llm # benchmarks/llm.py --onnx: the LLM artifact in ORT CUDA beside ours
-#   bash benchmarks/gpu_session.sh bert     # benchmarks/gpu.py --models bert; then starts the sweep
+#   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
+#   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
 #   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
 #   bash benchmarks/gpu_session.sh smol     # second half (carry .smol1); benchmarks/llm.py on SmolLM2-135M
@@ -32,11 +32,11 @@ case "${1:-}" in
       --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep '^{'
     ;;
   onnx-llm)
-    timeout 560 python3 -m benchmarks.llm --out "$OUT/llm_onnx" --models tinyllama --batches 1,8 --onnx \
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/llm_onnx" --models tinyllama --batches "${2:-1,8}" --onnx \
       --only 'mpcompiler generate,ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   bert)
-    timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
+    timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" --only "${2:-}" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
     rm -rf /root/sw
     setsid nohup python3 benchmarks/sweep.py --out /root/sw --device cuda --jobs 12 --timeout 240 \
       > /root/sweep.log 2>&1 < /dev/null &
