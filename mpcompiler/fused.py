@@ -80,13 +80,6 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
 }
 
 
-# (fused op, target) whose kernel sums a norm's squares in its I/O dtype, not fp32: ONNX Runtime 1.31's
-# CUDA SkipLayerNormalization and SkipSimplifiedLayerNormalization (SkipLayerNormKernelSmall<T, ...> in
-# contrib_ops/cuda/bert/skip_layer_norm_impl.cu) add up x * (x / ld) in T. In fp16 that overflows once a
-# row's |x| nears 256, where SmolLM2's residual stream reaches 23,500; its CPU kernels sum in fp32.
-IO_DTYPE_SQUARES = frozenset({("skip_layer_norm", "ort-cuda"), ("skip_rms_norm", "ort-cuda")})
-
-
 def has_kernel(op: str, target: str, dtype: torch.dtype | None) -> bool:
     """Whether ``target`` runs fused op ``op`` in ``dtype`` (None: a graph of several dtypes)."""
     if target not in TARGETS:

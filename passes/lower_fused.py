@@ -28,11 +28,10 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from mpcompiler.fused import IO_DTYPE_SQUARES, has_kernel, kv_attention
+from mpcompiler.fused import has_kernel, kv_attention
 from mpcompiler.ir import META_KEY, NodeRecord, attr_of, graph_record, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
-from mpcompiler.passes.assign_precision import RANGE_MARGIN
 
 aten = torch.ops.aten
 Match = dict | str  # captured values, or why the rule does not apply
@@ -180,7 +179,7 @@ def _match_skip_layer_norm(ln: torch.fx.Node) -> Match:
         return "SkipLayerNormalization takes 2-D or 3-D input"
     if len({planned_dtype(t) for t in (a_, b_, ln)}) != 1:
         return "operands in different dtypes"
-    return {"add": x, "x": a_, "skip": b_, "weight": weight, "bias": bias, "eps": a.get("eps", 1e-5), "out": ln}
+    return {"x": a_, "skip": b_, "weight": weight, "bias": bias, "eps": a.get("eps", 1e-5), "out": ln}
 
 
 def _rewrite_skip_layer_norm(gm, ln: torch.fx.Node, m: dict) -> torch.fx.Node:
@@ -696,15 +695,6 @@ RULES = [
 ]
 
 
-def _squares_overflow(add: torch.fx.Node, dtype: torch.dtype | None) -> bool:
-    """Whether a norm kernel that sums squares in ``dtype`` (fused.IO_DTYPE_SQUARES) could overflow fp16
-    on ``add``'s rows: their mean square is at most the calibrated |x| peak squared (with the range margin)."""
-    if dtype != torch.float16:
-        return False
-    seen = record(add).range
-    return seen is None or (RANGE_MARGIN * seen.absmax) ** 2 > torch.finfo(torch.float16).max
-
-
 class LowerFused(Pass):
     """Rewrite patterns into the fused ops ``target`` has kernels for. ``padding="right"``: attention
     masks are right padding, read as each row's key count (see mpcompiler.fused.qkv_attention)."""
@@ -714,7 +704,6 @@ class LowerFused(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats = {rule.name: 0 for rule in RULES}
-        overflow = {op: 0 for op, target in IO_DTYPE_SQUARES if target == self.target}
         modified = False
         for rule in RULES:
             for node in list(gm.graph.nodes):  # a rewrite leaves the old nodes dead, removed below
@@ -723,9 +712,6 @@ class LowerFused(Pass):
                 m = rule.match(node)
                 planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
                 if isinstance(m, str) or not has_kernel(rule.name, self.target, planned):
-                    continue
-                if (rule.name, self.target) in IO_DTYPE_SQUARES and _squares_overflow(m["add"], planned):
-                    overflow[rule.name] += 1
                     continue
                 out = m.get("out", node)
                 fused = rule.rewrite(gm, node, m | {"mask_padding": self.padding})
@@ -740,5 +726,4 @@ class LowerFused(Pass):
             gm.recompile()
         if fused:
             retype(gm)
-        stats |= {f"{op}: not fused, its fp16 squares could overflow": n for op, n in overflow.items() if n}
         return PassResult(modified=modified or fused, stats=stats)
