@@ -204,6 +204,11 @@ def _check_artifact(compiled, path):
     got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)
     want = compiled.generate(**prompt, max_new_tokens=10)
     assert got.shape == want.shape and (got[:, 7:] == want[:, 7:].cpu().numpy()).mean() >= 0.9
+    # a second call of the batch size reuses its cache buffers (the decode graph's addresses): nothing stale
+    other = _prompt(2, 5, pad=1)
+    got = namespace["generate"](other["input_ids"].numpy(), other["attention_mask"].numpy(), 6)
+    want = compiled.generate(**other, max_new_tokens=6)
+    assert (got[:, 5:] == want[:, 5:].cpu().numpy()).mean() >= 0.9
     with pytest.raises(ValueError, match="past the 64 compiled for"):
         namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 60)
 
