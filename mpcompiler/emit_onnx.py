@@ -677,6 +677,7 @@ sess = ort.InferenceSession("{info["model_file"]}",
 device = "cuda" if cuda else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 logits_out = sess.get_outputs()[0]
+DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}
 EAGER = ort.RunOptions()
 EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
 
@@ -685,8 +686,7 @@ def on_device(x):
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
 
 
-def zeros(shape, onnx_type):
-    dtype = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}.get(onnx_type, np.int64)
+def zeros(shape, dtype=np.int64):
     return on_device(np.zeros(shape, dtype))
 
 
@@ -707,10 +707,10 @@ _decoders = {{}}  # batch -> its cache, decode step inputs, logits and binding: 
 
 def decoder(batch):
     if batch not in _decoders:
-        cache = {{p.name: zeros((batch, p.shape[1], MAX_SEQ, p.shape[3]), p.type) for p in pasts}}
-        step = {{"input_ids": zeros((batch, 1), ""), "attention_mask": zeros((batch, MAX_SEQ), ""),
-                "position_ids": zeros((batch, 1), "")}}
-        logits = zeros((batch, 1, logits_out.shape[-1]), logits_out.type)
+        cache = {{p.name: zeros((batch, p.shape[1], MAX_SEQ, p.shape[3]), DTYPES[p.type]) for p in pasts}}
+        step = {{"input_ids": zeros((batch, 1)), "attention_mask": zeros((batch, MAX_SEQ)),
+                "position_ids": zeros((batch, 1))}}
+        logits = zeros((batch, 1, logits_out.shape[-1]), DTYPES[logits_out.type])
         replay = ort.RunOptions()
         replay.add_run_config_entry("gpu_graph_id", str(batch))  # one CUDA graph per batch size
         _decoders[batch] = cache, step, logits, bind(step, cache, logits), replay
@@ -728,7 +728,7 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
     if SHARED_CACHE:
         cache, step, logits, decode, replay = decoder(batch)
     else:
-        cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), p.type) for p in pasts}}
+        cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), DTYPES[p.type]) for p in pasts}}
     prompt = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
               "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
     binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
