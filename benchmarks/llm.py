@@ -19,9 +19,9 @@ generate.py sets it); the prefill rows (below); with --onnx, mpcompiler's ONNX a
 in ONNX Runtime, in DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider,
 io_binding, one KV buffer per layer bound as past and present, each decode step one ONNX Runtime CUDA graph
 replay, each step's logits read back for the argmax; llm.json then also holds the CUDA kernels of one
-generation of the FX path and of the handoff loop, from a CUPTI trace: what bounds the artifact); HF
-generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic
-cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
+generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
+artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
+eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
 Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share of its tokens equal to
 the default path's in llm.json; the bandwidth floor (fp16 weight bytes over the device-to-device copy
 bandwidth measured here).
@@ -217,11 +217,12 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         for b in batches:
             row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding, CUDA graph decode)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
-        if artifact:  # what bounds the artifact against the FX path: the kernels of one generation each
-            ids, ones = prompts[batches[0]], np.ones(tuple(prompts[batches[0]].shape), np.int64)
-            runs = {"mpcompiler generate": lambda: ours.generate(ids, max_new_tokens=args.new),
-                    "ONNX handoff loop": lambda: artifact["generate"](ids.cpu().numpy(), ones, args.new)}  # fmt: skip
-            kernels = meta[f"{name}_kernels_b{batches[0]}_per_generation"] = {}
+        for b in batches if artifact else ():  # what bounds the artifact against the FX path, each batch size:
+            ids, ones = prompts[b], np.ones(tuple(prompts[b].shape), np.int64)  # one generation's kernels each
+            runs = {"mpcompiler generate": lambda ids=ids: ours.generate(ids, max_new_tokens=args.new),
+                    "ONNX handoff loop": lambda ids=ids, ones=ones: artifact["generate"](ids.cpu().numpy(), ones,
+                                                                                       args.new)}  # fmt: skip
+            kernels = meta[f"{name}_kernels_b{b}_per_generation"] = {}
             for label, fn in runs.items():
                 try:
                     kernels[label] = cuda_kernels(fn, 1)
