@@ -265,15 +265,21 @@ def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
 
 
 def _drop_unused_outputs(graph: ir.Graph) -> None:
-    """Rebuild each contrib op whose trailing outputs nothing reads without them. ONNX Runtime allocates
-    every declared output and picks its kernel by which exist: its CUDA ``Attention`` runs cuDNN's flash
-    attention only without ``present`` (contrib_ops/cuda/bert/attention.cc), which torch.onnx declares
-    from the schema whether read or not."""
+    """Rebuild each contrib op whose trailing optional outputs nothing reads without them. ONNX Runtime
+    allocates every declared output and picks its kernel by which exist: its CUDA ``Attention`` runs
+    cuDNN's flash attention only without ``present`` (contrib_ops/cuda/bert/attention.cc), which
+    torch.onnx declares from the schema whether read or not. Required outputs stay (EmbedLayerNormalization's
+    mask_index)."""
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     for node in list(graph):
         if node.domain != "com.microsoft":
             continue
-        keep = len(node.outputs)
-        while keep > 1 and not node.outputs[keep - 1].uses() and not node.outputs[keep - 1].is_graph_output():
+        known = onnx.defs.has(node.op_type, node.domain)
+        outputs = onnx.defs.get_schema(node.op_type, 1, node.domain).outputs if known else []
+        required = sum(o.option != optional for o in outputs)
+        read = [bool(v.uses()) or v.is_graph_output() for v in node.outputs]
+        keep = len(read)
+        while keep > max(required, 1) and not read[keep - 1]:
             keep -= 1
         if keep == len(node.outputs):
             continue

@@ -43,6 +43,10 @@ ONNX translation (an ONNX Runtime contrib op), and the table of targets that hav
   times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
 - ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
   returns the sum too (a pre-norm block's residual stream reads it again).
+- ``embed_layer_norm``: BERT's embeddings, ``layer_norm(word[ids] + position[0:S] [+ segment[...]])``
+  with the positions 0..S-1 and the segments an input or all zeros -> ONNX Runtime's
+  ``EmbedLayerNormalization``, one kernel for the three gathers, the adds and the norm (all-zero segments:
+  their one row folded into the position table).
 - ``shared_input_linears``: linears reading one input in one planned dtype (attention's q, k and v,
   a gated MLP's gate and up) -> one linear on their weights stacked, and a split: one GEMM reading
   the weights in one pass where a decode step's small GEMMs are each bound by launch and tail
@@ -77,6 +81,7 @@ KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
     "qkv_attention": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
     "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
     "skip_rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
+    "embed_layer_norm": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
 }
 
 
@@ -252,13 +257,13 @@ def qkv_attention(
     ``num_heads`` heads; SDPA with ``mask`` (bool or additive, broadcast to [B, heads, S, S]); heads
     merged: [B, S, hidden]. weight is [in, 3 * hidden], q's columns first (ONNX Runtime's layout).
 
-    ``key_lengths``: the mask is read as right padding: row b attends its first L_b keys, L_b the
-    count of keys its first query attends (ONNX Runtime's 1-D mask index, which its fastest kernels
-    take)."""
+    ``key_lengths``: ``mask`` is instead a [B, S] padding mask (nonzero: a token), read as right padding:
+    row b attends its first L_b keys, L_b its count of tokens (ONNX Runtime's 1-D mask index, which its
+    fastest kernels take)."""
     qkv = x @ weight if bias is None else x @ weight + bias
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in qkv.chunk(3, -1))
     if key_lengths and mask is not None:
-        lengths = _key_counts(mask).expand(x.shape[0])
+        lengths = (mask != 0).sum(-1)
         mask = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, mask, scale=scale).transpose(1, 2).flatten(2)
 
@@ -268,12 +273,28 @@ def _(x, weight, bias, mask, num_heads, scale, key_lengths):
     return x.new_empty((*x.shape[:-1], weight.shape[1] // 3))
 
 
-def _key_counts(mask: torch.Tensor) -> torch.Tensor:
-    """How many keys the first query of each row attends under ``mask`` (bool, or additive: a key is
-    attended where the mask is above ``MASKED / 2``), [B] (or [1] for a mask without batch)."""
-    attends = mask if mask.dtype == torch.bool else mask > MASKED / 2
-    attends = attends.reshape((1,) * (4 - attends.dim()) + tuple(attends.shape))
-    return attends[:, 0, 0, :].sum(-1)
+@torch.library.custom_op("mpcompiler::embed_layer_norm", mutates_args=())
+def embed_layer_norm(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    word: torch.Tensor,
+    position: torch.Tensor,
+    segment: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """layer_norm(word[input_ids] + position[0:S] + segment[segment_ids]) over the last dim, S the
+    sequence length of input_ids [B, S] (without ``segment``, that term is 0)."""
+    x = F.embedding(input_ids, word) + position[: input_ids.shape[-1]]
+    if segment is not None:
+        x = x + F.embedding(segment_ids, segment)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@embed_layer_norm.register_fake
+def _(input_ids, segment_ids, word, position, segment, weight, bias, eps):
+    return word.new_empty((*input_ids.shape, word.shape[1]))
 
 
 @torch.library.custom_op("mpcompiler::rms_norm", mutates_args=())
@@ -407,6 +428,28 @@ _SCHEMAS = [
         attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
     ),
     OpSchema(
+        "EmbedLayerNormalization",
+        "com.microsoft",
+        1,
+        inputs=[
+            _int32("input_ids"),
+            OpSchema.FormalParameter("segment_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+            _param("word_embedding"),
+            _param("position_embedding"),
+            _param("segment_embedding", True),
+            _param("gamma"),
+            _param("beta", True),
+            OpSchema.FormalParameter("mask", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+            OpSchema.FormalParameter("position_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+        ],
+        outputs=[_param("output"), _int32("mask_index"), _param("embedding_sum", True)],  # mask_index: required
+        type_constraints=[_T, _M],
+        attributes=[
+            OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+            OpSchema.Attribute("mask_index_type", OpSchema.AttrType.INT, "", required=False),
+        ],
+    ),
+    OpSchema(
         "BiasGelu", "com.microsoft", 1, inputs=[_param("A"), _param("B")], outputs=[_param("C")], type_constraints=[_T]
     ),
     OpSchema(
@@ -467,16 +510,11 @@ def _rotary_group_query_attention_onnx(
 
 def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | None = None, key_lengths: bool = False):
     """``Attention`` with the packed q/k/v weight and bias; the mask as its [B|1, 1, S, S] attention_bias
-    or, with ``key_lengths``, as its 1-D mask index (each row's key count: right padding)."""
+    or, with ``key_lengths``, the [B, S] padding mask as its 1-D mask index (each row's count of tokens:
+    right padding)."""
     attrs = {"num_heads": num_heads} | ({"scale": scale} if scale is not None else {})
-    if mask is not None and key_lengths:
-        attends = mask if mask.dtype == ir.DataType.BOOL else _OP.Greater(mask, _OP.CastLike(MASKED / 2, mask))
-        rank = len(mask.shape)
-        if rank < 4:
-            attends = _OP.Unsqueeze(attends, _OP.Constant(value_ints=list(range(4 - rank))))
-        first = _OP.Gather(_OP.Gather(attends, _OP.Constant(value_int=0), axis=1), _OP.Constant(value_int=0), axis=1)
-        counts = _OP.ReduceSum(_OP.Cast(first, to=6), _OP.Constant(value_ints=[-1]), keepdims=0)  # 6: int32
-        counts = _OP.Expand(counts, _OP.Shape(x, start=0, end=1))
+    if mask is not None and key_lengths:  # each row's count of tokens, int32 (6)
+        counts = _OP.ReduceSum(_OP.Cast(mask, to=6), _OP.Constant(value_ints=[-1]), keepdims=0)
         out, _ = _MSFT.Attention(x, weight, bias, counts, **attrs)
         return out
     if mask is not None:
@@ -485,6 +523,15 @@ def _qkv_attention_onnx(x, weight, bias, mask, num_heads: int, scale: float | No
         q_len = _OP.Shape(x, start=1, end=2)
         mask = _additive_mask(mask, x, q_len, q_len)
     out, _ = _MSFT.Attention(x, weight, bias, None, None, mask, **attrs)
+    return out
+
+
+def _embed_layer_norm_onnx(input_ids, segment_ids, word, position, segment, weight, bias, eps: float):
+    """EmbedLayerNormalization, which reads the ids as int32 (6) and takes positions 0..S-1 itself."""
+    segments = _OP.Cast(segment_ids, to=6) if segment_ids is not None else None
+    out, _, _ = _MSFT.EmbedLayerNormalization(
+        _OP.Cast(input_ids, to=6), segments, word, position, segment, weight, bias, epsilon=eps
+    )
     return out
 
 
@@ -557,6 +604,7 @@ ONNX_TRANSLATIONS = {
     torch.ops.mpcompiler.rotary_group_query_attention.default: _rotary_group_query_attention_onnx,
     torch.ops.mpcompiler.qkv_attention.default: _qkv_attention_onnx,
     torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
+    torch.ops.mpcompiler.embed_layer_norm.default: _embed_layer_norm_onnx,
     torch.ops.mpcompiler.skip_rms_norm.default: _skip_rms_norm_onnx,
 }
 

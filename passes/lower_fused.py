@@ -207,6 +207,96 @@ def _rewrite_bias_gelu(gm, g: torch.fx.Node, m: dict) -> torch.fx.Node:
         return gm.graph.call_function(torch.ops.mpcompiler.bias_gelu.default, (lin, m["bias"], m["approximate"]))
 
 
+# ---- ONNX Runtime: BERT's embeddings, layer_norm(word[ids] + position[0:S] [+ segment[...]])
+
+_MOVES = ("expand", "gather", "slice", "unsqueeze", "view", "reshape", "clone", "select", "_to_copy", "to")
+
+
+def _buffer_value(node) -> torch.Tensor | None:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = attr_of(node.graph.owning_module, node.target)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _all_zeros(idx: torch.fx.Node) -> bool:
+    """idx is moved (expanded, gathered, sliced, ...) out of an all-zero integer buffer: zeros too."""
+    while _op(idx, *_MOVES):
+        idx = idx.args[0]
+    value = _buffer_value(idx)
+    return value is not None and not value.is_floating_point() and not value.any()
+
+
+def _positions(idx: torch.fx.Node, seq) -> bool:
+    """idx is 0, 1, ..., seq - 1 along its last dim, its other dims 1: a slice from 0 of an arange buffer
+    along its last dim (HF's ``position_ids[:, :S]``)."""
+    if not _op(idx, "slice") or _rank(idx) < 1 or idx.meta["val"].shape[-1] != seq:
+        return False
+    buf, dim, start, _, step = (list(idx.args) + [0, 0, None, 1][len(idx.args) - 1 :])[:5]
+    value = _buffer_value(buf)
+    if value is None or value.is_floating_point() or (start or 0, step) != (0, 1):
+        return False
+    if dim % value.dim() != value.dim() - 1:
+        return False
+    return math.prod(value.shape[:-1]) == 1 and torch.equal(value.flatten(), torch.arange(value.numel()))
+
+
+def _sum_terms(node: torch.fx.Node, terms: list, adds: list) -> None:
+    """The leaves of a tree of adds (each read only inside it) rooted at node."""
+    if _op(node, "add") and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+        adds.append(node)
+        for a in node.args:
+            _sum_terms(a, terms, adds) if len(a.users) == 1 else terms.append(a)
+    else:
+        terms.append(node)
+
+
+def _match_embed_layer_norm(ln: torch.fx.Node) -> Match:
+    if not _op(ln, "layer_norm"):
+        return "not a layer_norm"
+    a = bound_args(ln)
+    if len(a["normalized_shape"]) != 1 or a.get("weight") is None or a.get("bias") is None:
+        return "not over the last dim with weight and bias"
+    terms, adds = [], []
+    if _only_user(a["input"], ln):
+        _sum_terms(a["input"], terms, adds)
+    if not 2 <= len(terms) <= 3 or not all(_op(t, "embedding") and len(t.users) == 1 for t in terms):
+        return "input is not a sum of two or three embeddings, each read only there"
+    if any(_buffer_value(t.args[0]) is None or _rank(t.args[0]) != 2 for t in terms):
+        return "an embedding of something other than a constant table"
+    inputs = [t for t in terms if t.args[1].op == "placeholder" and _rank(t.args[1]) == 2]
+    if not inputs or ln.meta["val"].shape != inputs[0].meta["val"].shape:
+        return "no embedding of a [B, S] input, or the sum is not [B, S, hidden]"
+    seq = inputs[0].args[1].meta["val"].shape[-1]
+    positions = [t for t in terms if _positions(t.args[1], seq)]
+    zeros = [t for t in terms if t not in inputs and _all_zeros(t.args[1])]
+    if len(positions) != 1 or len(inputs) + len(positions) + len(zeros) != len(terms):
+        return "not ids, positions 0..S-1 and segment ids (an input or all zeros)"
+    if len({planned_dtype(n) for n in (*terms, *adds, ln)} | {value_of(t.args[0]).dtype for t in terms}) != 1:
+        return "tables, sums and norm in different dtypes"
+    return {"word": inputs[0], "segment": (inputs[1:] + zeros or [None])[0], "position": positions[0],
+            "weight": a["weight"], "bias": a["bias"], "eps": a.get("eps", 1e-5)}  # fmt: skip
+
+
+def _rewrite_embed_layer_norm(gm, ln: torch.fx.Node, m: dict) -> torch.fx.Node:
+    """The word and segment tables take their ids; all-zero segments fold their row 0 into the position
+    table (summed in fp32, rounded once)."""
+    word, position, segment = m["word"], m["position"], m["segment"]
+    table, segment_ids, segment_table = position.args[0], None, None
+    if segment is not None and segment.args[1].op == "placeholder":
+        segment_ids, segment_table = segment.args[1], segment.args[0]
+    elif segment is not None:
+        rows = _buffer_value(table).float() + _buffer_value(segment.args[0])[0].float()
+        owner = table.target.rpartition(".")[0].rpartition(".")[0]
+        name = f"{owner}.position_and_segment" if owner else "position_and_segment"
+        table = _buffer(gm, name, rows.to(_buffer_value(table).dtype), table, ln)
+    with gm.graph.inserting_before(ln):
+        return gm.graph.call_function(
+            torch.ops.mpcompiler.embed_layer_norm.default,
+            (word.args[1], segment_ids, word.args[0], table, segment_table, m["weight"], m["bias"], float(m["eps"])),
+        )
+
+
 # ---- ONNX Runtime: self-attention from q, k, v linears of one input, heads split and merged -> Attention
 
 
@@ -295,13 +385,31 @@ def _buffer(gm, target: str, tensor: torch.Tensor, like: torch.fx.Node, before: 
     return node
 
 
+def _padding_mask_input(mask: torch.fx.Node | None) -> torch.fx.Node | None:
+    """The [B, S] input an attention mask was built from, if its values come from that one input alone
+    (shape reads aside): HF models build their 4-D masks so from ``attention_mask``."""
+    inputs, seen, stack = set(), set(), [mask] if mask is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen or _op(node, "sym_size"):  # a shape read carries no values
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            inputs.add(node)
+        stack.extend(node.all_input_nodes)
+    return next(iter(inputs)) if len(inputs) == 1 and _rank(next(iter(inputs))) == 2 else None
+
+
 def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
-    """Attention's packed weight [in, 3 * hidden] (q's columns first) and bias [3 * hidden]."""
+    """Attention's packed weight [in, 3 * hidden] (q's columns first) and bias [3 * hidden]. With right
+    padding, the mask is the padding-mask input itself, read as each row's length (the model's own
+    mask-building ops go dead); a mask not built from one such input stays whole."""
     packed = _packed_projection(gm, m["linears"], m["out"])
+    padding = _padding_mask_input(m["mask"]) if m["mask_padding"] == "right" else None
+    mask = (padding, True) if padding is not None else (m["mask"], False)
     with gm.graph.inserting_before(m["out"]):
         return gm.graph.call_function(
-            torch.ops.mpcompiler.qkv_attention.default,
-            (m["x"], *packed, m["mask"], m["heads"], m["scale"], m["mask_padding"] == "right"),
+            torch.ops.mpcompiler.qkv_attention.default, (m["x"], *packed, mask[0], m["heads"], m["scale"], mask[1])
         )
 
 
@@ -658,6 +766,12 @@ RULES = [
     Rule("attention", _match_attention, _rewrite_attention, "eager attention -> scaled_dot_product_attention"),
     Rule("gelu", _match_gelu, _rewrite_gelu, "GELU formula -> gelu"),
     Rule(
+        "embed_layer_norm",
+        _match_embed_layer_norm,
+        _rewrite_embed_layer_norm,
+        "embeddings + layer_norm -> EmbedLayerNormalization",
+    ),
+    Rule(
         "skip_layer_norm",
         _match_skip_layer_norm,
         _rewrite_skip_layer_norm,
@@ -697,7 +811,7 @@ RULES = [
 
 class LowerFused(Pass):
     """Rewrite patterns into the fused ops ``target`` has kernels for. ``padding="right"``: attention
-    masks are right padding, read as each row's key count (see mpcompiler.fused.qkv_attention)."""
+    masks are right padding, read as each row's count of tokens (see mpcompiler.fused.qkv_attention)."""
 
     def __init__(self, *, target: str, padding: str = "any"):
         self.target, self.padding = target, padding

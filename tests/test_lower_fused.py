@@ -175,7 +175,7 @@ def test_bert_onnx_for_ort_cuda_has_fused_attention_skip_layer_norm_and_bias_gel
     assert ops["MatMul"] == 6  # per layer: attention's output projection, the MLP's two (q, k, v inside Attention)
     assert ops["SkipLayerNormalization"] == 4  # after attention and after the MLP, per layer
     assert ops["BiasGelu"] == 2
-    assert ops["LayerNormalization"] == 1  # the embeddings' add broadcasts (position embeddings): not fused
+    assert ops["EmbedLayerNormalization"] == 1 and ops["LayerNormalization"] == 0  # the embeddings' gathers + norm
     assert max(art.error_vs_fp32.values()) < 5e-3
     fused = [n for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "SkipLayerNormalization"]
     props = {p.key: p.value for p in fused[0].metadata_props}
@@ -339,6 +339,11 @@ def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_
     m = onnx.load(tmp_path / "r.onnx")
     attention = [n for n in m.graph.node if n.op_type == "Attention"]
     assert len(attention) == 2 and all(len(n.input) == 4 and n.input[3] for n in attention)  # no attention_bias
+    # the index is the attention_mask input's row sums: HF's mask-building ops are gone
+    producers = {o: n for n in m.graph.node for o in n.output}
+    counts = producers[attention[0].input[3]]
+    assert counts.op_type == "ReduceSum" and producers[counts.input[0]].input[0] == "attention_mask"
+    assert not {"Range", "GatherND", "And", "GreaterOrEqual"} & set(_onnx_ops(tmp_path / "r.onnx"))
     assert {p.key: p.value for p in m.metadata_props}["mpcompiler.padding"] == "right"
     assert "Padding: right" in art.handoff.read_text()
     sess = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
@@ -362,6 +367,49 @@ def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_
     own = mpcompiler.compile(_CrossAttention().eval(), list(torch.randn(4, 2, 6, 32)))
     sdpa = nodes_by_op(own.graph_module, "scaled_dot_product_attention")[0]
     assert isinstance(_match_qkv_attention(sdpa), dict)  # the same module as a self-attention, in other spellings
+
+
+class _Embeddings(nn.Module):
+    """BERT's embeddings with positions from a buffer, optionally offset (RoBERTa counts from 2)."""
+
+    def __init__(self, offset=0):
+        super().__init__()
+        self.word, self.pos, self.norm = nn.Embedding(50, 16), nn.Embedding(40, 16), nn.LayerNorm(16)
+        self.register_buffer("position_ids", torch.arange(40)[None] + offset, persistent=False)
+
+    def forward(self, input_ids):
+        return self.norm(self.word(input_ids) + self.pos(self.position_ids[:, : input_ids.shape[1]]))
+
+
+@pytest.mark.parametrize("segments", ["input", "zeros"])
+def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, tmp_path):
+    from passes.lower_fused import _match_embed_layer_norm
+
+    model = _bert()
+    samples = [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8)]]
+    if segments == "input":  # the segment ids a gathered input, else HF's all-zero buffer
+        samples = [s | {"token_type_ids": (torch.arange(s["input_ids"].shape[1]) >= 4).long().expand(
+            s["input_ids"].shape)} for s in samples]  # fmt: skip
+    compiled = mpcompiler.compile(model, samples)
+    gm = twin(compiled.graph_module, "Fused")
+    assert LowerFused(target="ort-cpu").call(gm).stats["embed_layer_norm"] == 1
+    (fused,) = nodes_by_op(gm, "mpcompiler.embed_layer_norm")
+    assert record(fused).dtype == torch.float16 and fused.args[0].name == "input_ids"
+    assert (fused.args[1] is not None) == (segments == "input")  # zeros: folded into the position table
+    held = samples[0]
+    with torch.no_grad():
+        ref = model(**held).last_hidden_state
+    assert rel_err(gm(**held)[0], compiled(**held).last_hidden_state) < 1e-3 and rel_err(gm(**held)[0], ref) < 5e-3
+    art = compiled.export_onnx(tmp_path / "e.onnx", target="ort-cpu")
+    ops = _onnx_ops(tmp_path / "e.onnx")
+    assert ops["EmbedLayerNormalization"] == 1 and ops["LayerNormalization"] == 0 and ops["Gather"] <= 1  # pooler's
+    assert max(art.error_vs_fp32.values()) < 5e-3
+
+    offset = mpcompiler.compile(_Embeddings(offset=2).eval(), [torch.randint(0, 50, (2, s)) for s in (6, 9, 12)])
+    (ln,) = nodes_by_op(offset.graph_module, "layer_norm")
+    assert _match_embed_layer_norm(ln) == "not ids, positions 0..S-1 and segment ids (an input or all zeros)"
+    plain = mpcompiler.compile(_Embeddings().eval(), [torch.randint(0, 50, (2, s)) for s in (6, 9, 12)])
+    assert isinstance(_match_embed_layer_norm(nodes_by_op(plain.graph_module, "layer_norm")[0]), dict)
 
 
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
