@@ -232,13 +232,13 @@ def _positions(idx: torch.fx.Node, seq) -> bool:
     along its last dim (HF's ``position_ids[:, :S]``)."""
     if not _op(idx, "slice") or _rank(idx) < 1 or idx.meta["val"].shape[-1] != seq:
         return False
-    buf, dim, start, _, step = (list(idx.args) + [0, 0, None, 1][len(idx.args) - 1 :])[:5]
-    value = _buffer_value(buf)
-    if value is None or value.is_floating_point() or (start or 0, step) != (0, 1):
+    a = bound_args(idx)
+    value = _buffer_value(a["self"])
+    if value is None or value.is_floating_point() or (a.get("start") or 0, a.get("step", 1)) != (0, 1):
         return False
-    if dim % value.dim() != value.dim() - 1:
+    if a.get("dim", 0) % value.dim() != value.dim() - 1 or math.prod(value.shape[:-1]) != 1:
         return False
-    return math.prod(value.shape[:-1]) == 1 and torch.equal(value.flatten(), torch.arange(value.numel()))
+    return torch.equal(value.flatten(), torch.arange(value.numel()))
 
 
 def _sum_terms(node: torch.fx.Node, terms: list, adds: list) -> None:
