@@ -345,10 +345,12 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                 batch,
                 build=functools.partial(compiled_fn, gm_fast, "reduce-overhead", cl(xg)),
             )
-            torch_row(
-                bench, w, "mpcompiler FX, compiled.cuda_graph()", None, xg, batch,
-                build=lambda xg=xg: copy.deepcopy(compiled).cuda_graph(xg),  # a copy: it turns CNN weights NHWC
-            )  # fmt: skip
+            for autotune in (False, True):
+                torch_row(
+                    bench, w, f"mpcompiler FX, compiled.cuda_graph({'autotune=True' if autotune else ''})", None,
+                    xg, batch,  # a copy: it turns CNN weights NHWC
+                    build=lambda xg=xg, a=autotune: copy.deepcopy(compiled).cuda_graph(xg, autotune=a),
+                )  # fmt: skip
             for name, onnx_path in artifacts.items():
                 for graph in (False, True):
                     tag = " ".join(t for t in ("CUDA graph" if graph else "", "NHWC" if cnn else "") if t)

@@ -258,14 +258,16 @@ class CompiledModule(torch.nn.Module):
     export_onnx = export_onnx  # export_onnx(compiled, path, ...): the ONNX artifact, see its docstring
     export_triton = export_triton  # export_triton(compiled, repo, name, ...): a Triton model repository
 
-    def cuda_graph(self, example) -> CudaGraphModule:
+    def cuda_graph(self, example, *, autotune: bool = False) -> CudaGraphModule:
         """The fastest mode on the GPU: this module under ``torch.compile``, captured as one CUDA graph
         for the shapes of ``example`` (a sample as in calib_data: a tensor, a tuple of positional
         arguments or a dict of keyword arguments); see :mod:`mpcompiler.cuda_graph`. Call the result
         like the model with inputs of those shapes. Models with 2-D convolutions get channels_last
-        weights here, in place (this module keeps working, in NHWC)."""
+        weights here, in place (this module keeps working, in NHWC). ``autotune``: Inductor's
+        max-autotune for these shapes (each GEMM's Triton templates, epilogues fused, timed against
+        cuBLAS; minutes of compiling)."""
         args, kwargs = as_sample(example, 0, "example")
-        return CudaGraphModule(self.graph_module, args, kwargs)
+        return CudaGraphModule(self.graph_module, args, kwargs, autotune)
 
     def to(self, *args, **kwargs):
         """Move to another device. The dtypes are the compiled plan's: to change them, compile again."""
