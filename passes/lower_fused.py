@@ -238,7 +238,7 @@ def _positions(idx: torch.fx.Node, seq) -> bool:
         return False
     if a.get("dim", 0) % value.dim() != value.dim() - 1 or math.prod(value.shape[:-1]) != 1:
         return False
-    return torch.equal(value.flatten(), torch.arange(value.numel()))
+    return torch.equal(value.flatten().cpu(), torch.arange(value.numel()))
 
 
 def _sum_terms(node: torch.fx.Node, terms: list, adds: list) -> None:
