@@ -272,8 +272,13 @@ def _match_embed_layer_norm(ln: torch.fx.Node) -> Match:
     zeros = [t for t in terms if t not in inputs and _all_zeros(t.args[1])]
     if len(positions) != 1 or len(inputs) + len(positions) + len(zeros) != len(terms):
         return "not ids, positions 0..S-1 and segment ids (an input or all zeros)"
-    if len({planned_dtype(n) for n in (*terms, *adds, ln)} | {value_of(t.args[0]).dtype for t in terms}) != 1:
+    dtypes = {planned_dtype(n) for n in (*terms, *adds, ln)} | {value_of(t.args[0]).dtype for t in terms}
+    if len(dtypes) != 1:
         return "tables, sums and norm in different dtypes"
+    # ORT's CUDA kernel sums x * x / hidden in the I/O dtype (contrib_ops/cuda/bert/embed_layer_norm_impl.cu)
+    seen = record(a["input"]).range
+    if seen is None or seen.absmax**2 > torch.finfo(dtypes.pop()).max / 2:
+        return "the embeddings' sum unmeasured, or its square past half the dtype's max (the kernel's statistics)"
     return {"word": inputs[0], "segment": (inputs[1:] + zeros or [None])[0], "position": positions[0],
             "weight": a["weight"], "bias": a["bias"], "eps": a.get("eps", 1e-5)}  # fmt: skip
 

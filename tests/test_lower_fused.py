@@ -375,10 +375,11 @@ class _Embeddings(nn.Module):
     def __init__(self, offset=0):
         super().__init__()
         self.word, self.pos, self.norm = nn.Embedding(50, 16), nn.Embedding(40, 16), nn.LayerNorm(16)
+        self.head = nn.Linear(16, 16)  # a compute-bound op: without one the plan stays fp32 (fewer casts)
         self.register_buffer("position_ids", torch.arange(40)[None] + offset, persistent=False)
 
     def forward(self, input_ids):
-        return self.norm(self.word(input_ids) + self.pos(self.position_ids[:, : input_ids.shape[1]]))
+        return self.head(self.norm(self.word(input_ids) + self.pos(self.position_ids[:, : input_ids.shape[1]])))
 
 
 @pytest.mark.parametrize("segments", ["input", "zeros"])
@@ -410,6 +411,10 @@ def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, 
     assert _match_embed_layer_norm(ln) == "not ids, positions 0..S-1 and segment ids (an input or all zeros)"
     plain = mpcompiler.compile(_Embeddings().eval(), [torch.randint(0, 50, (2, s)) for s in (6, 9, 12)])
     assert isinstance(_match_embed_layer_norm(nodes_by_op(plain.graph_module, "layer_norm")[0]), dict)
+    big = _Embeddings().eval()
+    big.word.weight.data *= 100  # |x| ~ 300: fp16 holds it, not the squares ORT's kernel sums in fp16
+    big = mpcompiler.compile(big, [torch.randint(0, 50, (2, s)) for s in (6, 9, 12)])
+    assert "square past half the dtype's max" in _match_embed_layer_norm(nodes_by_op(big.graph_module, "layer_norm")[0])
 
 
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
