@@ -246,7 +246,10 @@ def _sum_terms(node: torch.fx.Node, terms: list, adds: list) -> None:
     if _op(node, "add") and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
         adds.append(node)
         for a in node.args:
-            _sum_terms(a, terms, adds) if len(a.users) == 1 else terms.append(a)
+            if len(a.users) == 1:
+                _sum_terms(a, terms, adds)
+            else:
+                terms.append(a)
     else:
         terms.append(node)
 
@@ -391,8 +394,9 @@ def _buffer(gm, target: str, tensor: torch.Tensor, like: torch.fx.Node, before: 
 
 
 def _padding_mask_input(mask: torch.fx.Node | None) -> torch.fx.Node | None:
-    """The [B, S] input an attention mask was built from, if its values come from that one input alone
-    (shape reads aside): HF models build their 4-D masks so from ``attention_mask``."""
+    """The [B, S] integer or bool input an attention mask was built from, if its values come from that
+    one input alone (shape reads aside): HF models build their 4-D masks so from ``attention_mask``. (A
+    float input would be an additive mask, not a padding mask.)"""
     inputs, seen, stack = set(), set(), [mask] if mask is not None else []
     while stack:
         node = stack.pop()
@@ -402,7 +406,8 @@ def _padding_mask_input(mask: torch.fx.Node | None) -> torch.fx.Node | None:
         if node.op == "placeholder":
             inputs.add(node)
         stack.extend(node.all_input_nodes)
-    return next(iter(inputs)) if len(inputs) == 1 and _rank(next(iter(inputs))) == 2 else None
+    source = next(iter(inputs)) if len(inputs) == 1 else None
+    return source if _rank(source) == 2 and not source.meta["val"].dtype.is_floating_point else None
 
 
 def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
