@@ -31,7 +31,8 @@ token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchm
 Rows: mpcompiler's prompt step; HF forward fp16 eager with a StaticCache and logits_to_keep=1 (as
 generate calls it); the same forward under torch.compile(dynamic=True) (gpt-fast's --compile_prefill).
 
-Writes DIR/llm.json and DIR/llm.md.
+Writes DIR/llm.json (with each of mpcompiler's Inductor reduction kernels' tuned launch configuration)
+and DIR/llm.md.
 """
 
 from __future__ import annotations
@@ -133,6 +134,26 @@ EXPERIMENTS = {  # decode-step variants, compiled under each context; the defaul
 }
 
 
+def tuned_configs() -> dict[str, str]:
+    """The launch configuration each loaded Inductor reduction kernel runs with (after autotuning or
+    coordinate-descent tuning), keyed by its output-code module and name: why one kernel is slower than
+    its twin with the same loop (the o projection's residual-adding variant, docs/llm.md)."""
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    configs = {}
+    for module in list(getattr(PyCodeCache, "modules", [])):
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, CachingAutotuner) and name.startswith("triton_red") and len(kernel.launchers) == 1:
+                launcher = kernel.launchers[0]
+                stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
+                configs[f"{stem}:{name}"] = (
+                    f"{launcher.config} regs={getattr(launcher, 'n_regs', '?')} "
+                    f"spills={getattr(launcher, 'n_spills', '?')} shared={getattr(launcher, 'shared', '?')}"
+                )
+    return configs
+
+
 def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
     """A generation whose steps ``generator`` compiles under ``context`` (its first call, here); records
     in ``meta[key]`` the share of its tokens equal to mpcompiler's default path's."""
@@ -206,6 +227,10 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     for b in batches:  # each batch's peer right after ours: a deadline never leaves a ratio without its peer
         row(name, "mpcompiler generate (CUDA graph decode)", b,
             lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
+        try:  # evidence, not a row: its failure loses no timing
+            meta[f"{name}_inductor_reduction_configs"] = tuned_configs()  # ours so far (the peer's follow)
+        except Exception as exc:
+            meta[f"{name}_inductor_reduction_configs"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         row(name, "gpt-fast-style loop (static cache, reduce-overhead, coordinate descent)", b,
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
