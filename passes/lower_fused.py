@@ -268,8 +268,8 @@ def _match_embed_layer_norm(ln: torch.fx.Node) -> Match:
     if any(_buffer_value(t.args[0]) is None or _rank(t.args[0]) != 2 for t in terms):
         return "an embedding of something other than a constant table"
     inputs = [t for t in terms if t.args[1].op == "placeholder" and _rank(t.args[1]) == 2]
-    if not inputs or ln.meta["val"].shape != inputs[0].meta["val"].shape:
-        return "no embedding of a [B, S] input, or the sum is not [B, S, hidden]"
+    if not inputs or any(ln.meta["val"].shape != t.meta["val"].shape for t in inputs):
+        return "no embedding of a [B, S] input, or the sum is not [B, S, hidden] (ids broadcast)"
     seq = inputs[0].args[1].meta["val"].shape[-1]
     positions = [t for t in terms if _positions(t.args[1], seq)]
     zeros = [t for t in terms if t not in inputs and _all_zeros(t.args[1])]

@@ -417,6 +417,20 @@ def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, 
     assert "square past half the dtype's max" in _match_embed_layer_norm(nodes_by_op(big.graph_module, "layer_norm")[0])
 
 
+def test_segment_ids_broadcast_over_the_batch_keep_the_plain_embeddings(tmp_path):
+    from passes.lower_fused import _match_embed_layer_norm
+
+    # EmbedLayerNormalization takes segment ids shaped as the input ids only (ORT: "Input 0 and 1 shall
+    # have same shape"); [1, S] token types broadcast in the model's add
+    samples = [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20)]]
+    samples = [s | {"token_type_ids": torch.zeros(1, s["input_ids"].shape[1], dtype=torch.long)} for s in samples]
+    compiled = mpcompiler.compile(_bert(), samples)
+    (ln, *_) = nodes_by_op(compiled.graph_module, "layer_norm")
+    assert "ids broadcast" in _match_embed_layer_norm(ln)
+    art = compiled.export_onnx(tmp_path / "b.onnx", target="ort-cpu")
+    assert _onnx_ops(tmp_path / "b.onnx")["EmbedLayerNormalization"] == 0 and max(art.error_vs_fp32.values()) < 5e-3
+
+
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
     from mpcompiler.emit_onnx import _empty_pasts
     from mpcompiler.fused import kv_attention
