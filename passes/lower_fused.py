@@ -295,8 +295,7 @@ def _rewrite_embed_layer_norm(gm, ln: torch.fx.Node, m: dict) -> torch.fx.Node:
         segment_ids, segment_table = segment.args[1], segment.args[0]
     elif segment is not None:
         rows = _buffer_value(table).float() + _buffer_value(segment.args[0])[0].float()
-        owner = table.target.rpartition(".")[0].rpartition(".")[0]
-        name = f"{owner}.position_and_segment" if owner else "position_and_segment"
+        name = _in_parent(table.target, "position_and_segment")
         table = _buffer(gm, name, rows.to(_buffer_value(table).dtype), table, ln)
     with gm.graph.inserting_before(ln):
         return gm.graph.call_function(
@@ -377,9 +376,15 @@ def _packed_projection(gm, linears: list[torch.fx.Node], before: torch.fx.Node) 
             continue
         whole = torch.cat([attr_of(gm, p[k].target).detach() for p in parts])
         whole = whole.t().contiguous() if k == 0 else whole
-        owner = parts[0][k].target.rpartition(".")[0].rpartition(".")[0]  # the attention module
-        packed.append(_buffer(gm, f"{owner}.{name}" if owner else name, whole, parts[0][k], before))
+        packed.append(_buffer(gm, _in_parent(parts[0][k].target, name), whole, parts[0][k], before))
     return tuple(packed)
+
+
+def _in_parent(target: str, name: str) -> str:
+    """``name`` in the module above the one holding ``target``: ``a.self.query.weight`` -> ``a.self.name``
+    (the attention module of its projections, the embeddings module of its tables)."""
+    parent = target.rpartition(".")[0].rpartition(".")[0]
+    return f"{parent}.{name}" if parent else name
 
 
 def _buffer(gm, target: str, tensor: torch.Tensor, like: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
