@@ -669,6 +669,7 @@ def _generation_snippet(info: dict) -> str:
     shared = info["generation"]["shared_cache"]
     return f"""import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 # One cache buffer per past input, [batch, kv_heads, MAX_SEQ, head_dim], bound as its present output too
 # (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as ONNX Runtime
@@ -684,6 +685,16 @@ device = "cuda" if cuda else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 logits_out = sess.get_outputs()[0]
 DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}
+# Each decode step's greedy token, chosen on the device by a one-node model (ArgMax over the vocabulary) and
+# written straight into the next step's input_ids: [batch, 1] ids come back to the host, not the logits
+# (at batch 8, 1 MB a step copied and scanned by numpy)
+ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT}}
+ARGMAX = helper.make_graph(
+    [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
+    [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", 1, logits_out.shape[-1]])],
+    [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", 1])])
+ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+greedy = ort.InferenceSession(ARGMAX, providers=["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"])
 EAGER = ort.RunOptions()
 EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
 
@@ -694,6 +705,14 @@ def on_device(x):
 
 def zeros(shape, dtype=np.int64):
     return on_device(np.zeros(shape, dtype))
+
+
+def choose(logits, token):
+    # the greedy token after [batch, 1, vocab] logits, written into ``token`` (on the device)
+    binding = greedy.io_binding()
+    binding.bind_ortvalue_input("logits", logits)
+    binding.bind_ortvalue_output("token", token)
+    return binding
 
 
 def bind(feeds, cache, logits=None):
@@ -719,7 +738,7 @@ def decoder(batch):
         logits = zeros((batch, 1, logits_out.shape[-1]), DTYPES[logits_out.type])
         replay = ort.RunOptions()
         replay.add_run_config_entry("gpu_graph_id", str(batch))  # one CUDA graph per batch size
-        _decoders[batch] = cache, step, logits, bind(step, cache, logits), replay
+        _decoders[batch] = cache, step, bind(step, cache, logits), replay, choose(logits, step["input_ids"])
     return _decoders[batch]
 
 
@@ -732,35 +751,39 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
     lengths = attention_mask.sum(-1)
     ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
     if SHARED_CACHE:
-        cache, step, logits, decode, replay = decoder(batch)
+        cache, step, decode, replay, pick = decoder(batch)
     else:
         cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), DTYPES[p.type]) for p in pasts}}
     prompt = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
               "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
     binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
     sess.run_with_iobinding(binding, EAGER)
-    last = binding.get_outputs()[0].numpy()[np.arange(batch), lengths - 1]  # [batch, vocab]
+    # the prompt's next tokens: each row's logits at its last real token
+    token = binding.get_outputs()[0].numpy()[np.arange(batch), lengths - 1].argmax(-1)[:, None].astype(np.int64)
     new, done = [], np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
-        token = last.argmax(-1)[:, None].astype(np.int64)
         new.append(token)
         done |= token[:, 0] == eos_token_id
         if done.all() or len(new) == max_new_tokens:
             break
         lengths = lengths + 1
-        if SHARED_CACHE:  # the decode graph's inputs, rewritten in place
-            step["input_ids"].update_inplace(token)
+        if SHARED_CACHE:  # the decode graph's inputs, rewritten in place (input_ids by the ArgMax)
+            if len(new) == 1:
+                step["input_ids"].update_inplace(token)
             step["attention_mask"].update_inplace((np.arange(MAX_SEQ) < lengths[:, None]).astype(np.int64))
             step["position_ids"].update_inplace((lengths - 1)[:, None].astype(np.int64))
             sess.run_with_iobinding(decode, replay)
-            last = logits.numpy()[:, -1]
+            greedy.run_with_iobinding(pick)
+            token = step["input_ids"].numpy().copy()  # on the CPU a view of the buffer the next ArgMax writes
         else:  # the presents in the order bound, after the logits
             cache = dict(zip(cache, binding.get_outputs()[1:]))
             feeds = {{"input_ids": token, "attention_mask": np.arange(width + len(new)) < lengths[:, None],
                      "position_ids": (lengths - 1)[:, None]}}
             binding = bind({{k: on_device(np.asarray(v, np.int64)) for k, v in feeds.items()}}, cache)
             sess.run_with_iobinding(binding, EAGER)
-            last = binding.get_outputs()[0].numpy()[:, -1]
+            token = zeros((batch, 1))
+            greedy.run_with_iobinding(choose(binding.get_outputs()[0], token))
+            token = token.numpy().copy()
     return np.concatenate([input_ids, *new], 1)"""
 
 
