@@ -18,13 +18,13 @@ torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-des
 generate.py sets it); the prefill rows (below); with --onnx, mpcompiler's ONNX artifact (exported and verified
 in ONNX Runtime, in DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider,
 io_binding, one KV buffer per layer bound as past and present, each decode step one ONNX Runtime CUDA graph
-replay, each step's logits read back for the argmax; llm.json then also holds the CUDA kernels of one
+replay, each step's greedy token chosen on the device; llm.json then also holds the CUDA kernels of one
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-Inductor's max-autotune GEMM templates; SDPA's math form in fp16), each with the share of its tokens equal to
-the default path's in llm.json; the bandwidth floor (fp16 weight bytes over the device-to-device copy
-bandwidth measured here).
+Inductor's max-autotune GEMM templates; SDPA's math form in fp16; the 1-row graph without in-place buffers),
+each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
+the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
@@ -131,6 +131,13 @@ EXPERIMENTS = {  # decode-step variants, compiled under each context; the defaul
         max_autotune_gemm=True, coordinate_descent_tuning=True
     ),  # gpt-fast's setting: Inductor's GEMM templates for the fixed shapes, tuned
     "attention as fp16 math": fp16_math_attention,
+    # the o projection's residual-adding kernel wrote the stream in place and took 2.6x its twin's time
+    # (runs U, V): Inductor times a kernel that mutates a buffer with the buffer's clone inside the timed call,
+    # which may mislead coordinate descent; without in-place buffers the kernel writes a new one
+    "1-row decode without in-place buffers": lambda: torch._inductor.config.patch(inplace_buffers=False),
+    "1-row decode without in-place buffers, wider coordinate descent": lambda: torch._inductor.config.patch(
+        inplace_buffers=False, coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
+    ),
 }
 
 
@@ -160,6 +167,12 @@ def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict
     with context():
         tokens = generator.generate(prompt, max_new_tokens=new)
     meta[key] = round(float((tokens == ours.generate(prompt, max_new_tokens=new)).float().mean()), 4)
+    try:  # evidence, not a row: which kernels moved
+        meta[key.replace("token agreement", "kernels")] = cuda_kernels(
+            lambda: generator.generate(prompt, max_new_tokens=new), 1
+        )
+    except Exception as exc:
+        meta[key.replace("token agreement", "kernels")] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return lambda: generator.generate(prompt, max_new_tokens=new)
 
 
@@ -265,7 +278,11 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "HF generate, eager", b, lambda b=b: lambda: half.generate(
             prompts[b], max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
             runs=1)  # fmt: skip
-    if args.experiments:  # decode-step variants, each on a generator of its own
+    if args.experiments:  # decode-step variants, each on a generator of its own, beside the default's kernels
+        for b in batches:
+            meta[f"{name} default b{b} kernels"] = cuda_kernels(
+                lambda b=b: ours.generate(prompts[b], max_new_tokens=args.new), 1
+            )
         for label, context in EXPERIMENTS.items():
             variant = Generator(ours.graph_module, ours.lm)
             for b in batches:
