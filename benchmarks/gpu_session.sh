@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
+#   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
 #   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
 #   bash benchmarks/gpu_session.sh smol     # second half (carry .smol1); benchmarks/llm.py on SmolLM2-135M
@@ -37,6 +38,9 @@ case "${1:-}" in
     ;;
   bert)
     timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" --only "${2:-}" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
+    bash "$0" sweep
+    ;;
+  sweep)
     rm -rf /root/sw
     setsid nohup python3 benchmarks/sweep.py --out /root/sw --device cuda --jobs 12 --timeout 240 \
       > /root/sweep.log 2>&1 < /dev/null &
@@ -63,7 +67,7 @@ case "${1:-}" in
       --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac
