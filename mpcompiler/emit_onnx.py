@@ -693,7 +693,7 @@ ARGMAX = helper.make_graph(
     [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
     [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", 1, logits_out.shape[-1]])],
     [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", 1])])
-ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 greedy = ort.InferenceSession(ARGMAX, providers=["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"])
 EAGER = ort.RunOptions()
 EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
