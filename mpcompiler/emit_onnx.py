@@ -685,14 +685,14 @@ device = "cuda" if cuda else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 logits_out = sess.get_outputs()[0]
 DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}
-# Each decode step's greedy token, chosen on the device by a one-node model (ArgMax over the vocabulary) and
-# written straight into the next step's input_ids: [batch, 1] ids come back to the host, not the logits
-# (at batch 8, 1 MB a step copied and scanned by numpy)
+# Greedy tokens are chosen on the device by a one-node model (ArgMax over the vocabulary), a decode step's
+# written straight into the next step's input_ids: ids come back to the host, not the logits (at batch 8,
+# 1 MB a step and 131 MB for a 128-token prompt, copied and scanned by numpy)
 ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT}}
 ARGMAX = helper.make_graph(
     [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
-    [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", 1, logits_out.shape[-1]])],
-    [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", 1])])
+    [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", "seq", logits_out.shape[-1]])],
+    [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", "seq"])])
 ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 greedy = ort.InferenceSession(ARGMAX, providers=["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"])
 EAGER = ort.RunOptions()
@@ -708,11 +708,17 @@ def zeros(shape, dtype=np.int64):
 
 
 def choose(logits, token):
-    # the greedy token after [batch, 1, vocab] logits, written into ``token`` (on the device)
+    # the greedy tokens after [batch, seq, vocab] logits, written into ``token`` [batch, seq] (on the device)
     binding = greedy.io_binding()
     binding.bind_ortvalue_input("logits", logits)
     binding.bind_ortvalue_output("token", token)
     return binding
+
+
+def greedy_tokens(logits, batch, seq):
+    tokens = zeros((batch, seq))
+    greedy.run_with_iobinding(choose(logits, tokens))
+    return tokens.numpy().copy()  # on the CPU a view of the OrtValue's buffer
 
 
 def bind(feeds, cache, logits=None):
@@ -758,8 +764,8 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
               "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
     binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
     sess.run_with_iobinding(binding, EAGER)
-    # the prompt's next tokens: each row's logits at its last real token
-    token = binding.get_outputs()[0].numpy()[np.arange(batch), lengths - 1].argmax(-1)[:, None].astype(np.int64)
+    # the prompt's next tokens: each row's at its last real token
+    token = greedy_tokens(binding.get_outputs()[0], batch, width)[np.arange(batch), lengths - 1][:, None]
     new, done = [], np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
         new.append(token)
@@ -781,9 +787,7 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
                      "position_ids": (lengths - 1)[:, None]}}
             binding = bind({{k: on_device(np.asarray(v, np.int64)) for k, v in feeds.items()}}, cache)
             sess.run_with_iobinding(binding, EAGER)
-            token = zeros((batch, 1))
-            greedy.run_with_iobinding(choose(binding.get_outputs()[0], token))
-            token = token.numpy().copy()
+            token = greedy_tokens(binding.get_outputs()[0], batch, 1)
     return np.concatenate([input_ids, *new], 1)"""
 
 
