@@ -339,9 +339,9 @@ def _vector_tuning(rows: int):
         return contextlib.nullcontext()
     from torch._inductor import config
 
-    # no in-place buffers: Inductor times a kernel that mutates a buffer with the buffer's clone inside the timed
-    # call, and the o projection's kernel that added the residual stream in place ran 1.4x to 2.6x its twin's
-    # time; without them a 1-row generation's kernels took 161.4 ms, not 174.3 (H100, 2026-12-06, docs/llm.md)
+    # no in-place buffers: the o projection's kernel that added the residual stream in place (tuned with a clone
+    # of that buffer inside each timed call) ran 1.4x to 2.6x its twin's time; without them a 1-row generation's
+    # kernels took 161.4 ms, not 174.3 (H100, 2026-12-06, docs/llm.md run W)
     return config.patch(coordinate_descent_tuning=True, inplace_buffers=False)
 
 
