@@ -22,7 +22,8 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-Inductor's max-autotune GEMM templates; SDPA's math form in fp16; a wider coordinate descent for the 1-row graph),
+Inductor's max-autotune GEMM templates; SDPA's math form in fp16; a wider coordinate descent for the 1-row graph;
+Inductor's C++ wrapper),
 each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
 the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
@@ -137,6 +138,9 @@ EXPERIMENTS = {  # decode-step variants, compiled under each context; the defaul
     "1-row decode, wider coordinate descent": lambda: torch._inductor.config.patch(
         coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
     ),
+    # Inductor's C++ wrapper for the steps compiled here: the prompt step (dynamic shapes, no CUDA graph) is
+    # host-bound, ~14 ms of a 175.8 ms 1-row generation with the GPU idle (run W, docs/llm.md)
+    "steps with Inductor's C++ wrapper": lambda: torch._inductor.config.patch(cpp_wrapper=True),
 }
 
 
