@@ -22,9 +22,9 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-Inductor's max-autotune GEMM templates; SDPA's math form in fp16; a wider coordinate descent for the 1-row graph;
-Inductor's C++ wrapper),
-each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
+the decode attention by flex_attention, Inductor's aggressive fusion, the down projection's activation stored
+once, a wider coordinate descent for the 1-row graph, Inductor's C++ wrapper), each with the share of its
+tokens equal to the default path's and one generation's kernels in llm.json;
 the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
@@ -40,17 +40,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mpcompiler
+import mpcompiler.llm
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import Generator
@@ -112,35 +114,102 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
-@contextlib.contextmanager
-def fp16_math_attention():
-    """SDPA written as its math form in fp16 (no fp32 upcast): Inductor then writes the grouped-query
-    attention of a decode step as two small batched GEMMs and a softmax kernel, parallel over the cache's
-    slots, where the memory-efficient kernel parallelizes over queries and heads only."""
-    saved = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
+def _flex_decode(q, k, v, visible, scale=None):
+    """One new token's attention by flex_attention, which Inductor compiles for a query this short as its
+    flex-decoding kernel (the cache's slots split over the SMs, each key/value head's 8 queries packed, then
+    one combine): q [B, kv_heads, group, d] as the decode graph groups it, ``visible`` [B, 1, group, S]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows, kv_heads, group, dim = q.shape
+    seen = visible[:, 0, 0]  # [B, S]: every query of a row sees the same slots
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(seen[b, kv_idx], score, -float("inf"))
+
+    out = flex_attention(q.reshape(rows, kv_heads * group, 1, dim), k, v, score_mod=score_mod, scale=scale,
+                         enable_gqa=True)  # fmt: skip
+    return out.reshape(rows, kv_heads, group, dim)
+
+
+def _attention_as_flex(graph: torch.fx.Graph, attention: torch.fx.Node) -> None:
+    """mpcompiler.llm._attention_as_matmuls' stand-in: the decode graph's SDPA node as :func:`_flex_decode`."""
+    with graph.inserting_before(attention):
+        node = graph.call_function(_flex_decode, attention.args[:4], {"scale": attention.kwargs.get("scale")})
+    node.meta.update(attention.meta)
+    attention.replace_all_uses_with(node)
+    graph.erase_node(attention)
+
+
+def _realized_activation(generator: Generator, rows: int) -> torch.fx.GraphModule:
+    """Generator.decode_step's stand-in: SiLU(gate) x up stored once (Inductor's force-stride-order prim
+    realizes it) before the down projection, whose matrix-vector kernel otherwise recomputes it from gate
+    and up in each of its programs (512 in run W: 22 KB of L2 reads each beside 45 KB of weights)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    step = _DECODE_STEP(generator, rows)
+    for node in list(step.graph.nodes):
+        act = node.args[0] if node.target is torch.ops.aten.linear.default else None
+        if isinstance(act, torch.fx.Node) and act.target is torch.ops.aten.mul.Tensor:
+            if any(getattr(a, "target", None) is torch.ops.aten.silu.default for a in act.args):
+                shape = act.meta["val"].shape
+                stride = [int(torch.Size(shape[i + 1 :]).numel()) for i in range(len(shape))]
+                with step.graph.inserting_before(node):
+                    stored = step.graph.call_function(
+                        torch.ops.prims.inductor_force_stride_order.default, (act, stride)
+                    )
+                stored.meta.update(act.meta)
+                node.replace_input_with(act, stored)
+    step.recompile()
+    return step
+
+
+_DECODE_STEP = Generator.decode_step
+
+
+def patched(target, name: str, value):
+    """A context factory: ``target.name`` replaced by ``value`` while the variant compiles."""
+    return lambda: unittest.mock.patch.object(target, name, value)
+
+
+def together(*factories):
+    """A context factory entering each of ``factories``."""
+
+    @contextlib.contextmanager
+    def both():
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                stack.enter_context(factory())
             yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(saved)
+
+    return both
 
 
-EXPERIMENTS = {  # decode-step variants, compiled under each context; the default path's tokens checked
-    "decode under coordinate-descent tuning": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
-    "decode under max-autotune": lambda: torch._inductor.config.patch(
-        max_autotune_gemm=True, coordinate_descent_tuning=True
-    ),  # gpt-fast's setting: Inductor's GEMM templates for the fixed shapes, tuned
-    "attention as fp16 math": fp16_math_attention,
+# decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
+# step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
+FLEX = patched(mpcompiler.llm, "_attention_as_matmuls", _attention_as_flex)
+FUSE = lambda: torch._inductor.config.patch(aggressive_fusion=True)  # noqa: E731
+STORE = patched(Generator, "decode_step", _realized_activation)
+EXPERIMENTS = {
+    # one kernel for each attention's scores, softmax and sum (and its split combine) where the decode graph
+    # runs two cuBLAS batched GEMMs (3.0 and 2.4 us a layer in run W) and a softmax kernel (1.8 us)
+    "decode attention by flex_attention": (FLEX, True),
+    # Inductor fuses kernels that share no reads: the rotary, k and v cache writes are three kernels a layer
+    # (3.9 us in run W) over the same qkv output's slices
+    "decode under aggressive fusion": (FUSE, True),
+    "down projection's activation stored once": (STORE, True),
+    "flex_attention and aggressive fusion": (together(FLEX, FUSE), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
-    "1-row decode, wider coordinate descent": lambda: torch._inductor.config.patch(
-        coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
+    "1-row decode, wider coordinate descent": (
+        lambda: torch._inductor.config.patch(
+            coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
+        ),
+        True,
     ),
     # Inductor's C++ wrapper for the steps compiled here: the prompt step (dynamic shapes, no CUDA graph) is
     # host-bound, ~14 ms of a 175.8 ms 1-row generation with the GPU idle (run W, docs/llm.md)
-    "steps with Inductor's C++ wrapper": lambda: torch._inductor.config.patch(cpp_wrapper=True),
+    "steps with Inductor's C++ wrapper": (lambda: torch._inductor.config.patch(cpp_wrapper=True), False),
 }
 
 
@@ -286,8 +355,12 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
             meta[f"{name} default b{b} kernels"] = cuda_kernels(
                 lambda b=b: ours.generate(prompts[b], max_new_tokens=args.new), 1
             )
-        for label, context in EXPERIMENTS.items():
-            variant = Generator(ours.graph_module, ours.lm)
+        for label, (context, shared) in EXPERIMENTS.items():
+            if shared:  # the default's step module (its KV cache) and compiled prompt step; decode graphs anew
+                variant = copy.copy(ours.generator)
+                variant._graphs = {}
+            else:
+                variant = Generator(ours.graph_module, ours.lm)
             for b in batches:
                 row(name, f"mpcompiler generate, {label} (experiment)", b,
                     lambda b=b, v=variant, c=context, k=f"{name} {label} b{b} token agreement": experiment(
