@@ -22,9 +22,8 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-the decode attention by flex_attention, Inductor's aggressive fusion, the down projection's activation stored
-once, a wider coordinate descent for the 1-row graph, Inductor's C++ wrapper), each with the share of its
-tokens equal to the default path's and one generation's kernels in llm.json;
+the down projection's activation stored once, a wider coordinate descent for the 1-row graph, Inductor's C++
+wrapper), each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
 the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
@@ -39,7 +38,6 @@ and DIR/llm.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -52,7 +50,6 @@ import torch
 import transformers
 
 import mpcompiler
-import mpcompiler.llm
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import Generator
@@ -114,30 +111,7 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
-def _flex_decode(q, k, v, visible, scale=None):
-    """One new token's attention by flex_attention, which Inductor compiles for a query this short as its
-    flex-decoding kernel (the cache's slots split over the SMs, each key/value head's 8 queries packed, then
-    one combine): q [B, kv_heads, group, d] as the decode graph groups it, ``visible`` [B, 1, group, S]."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    rows, kv_heads, group, dim = q.shape
-    seen = visible[:, 0, 0]  # [B, S]: every query of a row sees the same slots
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(seen[b, kv_idx], score, -float("inf"))
-
-    out = flex_attention(q.reshape(rows, kv_heads * group, 1, dim), k, v, score_mod=score_mod, scale=scale,
-                         enable_gqa=True)  # fmt: skip
-    return out.reshape(rows, kv_heads, group, dim)
-
-
-def _attention_as_flex(graph: torch.fx.Graph, attention: torch.fx.Node) -> None:
-    """mpcompiler.llm._attention_as_matmuls' stand-in: the decode graph's SDPA node as :func:`_flex_decode`."""
-    with graph.inserting_before(attention):
-        node = graph.call_function(_flex_decode, attention.args[:4], {"scale": attention.kwargs.get("scale")})
-    node.meta.update(attention.meta)
-    attention.replace_all_uses_with(node)
-    graph.erase_node(attention)
+_DECODE_STEP = Generator.decode_step  # the original, for the stand-in below (patched over while it compiles)
 
 
 def _realized_activation(generator: Generator, rows: int) -> torch.fx.GraphModule:
@@ -163,41 +137,17 @@ def _realized_activation(generator: Generator, rows: int) -> torch.fx.GraphModul
     return step
 
 
-_DECODE_STEP = Generator.decode_step
-
-
 def patched(target, name: str, value):
     """A context factory: ``target.name`` replaced by ``value`` while the variant compiles."""
     return lambda: unittest.mock.patch.object(target, name, value)
 
 
-def together(*factories):
-    """A context factory entering each of ``factories``."""
-
-    @contextlib.contextmanager
-    def both():
-        with contextlib.ExitStack() as stack:
-            for factory in factories:
-                stack.enter_context(factory())
-            yield
-
-    return both
-
-
 # decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
-FLEX = patched(mpcompiler.llm, "_attention_as_matmuls", _attention_as_flex)
-FUSE = lambda: torch._inductor.config.patch(aggressive_fusion=True)  # noqa: E731
-STORE = patched(Generator, "decode_step", _realized_activation)
 EXPERIMENTS = {
-    # one kernel for each attention's scores, softmax and sum (and its split combine) where the decode graph
-    # runs two cuBLAS batched GEMMs (3.0 and 2.4 us a layer in run W) and a softmax kernel (1.8 us)
-    "decode attention by flex_attention": (FLEX, True),
-    # Inductor fuses kernels that share no reads: the rotary, k and v cache writes are three kernels a layer
-    # (3.9 us in run W) over the same qkv output's slices
-    "decode under aggressive fusion": (FUSE, True),
-    "down projection's activation stored once": (STORE, True),
-    "flex_attention and aggressive fusion": (together(FLEX, FUSE), True),
+    # run X (docs/llm.md): the down projection's kernel 12.7 -> 9.2 us a layer, yet the generation slower, its
+    # q rotary kernel tuned to 8.5 us (2.3 in the default): a tuning accident or a cost of the change, not told
+    "down projection's activation stored once": (patched(Generator, "decode_step", _realized_activation), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
@@ -214,16 +164,18 @@ EXPERIMENTS = {
 
 
 def tuned_configs() -> dict[str, str]:
-    """The launch configuration each loaded Inductor reduction kernel runs with (after autotuning or
-    coordinate-descent tuning), keyed by its output-code module and name: why one kernel is slower than
-    its twin with the same loop (the o projection's residual-adding variant, docs/llm.md)."""
+    """The launch configuration each loaded Inductor reduction and pointwise kernel runs with (after
+    autotuning or coordinate-descent tuning), keyed by its output-code module and name: why one kernel is
+    slower than its twin with the same loop (the o projection's residual-adding variant, docs/llm.md), or
+    than itself in another variant (the q rotary kernel of run X)."""
     from torch._inductor.codecache import PyCodeCache
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
     configs = {}
     for module in list(getattr(PyCodeCache, "modules", [])):
         for name, kernel in vars(module).items():
-            if isinstance(kernel, CachingAutotuner) and name.startswith("triton_red") and len(kernel.launchers) == 1:
+            tuned = isinstance(kernel, CachingAutotuner) and len(kernel.launchers) == 1
+            if tuned and name.startswith(("triton_red", "triton_poi")):
                 launcher = kernel.launchers[0]
                 stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
                 configs[f"{stem}:{name}"] = (
@@ -235,9 +187,12 @@ def tuned_configs() -> dict[str, str]:
 
 def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
     """A generation whose steps ``generator`` compiles under ``context`` (its first call, here); records
-    in ``meta[key]`` the share of its tokens equal to mpcompiler's default path's."""
+    in ``meta[key]`` the share of its tokens equal to mpcompiler's default path's, and the tuned launch
+    configurations of the kernels it compiled."""
+    known = set(tuned_configs())
     with context():
         tokens = generator.generate(prompt, max_new_tokens=new)
+    meta[key.replace("token agreement", "configs")] = {k: v for k, v in tuned_configs().items() if k not in known}
     meta[key] = round(float((tokens == ours.generate(prompt, max_new_tokens=new)).float().mean()), 4)
     try:  # evidence, not a row: which kernels moved
         meta[key.replace("token agreement", "kernels")] = cuda_kernels(
@@ -313,9 +268,9 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "mpcompiler generate (CUDA graph decode)", b,
             lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
         try:  # evidence, not a row: its failure loses no timing
-            meta[f"{name}_inductor_reduction_configs"] = tuned_configs()  # ours so far (the peer's follow)
+            meta[f"{name}_inductor_configs"] = tuned_configs()  # ours so far (the peer's follow)
         except Exception as exc:
-            meta[f"{name}_inductor_reduction_configs"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            meta[f"{name}_inductor_configs"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         row(name, "gpt-fast-style loop (static cache, reduce-overhead, coordinate descent)", b,
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
