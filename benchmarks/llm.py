@@ -146,7 +146,7 @@ def patched(target, name: str, value):
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
 EXPERIMENTS = {
     # run X (docs/llm.md): the down projection's kernel 12.7 -> 9.2 us a layer, yet the generation slower, its
-    # q rotary kernel tuned to 8.5 us (2.3 in the default): a tuning accident or a cost of the change, not told
+    # q rotary kernel at 8.5 us (2.3 in the default's process; 8.2 in the default's of another process)
     "down projection's activation stored once": (patched(Generator, "decode_step", _realized_activation), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
