@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from mpcompiler._version import __version__
 from mpcompiler.errors import (
     CalibrationError,
     CaptureError,
@@ -58,8 +59,6 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Calibration",

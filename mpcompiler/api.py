@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler.capture import InputCheck, as_sample, capture, collect_samples, model_device, on_device
+from mpcompiler.accuracy import METRICS, Metric, measure, output_names, references
+from mpcompiler.capture import InputCheck, capture
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import emit_fx, retarget
 from mpcompiler.emit_onnx import export_onnx
@@ -37,8 +38,8 @@ from mpcompiler.passes import (
 )
 from mpcompiler.passes.calibrate_ranges import Calibration
 from mpcompiler.report import Report
+from mpcompiler.samples import as_sample, collect_samples, model_device, on_device
 from mpcompiler.triton_repo import export_triton
-from mpcompiler.verify import METRICS, Metric, measure, output_names, references
 
 log = logging.getLogger("mpcompiler")
 
@@ -312,7 +313,7 @@ def compile(
             fewer than 5 samples none is held back and the error is measured on calibration samples.
         dump_dir: where to write one IR dump per pass that changed the graph and ``report.json``.
         device: where the compiled module runs (and calibration runs); default: the model's device.
-        debug: verify the IR after every pass and dump every pass (default: env MPCOMPILER_DEBUG).
+        debug: check the IR after every pass and dump every pass (default: env MPCOMPILER_DEBUG).
         tolerance: the accuracy to meet on the held-out samples, judged by ``metric``. With it, the
             most sensitive ops are kept in fp32 until it is met (search_precision); a ToleranceError
             says when only all-fp32 would meet it. Default None: the rules alone decide.

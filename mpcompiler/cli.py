@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mpcompiler
+from mpcompiler._version import __version__
 from mpcompiler.files import clear_dumps, write_atomic
 
 # torch, onnx and the compiler load inside the command that needs them: --help and a bad command line
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run 'mpcompiler COMMAND --help' for a command's options. Exit status: 0 on success, "
         "2 on an error (one line on stderr).",
     )
-    parser.add_argument("--version", action="version", version=f"mpcompiler {mpcompiler.__version__}")
+    parser.add_argument("--version", action="version", version=f"mpcompiler {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -452,7 +453,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _summary(meta: dict[str, str], model) -> str:
     """The precision summary from the model's ``mpcompiler.*`` metadata_props (docs/onnx.md)."""
-    from mpcompiler.verify import Accuracy
+    from mpcompiler.accuracy import Accuracy
 
     meta = dict(meta)
     lines = [f"precision summary (mpcompiler {meta.pop('mpcompiler.version', '?')}):"]

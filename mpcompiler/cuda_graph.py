@@ -21,10 +21,11 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.capture import GraphInput, describe_input, graph_input_names, model_device
+from mpcompiler.capture import GraphInput, describe_input, graph_input_names
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
 from mpcompiler.passes import LowerFused
+from mpcompiler.samples import model_device
 
 WARMUP = 3  # calls before capture: compilation, cuDNN's algorithm search and lazy cuBLAS setup happen here
 

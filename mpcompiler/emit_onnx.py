@@ -27,9 +27,9 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-import mpcompiler
 from mpcompiler import ort_child
-from mpcompiler.capture import model_device, to_device
+from mpcompiler._version import __version__
+from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
@@ -37,7 +37,7 @@ from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
 from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
 from mpcompiler.pass_manager import progress, retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
-from mpcompiler.verify import flat_outputs, output_names, rel_l2
+from mpcompiler.samples import model_device, to_device
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
 # Opset 23 is the first with an Attention op (SDPA exports as one node, not MatMul/Softmax), but ONNX
@@ -376,7 +376,7 @@ def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
         if rec.reason:
             node.metadata_props["mpcompiler.reason"] = rec.reason
     summary = {
-        "mpcompiler.version": mpcompiler.__version__,
+        "mpcompiler.version": __version__,
         "mpcompiler.dtype": report.target,
         "mpcompiler.io_dtype": str(io).removeprefix("torch.") if io else "as the model",
         "mpcompiler.ops_per_dtype": json.dumps(report.counts()),
@@ -388,7 +388,7 @@ def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
     }
     model.metadata_props.update(summary)
     model.producer_name = "mpcompiler"
-    model.producer_version = mpcompiler.__version__
+    model.producer_version = __version__
 
 
 def _save_checked(model: ir.Model, path: Path, external: bool) -> list[Path]:
@@ -576,7 +576,7 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, p
         # fastest measured on ONNX Runtime's CUDA provider (docs/perf.md); CUDA graphs need fixed shapes
         "cuda_provider_options": ({} if compiled.lm else {"enable_cuda_graph": "1"})
         | ({"prefer_nhwc": "1"} if any(node.op_type == "Conv" for node in model.graph) else {}),
-        "exported_by": {"mpcompiler": mpcompiler.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+        "exported_by": {"mpcompiler": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
     }
     if compiled.lm is not None:
         info["generation"] = {

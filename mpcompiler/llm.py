@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpcompiler.capture import Sample, model_device
+from mpcompiler.accuracy import output_names
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
@@ -35,7 +35,7 @@ from mpcompiler.ir import META_KEY, record
 from mpcompiler.pass_manager import PassManager
 from mpcompiler.passes import InsertKvCache, LowerFused
 from mpcompiler.passes.insert_kv_cache import SDPA
-from mpcompiler.verify import output_names
+from mpcompiler.samples import Sample, model_device
 
 aten = torch.ops.aten
 

@@ -1,8 +1,8 @@
-"""The pass manager: runs an explicit, ordered list of passes over the IR, dumping and verifying.
+"""The pass manager: runs an explicit, ordered list of passes over the IR, dumping and checking it.
 
 A pass rewrites the graph module in place and returns a :class:`PassResult`. After each pass the
 manager writes ``NN_<pass>.txt`` to ``dump_dir`` when the pass changed something (every pass in
-debug runs), and in debug runs verifies the IR (``graph.lint()``, a record on every node, the graph
+debug runs), and in debug runs checks the IR (``graph.lint()``, a record on every node, the graph
 re-typed through fake tensors, the precision plan realised). A failure raises :class:`PassError`
 naming the pass and the passes before it, with the IR it failed on written to a file.
 """
@@ -77,7 +77,7 @@ def retype(gm: torch.fx.GraphModule) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
-def verify(gm: torch.fx.GraphModule) -> None:
+def check_ir(gm: torch.fx.GraphModule) -> None:
     """Check the IR's invariants; raises AssertionError/RuntimeError naming the broken node."""
     gm.graph.lint()
     for node in gm.graph.nodes:
@@ -110,7 +110,7 @@ class PassManager:
             try:
                 result = p.call(gm)
                 if self.debug:
-                    verify(gm)
+                    check_ir(gm)
             except MpCompilerError:
                 raise  # already says what is wrong with the model, the data or an option
             except Exception as exc:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from mpcompiler.accuracy import Accuracy
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name, short_dtype
 from mpcompiler.pass_manager import PassRun
-from mpcompiler.verify import Accuracy
 
 
 def _dtype_name(d: torch.dtype | None) -> str | None:

@@ -28,12 +28,12 @@ import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
 
-from mpcompiler.capture import Sample, to_device
 from mpcompiler.errors import CalibrationError
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import FP16_TINY, InnerRange, RangeStats, attr_of, graph_record, module_path, op_name, record
 from mpcompiler.ops import SAME_VALUES, positional_names
 from mpcompiler.pass_manager import Pass, PassResult, progress
+from mpcompiler.samples import Sample, to_device
 
 _LOG2_LO, _LOG2_HI, _BINS_PER_OCTAVE = -150, 130, 4  # covers fp32's subnormals to its max
 _BINS = (_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE

@@ -33,12 +33,12 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpcompiler.capture import Sample, to_device
+from mpcompiler.accuracy import Metric, flat_outputs
 from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record, short_dtype
 from mpcompiler.ops import FOLLOW_OPS, convert_inputs
 from mpcompiler.pass_manager import Pass, PassResult, progress
-from mpcompiler.verify import Metric, flat_outputs
+from mpcompiler.samples import Sample, to_device
 
 LOW_DTYPES = (torch.float16, torch.bfloat16)
 SENSITIVITY_SAMPLES = 4  # calibration samples the sensitivity is estimated on

@@ -9,8 +9,9 @@ import torch.nn as nn
 
 import mpcompiler
 from mpcompiler.api import Options, pipeline
-from mpcompiler.capture import capture, collect_samples
+from mpcompiler.capture import capture
 from mpcompiler.pass_manager import PassManager
+from mpcompiler.samples import collect_samples
 
 
 def rel_err(got, ref) -> float:

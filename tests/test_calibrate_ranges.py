@@ -7,7 +7,7 @@ import transformers
 
 import mpcompiler
 from mpcompiler.ir import record
-from passes.calibrate_ranges import _Stats
+from mpcompiler.passes.calibrate_ranges import _Stats
 from tests.helpers import Tiny, nodes_by_op, stages
 
 

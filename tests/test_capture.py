@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import mpcompiler
-from mpcompiler.capture import as_sample, collect_samples
+from mpcompiler.samples import as_sample, collect_samples
 from tests.helpers import Tiny, rel_err
 
 

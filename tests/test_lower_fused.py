@@ -272,7 +272,7 @@ def test_linears_are_not_joined_before_precision_planning():
 
 
 def test_rms_norm_and_its_residual_add_become_one_op_for_onnx_runtime_in_their_planned_dtype():
-    from passes.lower_fused import _match_rms_norm
+    from mpcompiler.passes.lower_fused import _match_rms_norm
     from tests.test_llm import _llama, _prompt
 
     model = _llama()
@@ -314,7 +314,7 @@ class _CrossAttention(nn.Module):
 
 
 def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_left_padding(tmp_path):
-    from passes.lower_fused import _match_qkv_attention
+    from mpcompiler.passes.lower_fused import _match_qkv_attention
 
     model = _bert()
     compiled = mpcompiler.compile(model, [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8)]])
@@ -384,7 +384,7 @@ class _Embeddings(nn.Module):
 
 @pytest.mark.parametrize("segments", ["input", "zeros"])
 def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, tmp_path):
-    from passes.lower_fused import _match_embed_layer_norm
+    from mpcompiler.passes.lower_fused import _match_embed_layer_norm
 
     model = _bert()
     samples = [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8)]]
@@ -418,7 +418,7 @@ def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, 
 
 
 def test_segment_ids_broadcast_over_the_batch_keep_the_plain_embeddings(tmp_path):
-    from passes.lower_fused import _match_embed_layer_norm
+    from mpcompiler.passes.lower_fused import _match_embed_layer_norm
 
     # EmbedLayerNormalization takes segment ids shaped as the input ids only (ORT: "Input 0 and 1 shall
     # have same shape"); [1, S] token types broadcast in the model's add
@@ -432,11 +432,11 @@ def test_segment_ids_broadcast_over_the_batch_keep_the_plain_embeddings(tmp_path
 
 
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
+    from mpcompiler.accuracy import flat_outputs
     from mpcompiler.emit_onnx import _empty_pasts
     from mpcompiler.fused import kv_attention
     from mpcompiler.passes import InsertKvCache
-    from mpcompiler.verify import flat_outputs
-    from passes.lower_fused import _match_rotary_group_query_attention
+    from mpcompiler.passes.lower_fused import _match_rotary_group_query_attention
     from tests.test_llm import _llama, _prompt
 
     compiled = mpcompiler.compile(_llama(), [_prompt(2, n) for n in (6, 9, 7, 8)], max_seq=32, max_batch=2)

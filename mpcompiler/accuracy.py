@@ -16,8 +16,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.capture import Sample, eval_mode, strict_fp32, to_device
 from mpcompiler.errors import CalibrationError
+from mpcompiler.samples import Sample, eval_mode, strict_fp32, to_device
 
 
 @dataclass(frozen=True)
