@@ -45,7 +45,7 @@ def finish(name: str, compiled, metrics: dict, outputs, out_dir: Path, seconds: 
     }
     results = {
         "model": name,
-        "dtype": report.target,
+        "dtype": report.dtype,
         "calibration_samples": report.calib_samples,
         "compile_seconds": round(seconds, 2),
         "onnx_export_seconds": round(onnx_seconds, 2),
@@ -65,11 +65,11 @@ def finish(name: str, compiled, metrics: dict, outputs, out_dir: Path, seconds: 
     torch.save(outputs, out_dir / "outputs.pt.tmp")
     (out_dir / "outputs.pt.tmp").replace(out_dir / "outputs.pt")
     write_atomic(out_dir / "graph_module.py", compiled.graph_module.code)
-    print(f"== {name} ({report.target}), compiled in {seconds:.1f} s")
+    print(f"== {name} ({report.dtype}), compiled in {seconds:.1f} s")
     for key, value in metrics.items():
         print(f"   {key}: {value}")
     print(f"   ops per dtype: {report.counts()}; compute-bound (matmul/conv/attention): {report.counts('low')}")
-    print(f"   casts inserted: {report.casts()}; ops not in {report.target}: {len(report.kept_high())}")
+    print(f"   casts inserted: {report.casts()}; ops not in {report.dtype}: {len(report.kept_high())}")
     print(f"   {report.accuracy}")
     if report.search is not None:
         s = report.search

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from mpcompiler import dtypes
 from mpcompiler.accuracy import METRICS, Metric, measure, output_names, references
 from mpcompiler.capture import InputCheck, capture
 from mpcompiler.cuda_graph import CudaGraphModule
@@ -45,15 +46,6 @@ log = logging.getLogger("mpcompiler")
 
 MAX_HELD_OUT = 4  # samples held back from calibration to measure the error on, by default
 
-_DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    torch.float16: torch.float16,
-    torch.bfloat16: torch.bfloat16,
-}
 AUTO = "auto"  # fp16 where it is safe, bf16 where fp16's range is too small, fp32 where bf16's is too
 
 
@@ -75,7 +67,7 @@ class Options:
         cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric=None, language_model=False
     ) -> Options:
         auto = isinstance(dtype, str) and dtype == AUTO
-        if not auto and dtype not in _DTYPES:
+        if not auto and dtypes.parse(dtype) is None:
             raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16' or 'auto'")
         if isinstance(keep_fp32, str):
             keep_fp32 = (keep_fp32,)
@@ -110,7 +102,7 @@ class Options:
         return cls(
             tolerance=None if tolerance is None else float(tolerance),
             metric=metric,
-            dtype=torch.float16 if auto else _DTYPES[dtype],
+            dtype=torch.float16 if auto else dtypes.parse(dtype),
             fallback=torch.bfloat16 if auto else None,
             keep_fp32=tuple(keep_fp32),
             dump_dir=_writable_dir(dump_dir) if dump_dir is not None else None,
@@ -156,7 +148,7 @@ def pipeline(
     processes'); search_precision runs only with a tolerance; it re-plans with assign_precision and
     place_casts."""
     assign = AssignPrecision(
-        target=options.dtype,
+        dtype=options.dtype,
         fallback=options.fallback if has_bf16_kernels(device) else None,
         keep_fp32=options.keep_fp32,
     )

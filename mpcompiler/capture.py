@@ -228,7 +228,7 @@ def capture(
     output = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = pytree.tree_leaves(output.args[0])
     gm.meta[META_KEY] = GraphRecord(
-        target=torch.float16,
+        dtype=torch.float16,
         dynamic_shapes=dynamic_shapes,
         # the dims past the batch's made dynamic: capturing again with these as ``dynamic`` gives the same
         # graph whatever the samples

@@ -27,14 +27,14 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from mpcompiler import ort_child
+from mpcompiler import dtypes, ort_child
 from mpcompiler._version import __version__
 from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
-from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path, short_dtype
+from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path
 from mpcompiler.pass_manager import progress, retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
 from mpcompiler.samples import model_device, to_device
@@ -108,7 +108,7 @@ def export_onnx(
     gm = compiled.graph_module
     if verify != "off":
         _check_bf16_nodes(gm, providers)
-    io = _io_dtype(io_dtype, graph_record(gm).target)
+    io = _io_dtype(io_dtype, graph_record(gm).dtype)
     program = twin(gm, "MpCompiledModuleONNX")
     if io is not None:
         _low_precision_io(program, io)
@@ -158,8 +158,8 @@ def export_onnx(
 def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     if io_dtype is None:
         return None
-    dtype = {"float16": torch.float16, torch.float16: torch.float16}.get(io_dtype)
-    if dtype is None or plan_dtype != torch.float16:
+    dtype = dtypes.parse(io_dtype)
+    if dtype != torch.float16 or plan_dtype != torch.float16:
         raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
     return dtype
 
@@ -372,12 +372,12 @@ def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
         rec = source.meta[META_KEY]
         node.metadata_props["mpcompiler.fx_node"] = source.name
         node.metadata_props["mpcompiler.module_path"] = rec.module_path
-        node.metadata_props["mpcompiler.dtype"] = short_dtype(rec.dtype)
+        node.metadata_props["mpcompiler.dtype"] = dtypes.short(rec.dtype)
         if rec.reason:
             node.metadata_props["mpcompiler.reason"] = rec.reason
     summary = {
         "mpcompiler.version": __version__,
-        "mpcompiler.dtype": report.target,
+        "mpcompiler.dtype": report.dtype,
         "mpcompiler.io_dtype": str(io).removeprefix("torch.") if io else "as the model",
         "mpcompiler.ops_per_dtype": json.dumps(report.counts()),
         "mpcompiler.compute_ops_per_dtype": json.dumps(report.counts("low")),
@@ -431,7 +431,7 @@ def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> 
     no bf16 kernels: say so before exporting, naming the nodes."""
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(META_KEY) is not None]
     bf16 = [n.name for n in ops if n.meta[META_KEY].dtype == torch.bfloat16 and not n.meta[META_KEY].inserted]
-    if graph_record(gm).target == torch.bfloat16 or not bf16 or not _cpu_only(_providers(providers)):
+    if graph_record(gm).dtype == torch.bfloat16 or not bf16 or not _cpu_only(_providers(providers)):
         return
     raise ExportError(
         f"the plan runs {len(bf16)} nodes in bf16 ({', '.join(bf16[:5])}{', ...' if len(bf16) > 5 else ''}) and "
@@ -447,7 +447,7 @@ def _verify(compiled, program, path, io, providers, tolerance, mode, padding):
     _onnxruntime()  # a clear error if it is not installed
     gm = compiled.graph_module
     providers = _providers(providers)
-    if graph_record(gm).target == torch.bfloat16 and _cpu_only(providers):
+    if graph_record(gm).dtype == torch.bfloat16 and _cpu_only(providers):
         warnings.warn(
             "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
         )
@@ -554,7 +554,7 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, p
             v["name"]: {k: d for k, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs
         },
         "precision": {
-            "dtype": report.target,
+            "dtype": report.dtype,
             "io_dtype": str(io).removeprefix("torch.") if io else "as the model (float32 / int64)",
             "ops_per_dtype": report.counts(),
             "casts": report.casts(),

@@ -104,7 +104,7 @@ class SearchLog:
 class GraphRecord:
     """mpcompiler's facts for the whole graph."""
 
-    target: torch.dtype  # the low-precision dtype asked for
+    dtype: torch.dtype  # the low-precision dtype asked for
     fallback: torch.dtype | None = None  # dtype="auto": bf16 where the target's range is too small
     dynamic_shapes: dict | None = None  # torch.export's spec at capture, by forward() argument name
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)  # dims past the batch's, as capture's dynamic=
@@ -177,21 +177,3 @@ def op_name(node: torch.fx.Node) -> str:
     if node.op == "call_function":
         return getattr(target, "__name__", str(target))
     return str(target)
-
-
-SHORT_DTYPE = {
-    torch.float32: "f32",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-    torch.float64: "f64",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int16: "i16",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "b8",
-}
-
-
-def short_dtype(dtype: torch.dtype | None) -> str:
-    return SHORT_DTYPE.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else "-"

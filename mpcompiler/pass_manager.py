@@ -23,9 +23,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from mpcompiler import dtypes
 from mpcompiler.errors import MpCompilerError, PassError
 from mpcompiler.files import write_atomic
-from mpcompiler.ir import META_KEY, float_dtype, graph_record, short_dtype
+from mpcompiler.ir import META_KEY, float_dtype, graph_record
 from mpcompiler.printer import format_graph
 
 
@@ -90,7 +91,7 @@ def check_ir(gm: torch.fx.GraphModule) -> None:
             got = float_dtype(node.meta.get("val"))
             if want is not None and got is not None and want != got and node.op == "call_function":
                 raise AssertionError(
-                    f"node %{node.name} is planned {short_dtype(want)} but computes {short_dtype(got)}"
+                    f"node %{node.name} is planned {dtypes.short(want)} but computes {dtypes.short(got)}"
                 )
 
 

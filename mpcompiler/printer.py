@@ -14,7 +14,8 @@ import re
 import torch
 import torch.fx
 
-from mpcompiler.ir import META_KEY, OpClass, op_name, short_dtype
+from mpcompiler import dtypes
+from mpcompiler.ir import META_KEY, OpClass, op_name
 
 _SYMBOL = re.compile(r"\b[su]\d+\b")
 
@@ -36,7 +37,7 @@ def _fmt_arg(a) -> str:
         inner = ", ".join(_fmt_arg(x) for x in a)
         return f"[{inner}]" if isinstance(a, list) else f"({inner})"
     if isinstance(a, torch.dtype):
-        return short_dtype(a)
+        return dtypes.short(a)
     if isinstance(a, torch.device):
         return str(a)
     if isinstance(a, float):
@@ -47,7 +48,7 @@ def _fmt_arg(a) -> str:
 def _fmt_type(val, dtype: torch.dtype | None, syms: _Symbols) -> str:
     if isinstance(val, torch.Tensor):
         d = dtype if dtype is not None and val.dtype.is_floating_point else val.dtype
-        return syms(f"{short_dtype(d)}[{','.join(str(s) for s in val.shape)}]")
+        return syms(f"{dtypes.short(d)}[{','.join(str(s) for s in val.shape)}]")
     if isinstance(val, (tuple, list)):
         return "(" + ", ".join(_fmt_type(v, dtype, syms) for v in val) + ")"
     if isinstance(val, (torch.SymInt, int)):
@@ -75,7 +76,7 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
         name = "cast" if rec is not None and rec.inserted else op_name(node)
         args = ", ".join(_fmt_arg(a) for a in node.args)
         if rec is not None and rec.inserted:
-            kwargs = f" {{to={short_dtype(rec.dtype)}}}"
+            kwargs = f" {{to={dtypes.short(rec.dtype)}}}"
         else:
             kwargs = ", ".join(f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items())
             kwargs = f" {{{kwargs}}}" if kwargs else ""
@@ -99,7 +100,7 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
             "placement",
             "sensitivity",
         ):
-            notes.append(f"# {short_dtype(rec.math_dtype or rec.dtype)}: {rec.reason}")
+            notes.append(f"# {dtypes.short(rec.math_dtype or rec.dtype)}: {rec.reason}")
     return stmt, "  ".join(notes)
 
 

@@ -11,14 +11,11 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from mpcompiler import dtypes
 from mpcompiler.accuracy import Accuracy
 from mpcompiler.files import write_atomic
-from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name, short_dtype
+from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name
 from mpcompiler.pass_manager import PassRun
-
-
-def _dtype_name(d: torch.dtype | None) -> str | None:
-    return str(d).removeprefix("torch.") if d is not None else None
 
 
 @dataclass(frozen=True)
@@ -46,13 +43,13 @@ class NodeDecision:
 class Report:
     """Per-node precision decisions, with summary helpers; ``str(report)`` is a readable summary."""
 
-    target: str
+    dtype: str  # the low dtype compile() was asked for
     calib_samples: int
     nodes: list[NodeDecision]
     passes: list[dict] = field(default_factory=list)
     accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
     search: dict | None = None  # what the tolerance search did (SearchLog), if it ran
-    fallback: str | None = None  # dtype="auto": the dtype nodes past the target's range run in (bfloat16)
+    fallback: str | None = None  # dtype="auto": the dtype nodes past the low dtype's range run in (bfloat16)
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
@@ -66,8 +63,8 @@ class Report:
                     name=n.name,
                     op=op_name(n),
                     module_path=rec.module_path,
-                    dtype=_dtype_name(rec.dtype),
-                    math_dtype=_dtype_name(rec.math_dtype),
+                    dtype=dtypes.name(rec.dtype),
+                    math_dtype=dtypes.name(rec.math_dtype),
                     op_class=rec.op_class.value if rec.op_class else None,
                     rule=rec.rule,
                     reason=rec.reason,
@@ -86,13 +83,13 @@ class Report:
             for r in runs
         ]
         return cls(
-            target=_dtype_name(g.target),
+            dtype=dtypes.name(g.dtype),
             calib_samples=g.calib_samples,
             nodes=nodes,
             passes=passes,
             accuracy=accuracy,
             search=g.search.to_dict() if g.search else None,
-            fallback=_dtype_name(g.fallback),
+            fallback=dtypes.name(g.fallback),
         )
 
     def ops(self) -> list[NodeDecision]:
@@ -107,8 +104,8 @@ class Report:
         return sum(n.inserted_cast for n in self.nodes)
 
     def kept_high(self) -> list[NodeDecision]:
-        """Ops not in the target dtype, each with its reason."""
-        return [n for n in self.ops() if n.dtype != self.target]
+        """Ops not in the low dtype, each with its reason."""
+        return [n for n in self.ops() if n.dtype != self.dtype]
 
     def culprits(self, n: int = 10) -> list[NodeDecision]:
         """The ``n`` ops that would cost the most accuracy in low precision, most first (each with its
@@ -168,7 +165,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
-            "target": self.target,
+            "dtype": self.dtype,
             "fallback": self.fallback,
             "calib_samples": self.calib_samples,
             "counts": self.counts(),
@@ -187,15 +184,17 @@ class Report:
     def load(cls, path: str | Path) -> Report:
         """Read a report written by :meth:`save` (``report.json``). A file that is not one is a ValueError."""
         data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or not {"target", "calib_samples", "nodes"} <= data.keys():
-            raise ValueError(f"{path} is not an mpcompiler report.json (no target, calib_samples and nodes)")
+        if isinstance(data, dict) and "target" in data and "dtype" not in data:  # written before 2026-12-06
+            data["dtype"] = data.pop("target")
+        if not isinstance(data, dict) or not {"dtype", "calib_samples", "nodes"} <= data.keys():
+            raise ValueError(f"{path} is not an mpcompiler report.json (no dtype, calib_samples and nodes)")
         # keys a newer mpcompiler adds are left out; a node's field an older one lacked reads as None
         nodes = [NodeDecision(**{f.name: n.get(f.name) for f in fields(NodeDecision)}) for n in data["nodes"]]
         accuracy = data.get("accuracy")
         if accuracy:  # "max" is derived, not a field
             accuracy = Accuracy.from_dict(accuracy)
         return cls(
-            target=data["target"],
+            dtype=data["dtype"],
             calib_samples=data["calib_samples"],
             nodes=nodes,
             passes=data.get("passes") or [],
@@ -205,11 +204,11 @@ class Report:
         )
 
     def summary(self) -> list[str]:
-        """The summary's lines without the per-node ones: target, ops per dtype, accuracy, search."""
-        counts = ", ".join(f"{short_dtype(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
+        """The summary's lines without the per-node ones: the dtype, ops per dtype, accuracy, search."""
+        counts = ", ".join(f"{dtypes.short(getattr(torch, d))}: {c}" for d, c in sorted(self.counts().items()))
         low = self.counts(OpClass.LOW.value)
         lines = [
-            f"mpcompiler report: target {self.target}"
+            f"mpcompiler report: dtype {self.dtype}"
             + (f" ({self.fallback} where it overflows or underflows)" if self.fallback else "")
             + f", {self.calib_samples} calibration samples",
             f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
@@ -234,7 +233,7 @@ class Report:
             ]
         high = self.kept_high()
         if high:
-            lines.append(f"  {len(high)} ops not in {self.target}:")
+            lines.append(f"  {len(high)} ops not in {self.dtype}:")
             lines += [f"    %{n.name:<24} {n.dtype:<8} @ {n.module_path or '-'}: {n.reason}" for n in high[:40]]
             if len(high) > 40:
                 lines.append(f"    ... {len(high) - 40} more in report.json")

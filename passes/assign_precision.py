@@ -4,8 +4,8 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
 
 - ``keep_fp32`` (module-path prefixes or op names) wins over everything: fp32; then nodes the
   tolerance search (search_precision) promoted: fp32;
-- LOW ops get the target dtype; FOLLOW ops and fp32-inside kernels take their inputs' dtype
-  (promoted if mixed; the target if their only float inputs are parameters, as in an embedding);
+- LOW ops get the low dtype; FOLLOW ops and fp32-inside kernels take their inputs' dtype
+  (promoted if mixed; the low dtype if their only float inputs are parameters, as in an embedding);
   FP32 ops get fp32; FIXED ops get the dtype the program writes;
 - range rule: a node is never put in a low dtype if its output or any float input (parameters
   included) reaches past that dtype's max divided by ``margin`` on the calibration data. Casting
@@ -27,7 +27,7 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
   fp16's smallest normal (see :data:`UNDERFLOW_SHARE`).
 
 With a ``fallback`` dtype (``dtype="auto"``: bf16, which has fp32's exponent range), a node these
-rules keep out of the target runs in the fallback instead, if the rules allow it there; else fp32.
+rules keep out of the low dtype runs in the fallback instead, if the rules allow it there; else fp32.
 
 Parameters are not decided here: insert_casts converts each to the dtype its consumers run in.
 """
@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
+from mpcompiler import dtypes
 from mpcompiler.errors import OptionError
 from mpcompiler.ir import (
     FP16_TINY,
@@ -49,7 +50,6 @@ from mpcompiler.ir import (
     op_name,
     planned_dtype,
     record,
-    short_dtype,
 )
 from mpcompiler.ops import SAME_VALUES, bound_args, rule_for, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
@@ -85,7 +85,7 @@ def promote(dtypes: list[torch.dtype]) -> torch.dtype:
 def problem(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGIN) -> tuple[str, str] | None:
     """(rule, reason) of the range, inside, zero or underflow rule that keeps ``node`` out of ``dtype``;
     None if none does."""
-    return AssignPrecision(target=dtype, margin=margin)._problem(node, dtype)
+    return AssignPrecision(dtype=dtype, margin=margin)._problem(node, dtype)
 
 
 class AssignPrecision(Pass):
@@ -94,15 +94,15 @@ class AssignPrecision(Pass):
     def __init__(
         self,
         *,
-        target: torch.dtype,
+        dtype: torch.dtype,
         fallback: torch.dtype | None = None,
         keep_fp32: Sequence[str] = (),
         margin: float = RANGE_MARGIN,
     ):
-        self.target, self.fallback, self.keep_fp32, self.margin = target, fallback, tuple(keep_fp32), margin
+        self.dtype, self.fallback, self.keep_fp32, self.margin = dtype, fallback, tuple(keep_fp32), margin
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        graph_record(gm).target = self.target
+        graph_record(gm).dtype = self.dtype
         graph_record(gm).fallback = self.fallback
         matched: set[str] = set()
         counts = {"low": 0, "high": 0} if self.fallback is None else {"low": 0, "fallback": 0, "high": 0}
@@ -117,7 +117,7 @@ class AssignPrecision(Pass):
             if node.op != "call_function" or dtype is None:
                 continue
             self._assign(node, dtype, matched)
-            kind = {self.target: "low", self.fallback: "fallback"}.get(rec.dtype, "high")
+            kind = {self.dtype: "low", self.fallback: "fallback"}.get(rec.dtype, "high")
             counts[kind] += 1
         unmatched = [k for k in self.keep_fp32 if k not in matched]
         if unmatched:
@@ -154,14 +154,14 @@ class AssignPrecision(Pass):
             rec.dtype, rec.rule, rec.reason = high, "op class", rule.why
             return
         if rule.op_class is OpClass.LOW:
-            dtype, why = self.target, rule.why
+            dtype, why = self.dtype, rule.why
         else:  # FOLLOW, or a kernel that keeps fp32 math inside on low-precision I/O
             acts = [a for a in float_inputs(node) if a.op != "get_attr"]
             if acts:
                 dtype = promote([planned_dtype(a) for a in acts])
-                why = f"follows its input{'s' if len(acts) > 1 else ''} ({short_dtype(dtype)})"
+                why = f"follows its input{'s' if len(acts) > 1 else ''} ({dtypes.short(dtype)})"
             elif float_inputs(node):
-                dtype, why = self.target, "its float inputs are parameters, converted once"
+                dtype, why = self.dtype, "its float inputs are parameters, converted once"
             else:
                 dtype, why = captured, "creates its value; dtype as captured"
             if rule.op_class is OpClass.FP32:
@@ -171,7 +171,7 @@ class AssignPrecision(Pass):
             "op class" if rule.op_class is not OpClass.FOLLOW else "follows inputs",
             why,
         )
-        if dtype in (torch.float16, torch.bfloat16):
+        if dtype in dtypes.LOW:
             problem = self._problem(node, dtype)
             if problem and self.fallback is not None and dtype != self.fallback:
                 rule_name, why = problem
@@ -179,7 +179,7 @@ class AssignPrecision(Pass):
                 if second:
                     rec.dtype, (rec.rule, rec.reason) = high, second
                 else:
-                    rec.dtype, rec.rule, rec.reason = self.fallback, rule_name, f"{why}: {short_dtype(self.fallback)}"
+                    rec.dtype, rec.rule, rec.reason = self.fallback, rule_name, f"{why}: {dtypes.short(self.fallback)}"
             elif problem:
                 rec.dtype, (rec.rule, rec.reason) = high, problem
             elif rule.fp32_inside and self._inside_past(node, dtype):
@@ -197,7 +197,7 @@ class AssignPrecision(Pass):
             return "range", over
         inside = self._inside_past(node, dtype)
         if inside and not rule_for(node).fp32_inside:
-            return "inside", f"{inside}, and the kernel may keep it in {short_dtype(dtype)}"
+            return "inside", f"{inside}, and the kernel may keep it in {dtypes.short(dtype)}"
         zero = _zeroed(node, dtype)
         if zero:
             return "zero", zero
@@ -210,7 +210,7 @@ class AssignPrecision(Pass):
         return None
 
     def _limit(self, dtype: torch.dtype) -> str:
-        return f"past {short_dtype(dtype)}'s max {torch.finfo(dtype).max:.6g} / margin {self.margin:g}"
+        return f"past {dtypes.short(dtype)}'s max {torch.finfo(dtype).max:.6g} / margin {self.margin:g}"
 
     def _checked_values(self, node: torch.fx.Node) -> list[tuple[str, torch.fx.Node]]:
         """The node's output and the float inputs that are cast to its dtype: less arguments that saturate
@@ -272,7 +272,7 @@ def _divides(node: torch.fx.Node) -> torch.fx.Node | None:
 
 def _zeroed(node: torch.fx.Node, dtype: torch.dtype) -> str:
     """Why ``dtype`` would turn a nonzero into a zero that matters at ``node`` ("" if it would not)."""
-    low = short_dtype(dtype)
+    low = dtypes.short(dtype)
     elementwise = rule_for(node).op_class is OpClass.FOLLOW  # other kernels take constants in fp32 math
     for value in (*node.args, *node.kwargs.values()) if elementwise else ():
         if isinstance(value, float) and _is_zero_in(value, dtype):
@@ -300,7 +300,7 @@ def _angle(node: torch.fx.Node, dtype: torch.dtype) -> str:
     step = r.absmax * torch.finfo(dtype).eps / 2
     return (
         f"%{periodic.name} ({op_name(periodic)}) reads it as an angle, up to {r.absmax:.4g} on calibration data: "
-        f"{short_dtype(dtype)} would round it by up to {step:.2g}"
+        f"{dtypes.short(dtype)} would round it by up to {step:.2g}"
     )
 
 

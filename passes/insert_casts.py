@@ -16,6 +16,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from mpcompiler import dtypes
 from mpcompiler.ir import (
     META_KEY,
     NodeRecord,
@@ -25,7 +26,6 @@ from mpcompiler.ir import (
     graph_record,
     planned_dtype,
     record,
-    short_dtype,
 )
 from mpcompiler.ops import convert_inputs
 from mpcompiler.pass_manager import Pass, PassResult, retype
@@ -119,12 +119,13 @@ class _Rewrite:
                         op_class=OpClass.FOLLOW,
                         dtype=have,
                         rule="cast",
-                        reason=f"clamps %{value.name} to {short_dtype(want)}'s range: beyond it, all values mask alike",
+                        reason=f"clamps %{value.name} to {dtypes.short(want)}'s range: "
+                        "beyond it, all values mask alike",
                         range=r,
                         inserted=True,
                     )
             with graph.inserting_after(source):
-                name = f"{value.name}_{short_dtype(want)}"
+                name = f"{value.name}_{dtypes.short(want)}"
                 cast = graph.create_node("call_function", CAST, (source,), {"dtype": want}, name=name)
             cast.meta["val"] = val
             cast.meta[META_KEY] = NodeRecord(
@@ -132,7 +133,7 @@ class _Rewrite:
                 op_class=OpClass.FIXED,
                 dtype=want,
                 rule="cast",
-                reason=f"%{value.name} is {short_dtype(have)}; %{consumer.name} reads it as {short_dtype(want)}",
+                reason=f"%{value.name} is {dtypes.short(have)}; %{consumer.name} reads it as {dtypes.short(want)}",
                 range=record(value).range,
                 inserted=True,
             )
@@ -148,7 +149,7 @@ class _Rewrite:
             in_place = len(dtypes) == 1  # one dtype read: replace the attribute itself
             for dtype in sorted(dtypes - {original.dtype}, key=str):
                 converted += 1
-                name = target if in_place else f"{target}_{short_dtype(dtype)}"
+                name = target if in_place else f"{target}_{dtypes.short(dtype)}"
                 _set_attr(gm, name, original.detach().to(dtype), like=target)
                 copy = None
                 for node, consumer, want in reads:

@@ -8,7 +8,7 @@ chain, once per branch, where one cast at its start would do.
 
 Here those *free* nodes are decided together, as an s-t minimum cut:
 
-- Two terminals, LOW (the target dtype) and HIGH (fp32). A node whose dtype a rule fixes (low ops,
+- Two terminals, LOW (the plan's low dtype) and HIGH (fp32). A node whose dtype a rule fixes (low ops,
   fp32 ops, written dtypes, ``keep_fp32``, the range rule, model inputs) is its terminal. Parameters
   are converted once at compile time and cost nothing, so they are left out.
 - A cast's cost is its memory traffic: numel x (bytes read + bytes written), from ``meta["val"]``.
@@ -20,7 +20,7 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
   unbounded) is cut once when ``p`` is low and some reader high; ``l`` (``r -> l`` unbounded,
   ``l -> p`` of ``c``) once when ``p`` is high and some reader low. The graph output is a reader
   in the model's output dtype, an ``fp32_args`` argument one in fp32.
-- A free node may go low only if no rule of assign_precision keeps it out of the target (its range
+- A free node may go low only if no rule of assign_precision keeps it out of the low dtype (its range
   and its float inputs' fit, nothing nonzero turns zero); otherwise it is tied to HIGH.
 - Ties go low: the cut taken is the one with the smallest high side (the vertices that can still
   reach HIGH in the residual network), since the low dtype moves half the bytes.
@@ -30,7 +30,7 @@ Here those *free* nodes are decided together, as an s-t minimum cut:
 
 Records: a node whose dtype changed, or that no longer has its inputs' dtype, gets rule
 ``"placement"`` and a reason with the bytes it saves; a free node a rule of assign_precision keeps
-out of the target (range, inside, zero, underflow) gets that rule; every other node keeps
+out of the low dtype (range, inside, zero, underflow) gets that rule; every other node keeps
 assign_precision's rule and reason, which still hold.
 
 :func:`place` is the whole pass as a function, for passes that re-plan (a tolerance search);
@@ -47,12 +47,13 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.ir import OpClass, graph_record, planned_dtype, record, short_dtype
+from mpcompiler import dtypes
+from mpcompiler.ir import OpClass, graph_record, planned_dtype, record
 from mpcompiler.ops import positional_names, rule_for
 from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.passes.assign_precision import RANGE_MARGIN, float_inputs, problem, promote
 
-LOW, HIGH = "low", "high"  # the terminals: the target dtype and fp32
+LOW, HIGH = "low", "high"  # the terminals: the low dtype and fp32
 _NO_HINT = 1024  # elements assumed for a data-dependent size
 
 Node = torch.fx.Node
@@ -80,27 +81,27 @@ def place(gm: torch.fx.GraphModule, *, margin: float = RANGE_MARGIN) -> dict[str
     g = graph_record(gm)
     if g.casts_inserted:
         raise ValueError("place_casts runs on a plan, before insert_casts")
-    target, reads = g.target, _reads(gm)
+    low, reads = g.dtype, _reads(gm)
     before = cast_bytes(gm, reads)
     free: dict[Node, None] = {}  # ordered
     for n in gm.graph.nodes:  # in graph order, so a tuple's producer is decided before its readers
-        if _is_free(n, target, reads) and all(_castable(a) or a in free for a in _acts(n)):
+        if _is_free(n, low, reads) and all(_castable(a) or a in free for a in _acts(n)):
             free[n] = None  # (a reader of a fixed node's tuple has that node's dtype: not free)
-    over = {n: problem(n, target, margin) for n in free}
-    high = _min_cut(gm, reads, set(free), target, {n for n, why in over.items() if why})
+    over = {n: problem(n, low, margin) for n in free}
+    high = _min_cut(gm, reads, set(free), low, {n for n, why in over.items() if why})
 
     old = {n: record(n).dtype for n in free}
     for n in free:
         rec = record(n)
-        rec.dtype = torch.float32 if n in high else target
+        rec.dtype = torch.float32 if n in high else low
         rec.math_dtype = torch.float32 if rule_for(n).fp32_inside and rec.dtype != torch.float32 else None
     changed = 0
     for n in free:  # reasons once every dtype is final
         rec = record(n)
         if over[n]:
             rule, reason = over[n]
-        elif rec.dtype != old[n] or not _follows(n, target):
-            rule, reason = "placement", _why(n, reads, target)
+        elif rec.dtype != old[n] or not _follows(n, low):
+            rule, reason = "placement", _why(n, reads, low)
         else:
             continue
         changed += (rule, reason) != (rec.rule, rec.reason)
@@ -166,7 +167,7 @@ def _traffic(value: Node, src: torch.dtype, dst: torch.dtype) -> int:
     return numel * (src.itemsize + dst.itemsize)
 
 
-def _is_free(node: Node, target: torch.dtype, reads: Reads) -> bool:
+def _is_free(node: Node, low: torch.dtype, reads: Reads) -> bool:
     """Follows its inputs by assign_precision's rules, has float inputs, and touches only LOW/HIGH."""
     rec = record(node)
     if node.op != "call_function" or rec.rule not in ("follows inputs", "op class", "placement"):
@@ -178,7 +179,7 @@ def _is_free(node: Node, target: torch.dtype, reads: Reads) -> bool:
         return False
     touched = {rec.dtype} | {planned_dtype(a) for a in _acts(node)}
     touched |= {fixed or record(r).dtype for r, fixed in reads.get(node, [])}
-    return touched <= {target, torch.float32}
+    return touched <= {low, torch.float32}
 
 
 def _acts(node: Node) -> list[Node]:
@@ -186,9 +187,9 @@ def _acts(node: Node) -> list[Node]:
     return [a for a in float_inputs(node) if a.op != "get_attr"]
 
 
-def _min_cut(gm, reads: Reads, free: set[Node], target: torch.dtype, forced_high: set[Node]) -> set[Node]:
+def _min_cut(gm, reads: Reads, free: set[Node], low: torch.dtype, forced_high: set[Node]) -> set[Node]:
     """The free nodes on the HIGH side of a minimum cut (the smallest such side)."""
-    terminal = {target: LOW, torch.float32: HIGH}
+    terminal = {low: LOW, torch.float32: HIGH}
 
     def vertex(n: Node):
         return n if n in free else terminal.get(planned_dtype(n))
@@ -212,7 +213,7 @@ def _min_cut(gm, reads: Reads, free: set[Node], target: torch.dtype, forced_high
         rs = {vertex(r) if fixed is None else terminal.get(fixed) for r, fixed in readers} - {p, None}
         if p is None or not rs or (p not in free and not rs & free):
             continue  # no reader or producer to decide: a constant cost
-        c = _traffic(value, target, torch.float32)  # the same both ways
+        c = _traffic(value, low, torch.float32)  # the same both ways
         if len(rs) == 1:
             (r,) = rs
             edge(p, r, c)
@@ -245,16 +246,16 @@ def _min_cut(gm, reads: Reads, free: set[Node], target: torch.dtype, forced_high
     return high & free
 
 
-def _follows(node: Node, target: torch.dtype) -> bool:
+def _follows(node: Node, low: torch.dtype) -> bool:
     """The node has the dtype assign_precision's follow rule would give it under the current plan."""
     acts = _acts(node)
-    return record(node).dtype == (promote([planned_dtype(a) for a in acts]) if acts else target)
+    return record(node).dtype == (promote([planned_dtype(a) for a in acts]) if acts else low)
 
 
-def _why(node: Node, reads: Reads, target: torch.dtype) -> str:
+def _why(node: Node, reads: Reads, low: torch.dtype) -> str:
     """The bytes this node's dtype saves over the other one, the rest of the plan as it is."""
     here = record(node).dtype
-    there = torch.float32 if here == target else target
+    there = torch.float32 if here == low else low
     tuples = [a for a in _acts(node) if not _castable(a)]
     if tuples:
         return f"reads %{tuples[0].name}, a tuple, which cannot be cast: takes its dtype"
@@ -265,8 +266,8 @@ def _why(node: Node, reads: Reads, target: torch.dtype) -> str:
 
     saved = local(lambda n: there if n is node else planned_dtype(n)) - local(planned_dtype)
     if saved <= 0:
-        return f"cast placement: {short_dtype(there)} would cast as many bytes; ties go to {short_dtype(target)}"
-    return f"cast placement: {_fmt_bytes(saved)} fewer bytes cast than in {short_dtype(there)}"
+        return f"cast placement: {dtypes.short(there)} would cast as many bytes; ties go to {dtypes.short(low)}"
+    return f"cast placement: {_fmt_bytes(saved)} fewer bytes cast than in {dtypes.short(there)}"
 
 
 def _fmt_bytes(n: int) -> str:

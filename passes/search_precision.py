@@ -33,14 +33,14 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from mpcompiler import dtypes
 from mpcompiler.accuracy import Metric, flat_outputs
 from mpcompiler.errors import ToleranceError
-from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record, short_dtype
+from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record
 from mpcompiler.ops import FOLLOW_OPS, convert_inputs
 from mpcompiler.pass_manager import Pass, PassResult, progress
 from mpcompiler.samples import Sample, to_device
 
-LOW_DTYPES = (torch.float16, torch.bfloat16)
 SENSITIVITY_SAMPLES = 4  # calibration samples the sensitivity is estimated on
 PROJECTIONS = 8  # random output projections per sample: the estimate's relative spread is ~1/sqrt(8 * samples)
 
@@ -204,7 +204,7 @@ class SearchPrecision(Pass):
         start = time.perf_counter()
         refs = self.val_refs()
         log = SearchLog(tolerance=self.tolerance, metric=self.metric.name)
-        candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in LOW_DTYPES]
+        candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in dtypes.LOW]
         low = {n: record(n).dtype for n in candidates}
         samples = self.calib[:SENSITIVITY_SAMPLES]
         for n, count in flops(gm, samples, self.device).items():
@@ -216,7 +216,7 @@ class SearchPrecision(Pass):
         def apply(k: int) -> None:  # the plan that keeps the k most sensitive high
             for i, n in enumerate(ranked or candidates):
                 record(n).promoted = (
-                    f"kept high by the tolerance search: alone in {short_dtype(low[n])} it would "
+                    f"kept high by the tolerance search: alone in {dtypes.short(low[n])} it would "
                     f"cost ~{sens[n][0]:.2g} rel. L2 at the outputs (rank {i + 1} of {len(ranked)})"
                     if i < k
                     else ""
@@ -241,7 +241,7 @@ class SearchPrecision(Pass):
         k = _smallest_passing(evaluate, len(ranked))
         if k is not None and log.evaluations[-1][0] != k:
             apply(k)  # leave the records at the plan chosen
-        all_high = not any(record(n).dtype in LOW_DTYPES for n in gm.graph.nodes if n.op == "call_function")
+        all_high = not any(record(n).dtype in dtypes.LOW for n in gm.graph.nodes if n.op == "call_function")
         if k is None or (k > 0 and all_high):
             tried = ", ".join(f"{kk} high: {v:.3g}" for kk, v in sorted(log.evaluations))
             raise ToleranceError(

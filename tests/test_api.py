@@ -55,12 +55,20 @@ def test_unwritable_dump_dir_is_an_option_error_before_any_work(tmp_path):
     assert fresh.is_dir() and not list(fresh.iterdir())  # created, and the write check left nothing behind
 
 
-def test_dtype_spellings():
-    assert (
-        mpcompiler.Options.parse(dtype=torch.bfloat16, keep_fp32="fc1", dump_dir=None, device=None, debug=False).dtype
-        == torch.bfloat16
-    )
-    assert mpcompiler.Options.parse(dtype="fp16", keep_fp32=(), dump_dir=None, device="cpu", debug=None).keep_fp32 == ()
+@pytest.mark.parametrize(
+    "spelling,dtype",
+    [("float16", torch.float16), ("fp16", torch.float16), ("half", torch.float16), (torch.float16, torch.float16),
+     ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+)  # fmt: skip
+def test_dtype_spellings(spelling, dtype):
+    options = mpcompiler.Options.parse(dtype=spelling, keep_fp32="fc1", dump_dir=None, device=None, debug=False)
+    assert options.dtype == dtype and options.fallback is None and options.keep_fp32 == ("fc1",)
+
+
+@pytest.mark.parametrize("spelling", ["float32", torch.float32, "f16", "fp8", ["float16"]])
+def test_a_dtype_that_is_not_low_is_refused(spelling):
+    with pytest.raises(mpcompiler.OptionError, match="dtype=.* is not supported"):
+        mpcompiler.Options.parse(dtype=spelling, keep_fp32=(), dump_dir=None, device=None, debug=False)
 
 
 def test_compiled_module_api(tmp_path):

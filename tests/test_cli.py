@@ -43,7 +43,7 @@ def test_compile_writes_report_dumps_code_and_onnx(compiled_dir):
     assert 'name: "mlp"' in (triton / "config.pbtxt").read_text() and f"wrote {triton}/" in printed
 
     report = json.loads((out / "report.json").read_text())
-    assert report["target"] == "float16" and report["calib_samples"] == 8  # 10 samples, 2 held out
+    assert report["dtype"] == "float16" and report["calib_samples"] == 8  # 10 samples, 2 held out
     assert report["counts"] == {"float16": 2, "float32": 2} and report["casts"] == 2
     assert report["accuracy"]["met"] is True and report["accuracy"]["tolerance"] == 1e-3
     # 2 held out: the search judged plans on one, the report's error is the other's
@@ -65,7 +65,7 @@ def test_report_prints_every_node_and_the_culprits(compiled_dir, capsys):
     assert main(["report", str(out / "report.json"), "--top", "1"]) == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert "mpcompiler report: target float16, 8 calibration samples" in text
+    assert "mpcompiler report: dtype float16, 8 calibration samples" in text
     table = [line.split() for line in text.splitlines() if line.startswith("%")]
     assert [row[0] for row in table[: len(report["nodes"])]] == [f"%{n['name']}" for n in report["nodes"]]
     assert ["%linear_1", "linear", "fc2", "float32", "keep_fp32", "keep_fp32", "names", "'fc2'"] in table

@@ -74,7 +74,7 @@ def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     compiled = _compile(tmp_path, debug=True)
     assert sorted(p.name for p in tmp_path.glob("0*.txt"))[-1] == "08_eliminate_casts.txt"
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["target"] == "float16" and data["calib_samples"] == 2
+    assert data["dtype"] == "float16" and data["calib_samples"] == 2
     assert [p["name"] for p in data["passes"]] == [
         "clean_graph",
         "fold_batch_norm",

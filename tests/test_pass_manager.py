@@ -1,5 +1,7 @@
 """The pass manager: ordered passes, dumps of changed passes, verification, failures that say where."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ class Boom(Pass):
 
 
 class BreakDtype(Pass):
-    """Claims fp16 for a node whose kernel still computes fp32: verification must catch it."""
+    """Plans bf16 for a node whose kernel computes another dtype: the IR check must catch it."""
 
     def call(self, gm):
         record(nodes_by_op(gm, "relu")[0]).dtype = torch.bfloat16
@@ -32,10 +34,15 @@ def _lowered():
 
 
 def test_names_are_one_spelling():
-    assert BreakDtype.name() == "break_dtype"
-    from mpcompiler.passes import InsertCasts
+    # a pass's class, its file and its dump share one name: InsertCasts, passes/insert_casts.py, NN_insert_casts.txt
+    import mpcompiler.passes as passes
 
-    assert InsertCasts.name() == "insert_casts"
+    assert BreakDtype.name() == "break_dtype"
+    files = sorted(p.stem for p in Path(passes.__file__).parent.glob("*.py") if p.stem != "__init__")
+    classes = [getattr(passes, name) for name in passes.__all__]
+    assert sorted(c.name() for c in classes) == files
+    for cls in classes:
+        assert issubclass(cls, Pass) and cls.__module__ == f"mpcompiler.passes.{cls.name()}"
 
 
 def test_failing_pass_names_itself_and_its_predecessors_and_writes_its_ir(tmp_path):
