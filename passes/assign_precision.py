@@ -75,9 +75,9 @@ def float_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.all_input_nodes if float_dtype(a.meta.get("val")) is not None]
 
 
-def promote(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
+def promote(kinds: list[torch.dtype]) -> torch.dtype:
+    out = kinds[0]
+    for d in kinds[1:]:
         out = torch.promote_types(out, d)
     return out
 

@@ -73,11 +73,11 @@ class _Rewrite:
             node, node.args, node.kwargs, record(node).dtype, lambda a, want, sat: self._map(a, node, want, sat)
         )
 
-    def outputs(self, node: torch.fx.Node, dtypes: tuple[torch.dtype | None, ...]) -> None:
+    def outputs(self, node: torch.fx.Node, wanted: tuple[torch.dtype | None, ...]) -> None:
         """Cast the graph's outputs back to the model's dtypes (leaves in pytree order)."""
         leaves, spec = pytree.tree_flatten(node.args[0])
         leaves = [
-            self._value(v, d, node) if isinstance(v, torch.fx.Node) else v for v, d in zip(leaves, dtypes, strict=True)
+            self._value(v, d, node) if isinstance(v, torch.fx.Node) else v for v, d in zip(leaves, wanted, strict=True)
         ]
         node.args = (pytree.tree_unflatten(leaves, spec),)
 
@@ -145,9 +145,9 @@ class _Rewrite:
         gm, converted = self.gm, 0
         for target, reads in self.param_reads.items():
             original = attr_of(gm, target)
-            dtypes = {want for _, _, want in reads}
-            in_place = len(dtypes) == 1  # one dtype read: replace the attribute itself
-            for dtype in sorted(dtypes - {original.dtype}, key=str):
+            wanted = {want for _, _, want in reads}
+            in_place = len(wanted) == 1  # one dtype read: replace the attribute itself
+            for dtype in sorted(wanted - {original.dtype}, key=str):
                 converted += 1
                 name = target if in_place else f"{target}_{dtypes.short(dtype)}"
                 _set_attr(gm, name, original.detach().to(dtype), like=target)

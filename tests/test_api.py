@@ -78,7 +78,7 @@ def test_compiled_module_api(tmp_path):
     x = torch.randn(6, 16)
     assert rel_err(compiled(x), model(x)) < 5e-3
     assert (tmp_path / "report.json").exists()
-    assert "target float16" in str(compiled.report)
+    assert "dtype float16" in str(compiled.report)
     with pytest.raises(mpcompiler.OptionError, match="compile again with dtype"):
         compiled.to(torch.float32)
     assert compiled.to("cpu") is compiled
