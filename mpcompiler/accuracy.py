@@ -41,10 +41,6 @@ class Metric:
     def meets(self, value: float, tolerance: float) -> bool:
         return value >= tolerance if self.higher_is_better else value <= tolerance
 
-    def key(self, value: float) -> float:
-        """Sort key: smaller is better."""
-        return -value if self.higher_is_better else value
-
 
 def _float_pairs(outputs, refs, i: int):
     for out, ref in zip(outputs, refs, strict=True):

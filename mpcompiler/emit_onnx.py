@@ -34,7 +34,7 @@ from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import write_atomic
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
-from mpcompiler.ir import META_KEY, NodeRecord, graph_record, module_path
+from mpcompiler.ir import META_KEY, NodeRecord, Rule, graph_record, module_path
 from mpcompiler.pass_manager import progress, retype
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
 from mpcompiler.samples import model_device, to_device
@@ -180,7 +180,7 @@ def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
             back = graph.call_function(torch.ops.aten._to_copy.default, (p,), {"dtype": val.dtype})
         p.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
         p.meta["val"] = val.to(dtype)
-        back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule="cast", inserted=True)
+        back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule=Rule.CAST, inserted=True)
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
         outs = []
@@ -188,7 +188,7 @@ def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
             val = o.meta.get("val") if isinstance(o, torch.fx.Node) else None
             if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dtype != dtype:
                 o = graph.call_function(torch.ops.aten._to_copy.default, (o,), {"dtype": dtype})
-                o.meta[META_KEY] = NodeRecord(dtype=dtype, rule="cast", inserted=True)
+                o.meta[META_KEY] = NodeRecord(dtype=dtype, rule=Rule.CAST, inserted=True)
             outs.append(o)
     output.args = (tuple(outs),)
     twin.recompile()

@@ -7,6 +7,7 @@ else in ``meta`` belongs to mpcompiler.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -15,9 +16,7 @@ import torch.fx
 
 META_KEY = "mpcompiler"
 
-# The largest magnitude each low-precision dtype holds, and fp16's smallest normal number.
-FP16_MAX = float(torch.finfo(torch.float16).max)
-FP16_TINY = float(torch.finfo(torch.float16).tiny)
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # fp16's smallest normal number
 
 
 class OpClass(str, enum.Enum):
@@ -27,6 +26,37 @@ class OpClass(str, enum.Enum):
     FOLLOW = "follow"  # elementwise and data movement: runs in the dtype of its inputs
     FP32 = "fp32"  # numerically fragile: needs fp32 math (in the kernel, or by casting around it)
     FIXED = "fixed"  # its dtype is written in the program (a user's cast, a factory with dtype=)
+
+
+class Rule(str, enum.Enum):
+    """Which rule decided a node's dtype (``NodeRecord.rule``); the value is what dumps and reports print."""
+
+    NONE = ""
+    MODEL_INPUT = "model input"
+    PARAMETER = "parameter"  # a weight, converted once to its consumers' dtype
+    OP_CLASS = "op class"  # ops.rule_for's class: low, fp32 or a dtype written in the program
+    FOLLOWS_INPUTS = "follows inputs"
+    KEEP_FP32 = "keep_fp32"  # compile(keep_fp32=...) names it
+    SENSITIVITY = "sensitivity"  # the tolerance search keeps it high
+    # the rules that keep a node out of a low dtype (assign_precision's range, inside, zero, angle, underflow)
+    RANGE = "range"
+    INSIDE = "inside"
+    ZERO = "zero"
+    ANGLE = "angle"
+    UNDERFLOW = "underflow"
+    PLACEMENT = "placement"  # place_casts moved it to the side of the cut that casts fewer bytes
+    CAST = "cast"  # a cast mpcompiler inserted
+    CLAMP = "clamp"  # an inserted clamp to a low dtype's range before a saturating cast (an additive mask)
+    KV_CACHE = "kv cache"  # insert_kv_cache's slot bookkeeping
+    DECODE_ATTENTION = "decode attention"  # a decode graph's attention, rewritten for one new token
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# the rules whose reason a dump prints: why a node is not in the low dtype
+KEPT_HIGH = frozenset({Rule.KEEP_FP32, Rule.SENSITIVITY, Rule.RANGE, Rule.INSIDE, Rule.ZERO, Rule.ANGLE,
+                       Rule.UNDERFLOW, Rule.PLACEMENT})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,11 +101,11 @@ class NodeRecord:
     op_class: OpClass | None = None  # None: not a float value, or not an op (inputs, params)
     dtype: torch.dtype | None = None  # planned dtype of the node's float value; None if it has none
     math_dtype: torch.dtype | None = None  # where the kernel computes wider than its I/O (layer_norm)
-    rule: str = ""  # which rule decided dtype: "op class", "follows inputs", "range", "keep_fp32", ...
+    rule: Rule = Rule.NONE  # which rule decided dtype
     reason: str = ""  # the decision in words, for dumps and the report
     range: RangeStats | None = None
     inner: InnerRange | None = None  # peak of what the op computes inside (norms, reductions, matmuls)
-    inserted: bool = False  # a cast that mpcompiler inserted (not written by the user)
+    inserted: bool = False  # mpcompiler added the node (a cast, a clamp): the model did not write it
     fused: str = ""  # the rewrite that made this node, if lower_fused did ("eager attention -> ...")
     # set by search_precision (compile(tolerance=...)):
     sensitivity: float | None = None  # first-order rel. L2 error at the outputs if only this node is low
@@ -121,6 +151,13 @@ def record(node: torch.fx.Node) -> NodeRecord:
     if rec is None:
         rec = node.meta[META_KEY] = NodeRecord(module_path=module_path(node))
     return rec
+
+
+def derived(rec: NodeRecord, **changes) -> NodeRecord:
+    """The record of a node a rewrite makes in place of ``rec``'s: the same facts, but not one mpcompiler
+    inserted beside the model's ops (a cast or clamp it replaces is no longer one)."""
+    rule = Rule.NONE if rec.rule in (Rule.CAST, Rule.CLAMP) else rec.rule
+    return dataclasses.replace(rec, **({"inserted": False, "rule": rule} | changes))
 
 
 def graph_record(gm: torch.fx.GraphModule) -> GraphRecord:

@@ -31,7 +31,7 @@ from mpcompiler.accuracy import output_names
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
-from mpcompiler.ir import META_KEY, record
+from mpcompiler.ir import META_KEY, Rule, record
 from mpcompiler.pass_manager import PassManager
 from mpcompiler.passes import InsertKvCache, LowerFused
 from mpcompiler.passes.insert_kv_cache import SDPA
@@ -181,7 +181,7 @@ class Generator:
         place, as gpt-fast's; each attention as GEMMs (:func:`_attention_as_matmuls`)."""
         step = twin(self.step, f"MpDecodeStep{rows}")
         for node in list(step.graph.nodes):
-            if node.target is torch.ops.aten.slice.Tensor and record(node).rule == "kv cache":
+            if node.target is torch.ops.aten.slice.Tensor and record(node).rule is Rule.KV_CACHE:
                 node.replace_all_uses_with(node.args[0])
                 step.graph.erase_node(node)
         for name, buffer in self.step.named_buffers():
@@ -313,7 +313,7 @@ def _attention_as_matmuls(graph: torch.fx.Graph, attention: torch.fx.Node) -> No
     def call(op, *args, **kwargs):
         node = graph.call_function(op, args, kwargs)
         node.meta[META_KEY] = dataclasses.replace(
-            record(attention), fused="", rule="decode attention",
+            record(attention), fused="", rule=Rule.DECODE_ATTENTION,
             reason="one new token's attention as GEMMs over the cache's slots (faster than SDPA's kernel)",
         )  # fmt: skip
         return node

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from mpcompiler import dtypes
-from mpcompiler.ir import META_KEY, OpClass, op_name
+from mpcompiler.ir import KEPT_HIGH, META_KEY, OpClass, Rule, op_name
 
 _SYMBOL = re.compile(r"\b[su]\d+\b")
 
@@ -73,9 +73,10 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
     elif node.op == "output":
         return f"return {_fmt_arg(node.args[0])}", ""
     else:
-        name = "cast" if rec is not None and rec.inserted else op_name(node)
+        cast = rec is not None and rec.rule is Rule.CAST
+        name = "cast" if cast else op_name(node)
         args = ", ".join(_fmt_arg(a) for a in node.args)
-        if rec is not None and rec.inserted:
+        if cast:
             kwargs = f" {{to={dtypes.short(rec.dtype)}}}"
         else:
             kwargs = ", ".join(f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items())
@@ -91,15 +92,7 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
             notes.append(f"@ {rec.module_path}")
         if rec.fused:
             notes.append(f"# fused: {rec.fused}")
-        if rec.op_class is OpClass.FP32 or rec.rule in (
-            "range",
-            "inside",
-            "underflow",
-            "keep_fp32",
-            "input range",
-            "placement",
-            "sensitivity",
-        ):
+        if rec.op_class is OpClass.FP32 or rec.rule in KEPT_HIGH:
             notes.append(f"# {dtypes.short(rec.math_dtype or rec.dtype)}: {rec.reason}")
     return stmt, "  ".join(notes)
 

@@ -14,7 +14,7 @@ import torch.fx
 from mpcompiler import dtypes
 from mpcompiler.accuracy import Accuracy
 from mpcompiler.files import write_atomic
-from mpcompiler.ir import META_KEY, OpClass, graph_record, op_name
+from mpcompiler.ir import META_KEY, OpClass, Rule, graph_record, op_name
 from mpcompiler.pass_manager import PassRun
 
 
@@ -32,11 +32,12 @@ class NodeDecision:
     reason: str
     range: dict | None
     inner: dict | None  # peak of what the op computes inside (InnerRange), for norms, reductions, matmuls
-    inserted_cast: bool
+    inserted_cast: bool  # a cast mpcompiler inserted
     fused: str  # the fusion that made the node, if any
     sensitivity: float | None  # rel. L2 output error it would cause alone in low precision (tolerance search)
     local_error: float | None  # its own output's rel. error in low precision on fp32 inputs
     flops: int | None  # matmul/conv/attention FLOPs per call
+    inserted: bool | None = None  # mpcompiler added it (a cast, a clamp); None in reports written before 2026-12-06
 
 
 @dataclass
@@ -66,11 +67,12 @@ class Report:
                     dtype=dtypes.name(rec.dtype),
                     math_dtype=dtypes.name(rec.math_dtype),
                     op_class=rec.op_class.value if rec.op_class else None,
-                    rule=rec.rule,
+                    rule=str(rec.rule),
                     reason=rec.reason,
                     range=rec.range.to_dict() if rec.range else None,
                     inner=rec.inner.to_dict() if rec.inner else None,
-                    inserted_cast=rec.inserted,
+                    inserted_cast=rec.inserted and rec.rule is Rule.CAST,
+                    inserted=rec.inserted,
                     fused=rec.fused,
                     sensitivity=rec.sensitivity,
                     local_error=rec.local_error,
@@ -93,8 +95,8 @@ class Report:
         )
 
     def ops(self) -> list[NodeDecision]:
-        """Float-valued ops of the model (inserted casts left out)."""
-        return [n for n in self.nodes if n.dtype is not None and not n.inserted_cast]
+        """Float-valued ops of the model (the casts and clamps mpcompiler inserted left out)."""
+        return [n for n in self.nodes if n.dtype is not None and not (n.inserted or n.inserted_cast)]
 
     def counts(self, op_class: str | None = None) -> dict[str, int]:
         """Number of float-valued ops per dtype, optionally of one op class ("low", "follow", ...)."""

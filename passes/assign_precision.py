@@ -45,6 +45,7 @@ from mpcompiler.errors import OptionError
 from mpcompiler.ir import (
     FP16_TINY,
     OpClass,
+    Rule,
     float_dtype,
     graph_record,
     op_name,
@@ -111,7 +112,7 @@ class AssignPrecision(Pass):
             dtype = float_dtype(node.meta.get("val"))
             if node.op in ("placeholder", "get_attr"):
                 rec.dtype = dtype
-                rec.rule = "model input" if node.op == "placeholder" else "parameter"
+                rec.rule = Rule.MODEL_INPUT if node.op == "placeholder" else Rule.PARAMETER
                 rec.reason = "as given" if node.op == "placeholder" else "converted to its consumers' dtype"
                 continue
             if node.op != "call_function" or dtype is None:
@@ -142,16 +143,16 @@ class AssignPrecision(Pass):
         key = self._keep(node)
         if key is not None:
             matched.add(key)
-            rec.dtype, rec.rule, rec.reason = high, "keep_fp32", f"keep_fp32 names {key!r}"
+            rec.dtype, rec.rule, rec.reason = high, Rule.KEEP_FP32, f"keep_fp32 names {key!r}"
             return
         if rule.op_class is OpClass.FIXED:
             rec.dtype, rec.rule, rec.reason = written_dtype(node), "fixed", rule.why
             return
         if rec.promoted:
-            rec.dtype, rec.rule, rec.reason = high, "sensitivity", rec.promoted
+            rec.dtype, rec.rule, rec.reason = high, Rule.SENSITIVITY, rec.promoted
             return
         if rule.op_class is OpClass.FP32 and not rule.fp32_inside:
-            rec.dtype, rec.rule, rec.reason = high, "op class", rule.why
+            rec.dtype, rec.rule, rec.reason = high, Rule.OP_CLASS, rule.why
             return
         if rule.op_class is OpClass.LOW:
             dtype, why = self.dtype, rule.why
@@ -168,7 +169,7 @@ class AssignPrecision(Pass):
                 why = f"{rule.why}; I/O {why}"
         rec.dtype, rec.rule, rec.reason = (
             dtype,
-            "op class" if rule.op_class is not OpClass.FOLLOW else "follows inputs",
+            Rule.OP_CLASS if rule.op_class is not OpClass.FOLLOW else Rule.FOLLOWS_INPUTS,
             why,
         )
         if dtype in dtypes.LOW:
@@ -194,19 +195,19 @@ class AssignPrecision(Pass):
         """(rule, reason) of the first rule that keeps ``node`` out of ``dtype``; None if none does."""
         over = self._out_of_range(node, dtype)
         if over:
-            return "range", over
+            return Rule.RANGE, over
         inside = self._inside_past(node, dtype)
         if inside and not rule_for(node).fp32_inside:
-            return "inside", f"{inside}, and the kernel may keep it in {dtypes.short(dtype)}"
+            return Rule.INSIDE, f"{inside}, and the kernel may keep it in {dtypes.short(dtype)}"
         zero = _zeroed(node, dtype)
         if zero:
-            return "zero", zero
+            return Rule.ZERO, zero
         angle = _angle(node, dtype)
         if angle:
-            return "angle", angle
+            return Rule.ANGLE, angle
         under = self._underflow(node, dtype)
         if under:
-            return "underflow", under
+            return Rule.UNDERFLOW, under
         return None
 
     def _limit(self, dtype: torch.dtype) -> str:

@@ -21,6 +21,7 @@ from mpcompiler.ir import (
     META_KEY,
     NodeRecord,
     OpClass,
+    Rule,
     attr_of,
     float_dtype,
     graph_record,
@@ -118,7 +119,7 @@ class _Rewrite:
                         module_path=record(consumer).module_path,
                         op_class=OpClass.FOLLOW,
                         dtype=have,
-                        rule="cast",
+                        rule=Rule.CLAMP,
                         reason=f"clamps %{value.name} to {dtypes.short(want)}'s range: "
                         "beyond it, all values mask alike",
                         range=r,
@@ -132,7 +133,7 @@ class _Rewrite:
                 module_path=record(consumer).module_path if consumer.op != "output" else "",
                 op_class=OpClass.FIXED,
                 dtype=want,
-                rule="cast",
+                rule=Rule.CAST,
                 reason=f"%{value.name} is {dtypes.short(have)}; %{consumer.name} reads it as {dtypes.short(want)}",
                 range=record(value).range,
                 inserted=True,
@@ -163,7 +164,10 @@ class _Rewrite:
                             copy = gm.graph.get_attr(name)
                         copy.meta["val"] = node.meta["val"]
                         copy.meta[META_KEY] = NodeRecord(
-                            dtype=dtype, rule="parameter", reason=f"{target} converted once", range=record(node).range
+                            dtype=dtype,
+                            rule=Rule.PARAMETER,
+                            reason=f"{target} converted once",
+                            range=record(node).range,
                         )
                     consumer.replace_input_with(node, copy)
         return converted

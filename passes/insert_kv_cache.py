@@ -44,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, statically_known_t
 
 from mpcompiler.errors import CaptureError
 from mpcompiler.fused import kv_attention
-from mpcompiler.ir import META_KEY, NodeRecord, graph_record, op_name, record
+from mpcompiler.ir import META_KEY, NodeRecord, Rule, derived, graph_record, op_name, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
 aten = torch.ops.aten
@@ -105,7 +105,7 @@ class InsertKvCache(Pass):
 
 def _call(graph, op, *args, **kwargs) -> torch.fx.Node:
     node = graph.call_function(op, args, kwargs)
-    node.meta[META_KEY] = NodeRecord(rule="kv cache", reason="which cache slots each new token sees")
+    node.meta[META_KEY] = NodeRecord(rule=Rule.KV_CACHE, reason="which cache slots each new token sees")
     return node
 
 
@@ -140,7 +140,7 @@ class _Buffers:
         with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
             self.position = graph.placeholder("cache_position")
         self.position.meta["val"], mask.meta["val"] = position, slot_mask
-        record(self.position).rule = "model input"
+        record(self.position).rule = Rule.MODEL_INPUT
 
     def visible(self) -> torch.fx.Node:
         graph = self.gm.graph
@@ -212,7 +212,7 @@ class _Io:
                         (val.shape[0], heads, past, dim), dtype=x.meta["val"].dtype, device=val.device
                     )
                 last.meta[META_KEY] = NodeRecord(
-                    dtype=x.meta["val"].dtype, rule="model input", reason=f"past {kind}s of attention {layer}"
+                    dtype=x.meta["val"].dtype, rule=Rule.MODEL_INPUT, reason=f"past {kind}s of attention {layer}"
                 )
                 self.past.append(last)
         with mode:
@@ -229,7 +229,7 @@ class _Io:
         past_key, past_value = self.past[2 * layer : 2 * layer + 2]
         args = (attention.args[0], k, v, past_key, past_value, self.attention_mask)
         node = graph.call_function(kv_attention, args, {"scale": attention.kwargs.get("scale")})
-        node.meta[META_KEY] = dataclasses.replace(record(attention), inserted=False)
+        node.meta[META_KEY] = derived(record(attention))
         out, *presents = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
         out.meta[META_KEY] = dataclasses.replace(record(attention))
         for kind, present in zip(("key", "value"), presents, strict=True):
@@ -254,7 +254,7 @@ def _record(attention, kind: str, dtype) -> NodeRecord:
     return NodeRecord(
         module_path=record(attention).module_path,
         dtype=dtype,
-        rule="kv cache",
+        rule=Rule.KV_CACHE,
         reason=f"{kind}s of this attention, {str(dtype).removeprefix('torch.')} as the plan computes them",
     )
 

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from mpcompiler.fused import has_kernel, kv_attention
-from mpcompiler.ir import META_KEY, NodeRecord, attr_of, graph_record, op_name, planned_dtype, record, value_of
+from mpcompiler.ir import META_KEY, NodeRecord, attr_of, derived, graph_record, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult, retype
 
@@ -394,7 +394,7 @@ def _buffer(gm, target: str, tensor: torch.Tensor, like: torch.fx.Node, before: 
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(target)
     node.meta["val"] = tensor
-    node.meta[META_KEY] = dataclasses.replace(record(like), inserted=False)
+    node.meta[META_KEY] = derived(record(like))
     return node
 
 
@@ -452,7 +452,7 @@ def _match_permuted_linear(lin: torch.fx.Node) -> Match:
 def _rewrite_permuted_linear(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
     with gm.graph.inserting_before(lin):
         inner = gm.graph.call_function(aten.linear.default, (m["x"], *lin.args[1:]), dict(lin.kwargs))
-        inner.meta[META_KEY] = dataclasses.replace(record(lin), inserted=False)
+        inner.meta[META_KEY] = derived(record(lin))
         return gm.graph.call_function(aten.permute.default, (inner, m["perm"]))
 
 
@@ -623,7 +623,7 @@ def _rewrite_rotary_group_query_attention(gm, node: torch.fx.Node, m: dict) -> t
                     "call_function", aten.slice.Tensor, (row, -1, 0, src.meta["val"].shape[-1] // 2), name=name
                 )
                 for n in (row, table):
-                    n.meta[META_KEY] = dataclasses.replace(record(src), inserted=False)
+                    n.meta[META_KEY] = derived(record(src))
                 existing[name] = table
     heads, kv_heads = q.meta["val"].shape[1], k.meta["val"].shape[1]
     with graph.inserting_before(m["out"]):
@@ -633,11 +633,11 @@ def _rewrite_rotary_group_query_attention(gm, node: torch.fx.Node, m: dict) -> t
              node.kwargs.get("scale")),
         )  # fmt: skip
         out, present_key, present_value = (graph.call_function(operator.getitem, (fused, i)) for i in range(3))
-    fused.meta[META_KEY] = dataclasses.replace(record(node), inserted=False)
+    fused.meta[META_KEY] = derived(record(node))
     for user in list(node.users):  # the presents (the cache's outputs) now come from the op
         if user.target is operator.getitem and user.args[1] in (1, 2):
             new = (present_key, present_value)[user.args[1] - 1]
-            new.meta[META_KEY] = dataclasses.replace(record(user), inserted=False)
+            new.meta[META_KEY] = derived(record(user))
             user.replace_all_uses_with(new)
     return out
 
@@ -698,8 +698,8 @@ def _rewrite_skip_rms_norm(gm, norm: torch.fx.Node, m: dict) -> torch.fx.Node:
     with graph.inserting_before(norm):
         both = graph.call_function(torch.ops.mpcompiler.skip_rms_norm.default, (m["x"], m["skip"], *norm.args[1:]))
         out, total = (graph.call_function(operator.getitem, (both, i)) for i in range(2))
-    both.meta[META_KEY] = dataclasses.replace(record(norm), inserted=False)
-    total.meta["val"], total.meta[META_KEY] = add.meta.get("val"), dataclasses.replace(record(add), inserted=False)
+    both.meta[META_KEY] = derived(record(norm))
+    total.meta["val"], total.meta[META_KEY] = add.meta.get("val"), derived(record(add))
     add.replace_all_uses_with(total, delete_user_cb=lambda user: user is not norm)
     return out
 
@@ -758,10 +758,10 @@ def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.N
         split = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
         pieces = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
     for node in (out, split):
-        node.meta[META_KEY] = dataclasses.replace(record(lin), fused=_FUSED_LINEARS, inserted=False)
+        node.meta[META_KEY] = derived(record(lin), fused=_FUSED_LINEARS)
     for piece, old in zip(pieces[1:], group[1:], strict=True):
         piece.meta["val"] = old.meta.get("val")
-        piece.meta[META_KEY] = dataclasses.replace(record(old), fused=_FUSED_LINEARS, inserted=False)
+        piece.meta[META_KEY] = derived(record(old), fused=_FUSED_LINEARS)
         old.replace_all_uses_with(piece)
     return pieces[0]
 
@@ -845,7 +845,7 @@ class LowerFused(Pass):
                 out = m.get("out", node)
                 fused = rule.rewrite(gm, node, m | {"mask_padding": self.padding})
                 fused.meta["val"] = out.meta.get("val")
-                fused.meta[META_KEY] = dataclasses.replace(record(out), fused=rule.why, inserted=False)
+                fused.meta[META_KEY] = derived(record(out), fused=rule.why)
                 out.replace_all_uses_with(fused)
                 stats[rule.name] += 1
             # dead code goes too, and any change regenerates the code (dynamo maps its lines to nodes)

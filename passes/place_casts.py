@@ -48,7 +48,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from mpcompiler import dtypes
-from mpcompiler.ir import OpClass, graph_record, planned_dtype, record
+from mpcompiler.ir import OpClass, Rule, graph_record, planned_dtype, record
 from mpcompiler.ops import positional_names, rule_for
 from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.passes.assign_precision import RANGE_MARGIN, float_inputs, problem, promote
@@ -101,7 +101,7 @@ def place(gm: torch.fx.GraphModule, *, margin: float = RANGE_MARGIN) -> dict[str
         if over[n]:
             rule, reason = over[n]
         elif rec.dtype != old[n] or not _follows(n, low):
-            rule, reason = "placement", _why(n, reads, low)
+            rule, reason = Rule.PLACEMENT, _why(n, reads, low)
         else:
             continue
         changed += (rule, reason) != (rec.rule, rec.reason)
@@ -170,7 +170,7 @@ def _traffic(value: Node, src: torch.dtype, dst: torch.dtype) -> int:
 def _is_free(node: Node, low: torch.dtype, reads: Reads) -> bool:
     """Follows its inputs by assign_precision's rules, has float inputs, and touches only LOW/HIGH."""
     rec = record(node)
-    if node.op != "call_function" or rec.rule not in ("follows inputs", "op class", "placement"):
+    if node.op != "call_function" or rec.rule not in (Rule.FOLLOWS_INPUTS, Rule.OP_CLASS, Rule.PLACEMENT):
         return False
     if rec.op_class is not OpClass.FOLLOW and not (rec.op_class is OpClass.FP32 and rule_for(node).fp32_inside):
         return False
