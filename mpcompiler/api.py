@@ -156,7 +156,7 @@ def pipeline(
     search = SearchPrecision(
         tolerance=options.tolerance,
         metric=options.metric,
-        replan=lambda gm: (assign.call(gm), place.call(gm)),
+        replan=lambda gm: (assign.run(gm), place.run(gm)),
         calib_samples=samples,
         val_samples=val,
         val_refs=refs,

@@ -69,7 +69,7 @@ class CudaGraphModule:
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)
         gm = twin(gm, "MpCompiledModuleCudaGraph")
-        LowerFused(target="fx-cuda").call(gm)
+        LowerFused(target="fx-cuda").run(gm)
         self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
         names = graph_input_names(gm)

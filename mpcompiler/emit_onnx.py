@@ -113,8 +113,8 @@ def export_onnx(
     if io is not None:
         _low_precision_io(program, io)
     if compiled.lm is not None:  # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
-        InsertKvCache(**compiled.lm.__dict__, cache="io").call(program)
-    LowerFused(target=target, padding=padding).call(program)
+        InsertKvCache(**compiled.lm.__dict__, cache="io").run(program)
+    LowerFused(target=target, padding=padding).run(program)
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
@@ -193,7 +193,7 @@ def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
     output.args = (tuple(outs),)
     twin.recompile()
     retype(twin)
-    EliminateCasts().call(twin)
+    EliminateCasts().run(twin)
 
 
 def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:

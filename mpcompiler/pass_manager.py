@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mpcompiler.errors import MpCompilerError, PassError
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import META_KEY, float_dtype, graph_record
 from mpcompiler.printer import format_graph
+from mpcompiler.rewrite import format_reasons
 
 
 def progress(items=None, what: str = "", total: int | None = None, unit: str = "sample", show: bool = True):
@@ -40,13 +42,27 @@ def progress(items=None, what: str = "", total: int | None = None, unit: str = "
 class PassResult:
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, Counter] = field(default_factory=dict)  # per rewrite rule, why it did not fire (counts)
 
 
 class Pass:
-    """A graph rewrite. Subclasses take keyword-only options in ``__init__`` and implement ``call``."""
+    """A graph rewrite. Subclasses take keyword-only options in ``__init__`` and implement ``call``;
+    everyone runs a pass with :meth:`run`, which does the common ending. A pass that adds, removes or
+    rewires nodes says so with ``rewrites_graph``: the ending then regenerates the module's code and re-types
+    the graph; a pass that only writes records (ranges, a plan) needs neither."""
+
+    rewrites_graph = False
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        result = self.call(gm)
+        if result.modified and self.rewrites_graph:
+            gm.recompile()  # dynamo maps the generated code's lines to nodes
+            if all("val" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):  # a typed graph stays typed
+                retype(gm)
+        return result
 
     @classmethod
     def name(cls) -> str:
@@ -109,7 +125,7 @@ class PassManager:
             name = p.name()
             start = time.perf_counter()
             try:
-                result = p.call(gm)
+                result = p.run(gm)
                 if self.debug:
                     check_ir(gm)
             except MpCompilerError:
@@ -131,6 +147,7 @@ class PassManager:
                     gm,
                     f"{index:02d}_{name}.txt",
                     f"after {index:02d} {name} ({state}{stats}; {ms:.1f} ms)",
+                    format_reasons(result.reasons) if self.debug else [],
                 )
         return runs
 
@@ -143,5 +160,6 @@ class PassManager:
             return write_atomic(folder / filename, "\n".join(map(str, gm.graph.nodes)) + "\n")
 
 
-def _dump(folder: Path, gm: torch.fx.GraphModule, filename: str, title: str) -> Path:
-    return write_atomic(folder / filename, format_graph(gm, title))
+def _dump(folder: Path, gm: torch.fx.GraphModule, filename: str, title: str, notes: list[str] = ()) -> Path:
+    footer = "".join(f"// {line}\n" for line in notes)
+    return write_atomic(folder / filename, format_graph(gm, title) + footer)

@@ -29,6 +29,8 @@ _VIEWS = (aten.view.default, aten._unsafe_view.default)
 class CleanGraph(Pass):
     """Remove export's dtype asserts, eval-mode dropout, no-op casts and dead code; views become reshapes."""
 
+    rewrites_graph = True
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         stats = {"asserts_removed": 0, "dropouts_removed": 0, "noop_casts_removed": 0, "views_reshaped": 0}
@@ -52,7 +54,6 @@ class CleanGraph(Pass):
         before = len(graph.nodes)
         graph.eliminate_dead_code()
         stats["dead_removed"] = before - len(graph.nodes)
-        gm.recompile()
         return PassResult(modified=any(stats.values()), stats=stats)
 
 

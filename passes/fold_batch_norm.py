@@ -21,7 +21,7 @@ import torch.fx
 
 from mpcompiler.ir import attr_of, op_name, record
 from mpcompiler.ops import bound_args
-from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.pass_manager import Pass, PassResult
 
 _FOLDABLE = {"conv1d", "conv2d", "conv3d", "linear"}
 
@@ -33,6 +33,8 @@ def _constant(gm, node) -> torch.Tensor | None:
 class FoldBatchNorm(Pass):
     """Fold eval-mode batch_norm into the preceding conv or linear's weight and bias."""
 
+    rewrites_graph = True  # the ending re-types the new bias attributes
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         folded = 0
         for node in list(gm.graph.nodes):
@@ -41,8 +43,6 @@ class FoldBatchNorm(Pass):
                 folded += 1
         if folded:
             gm.graph.eliminate_dead_code()
-            gm.recompile()
-            retype(gm)  # shapes and dtypes of the new bias attributes
         return PassResult(modified=folded > 0, stats={"folded": folded})
 
     def _fold(self, gm: torch.fx.GraphModule, out: torch.fx.Node, bn: torch.fx.Node) -> bool:

@@ -29,13 +29,15 @@ from mpcompiler.ir import (
     record,
 )
 from mpcompiler.ops import convert_inputs
-from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.pass_manager import Pass, PassResult
 
 CAST = torch.ops.aten._to_copy.default
 
 
 class InsertCasts(Pass):
     """Insert casts at precision boundaries and convert parameters once."""
+
+    rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         rewrite = _Rewrite(gm)
@@ -51,8 +53,6 @@ class InsertCasts(Pass):
             elif node.op in ("call_function", "call_module"):
                 rewrite.note_param_reads(node)
         converted = rewrite.convert_params()
-        gm.recompile()
-        retype(gm)
         graph_record(gm).casts_inserted = True
         stats = {"casts_inserted": len(rewrite.casts), "params_converted": converted}
         return PassResult(modified=any(stats.values()), stats=stats)

@@ -45,7 +45,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, statically_known_t
 from mpcompiler.errors import CaptureError
 from mpcompiler.fused import kv_attention
 from mpcompiler.ir import META_KEY, NodeRecord, Rule, derived, graph_record, op_name, record
-from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.pass_manager import Pass, PassResult
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -58,6 +58,8 @@ class InsertKvCache(Pass):
     """Rewrite a causal LM's planned graph into one prefill/decode step with a KV cache: in buffers of the
     module (``cache="buffers"``, static, for FX and CUDA graphs) or as inputs and outputs (``cache="io"``,
     the ``past_key_values.{i}.key``/``present.{i}.key`` convention of ONNX Runtime GenAI)."""
+
+    rewrites_graph = True
 
     def __init__(self, *, max_batch: int, max_seq: int, cache: str = "buffers"):
         if cache not in ("buffers", "io"):
@@ -97,8 +99,6 @@ class InsertKvCache(Pass):
                 f"the model reads attention_mask outside its attention masks ({', '.join(stray[:3])}): with a KV "
                 "cache it covers every cache slot, which such a model would misread"
             )
-        gm.recompile()
-        retype(gm)
         gm.meta[META_KEY] = dataclasses.replace(graph_record(gm), cache_slots=self.max_seq)  # its own: a copy's
         return PassResult(modified=True, stats={"attentions": len(attentions), "cache_slots": self.max_seq})
 

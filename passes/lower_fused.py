@@ -15,7 +15,8 @@ Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
   causal LM's attention over its past -> GroupQueryAttention, RMSNorm -> SimplifiedLayerNormalization
   (with the residual add before it: SkipSimplifiedLayerNormalization).
 
-Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite.
+Each rule is a match, which returns the captured nodes or the reason it does not apply, and a rewrite
+(mpcompiler.rewrite's idiom; a debug dump lists the reasons).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -31,10 +31,10 @@ import torch.fx
 from mpcompiler.fused import has_kernel, kv_attention
 from mpcompiler.ir import META_KEY, NodeRecord, attr_of, derived, graph_record, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
-from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.rewrite import Match, RewriteRule, apply
 
 aten = torch.ops.aten
-Match = dict | str  # captured values, or why the rule does not apply
 
 
 def _op(node, *names: str) -> bool:
@@ -67,7 +67,7 @@ def _rank(node) -> int:
 # ---- eager attention: matmul(q, k^T) [* scale | / scale] [+ mask] -> softmax(-1) -> matmul(., v)
 
 
-def _match_attention(out: torch.fx.Node) -> Match:
+def _match_attention(out: torch.fx.Node) -> Match | str:
     if not _op(out, "matmul") or _rank(out) != 4:
         return "not a rank-4 matmul"
     probs, v = out.args
@@ -123,7 +123,7 @@ def _half_times(node: torch.fx.Node, x: torch.fx.Node, inner: torch.fx.Node) -> 
     return t is x and _const(c, 0.5)
 
 
-def _match_gelu(top: torch.fx.Node) -> Match:
+def _match_gelu(top: torch.fx.Node) -> Match | str:
     if _op(top, "tanh"):
         inner, c = _split_const(top.args[0]) if _op(top.args[0], "mul") else (None, None)
         if inner is None or not _const(c, math.sqrt(2 / math.pi)) or not _op(inner, "add"):
@@ -163,7 +163,7 @@ def _rewrite_gelu(gm, top: torch.fx.Node, m: dict) -> torch.fx.Node:
 # ---- ONNX Runtime: residual add + layer_norm, linear bias + gelu
 
 
-def _match_skip_layer_norm(ln: torch.fx.Node) -> Match:
+def _match_skip_layer_norm(ln: torch.fx.Node) -> Match | str:
     if not _op(ln, "layer_norm"):
         return "not a layer_norm"
     a = bound_args(ln)
@@ -189,7 +189,7 @@ def _rewrite_skip_layer_norm(gm, ln: torch.fx.Node, m: dict) -> torch.fx.Node:
         )
 
 
-def _match_bias_gelu(g: torch.fx.Node) -> Match:
+def _match_bias_gelu(g: torch.fx.Node) -> Match | str:
     if not _op(g, "gelu"):
         return "not a gelu"
     lin = g.args[0]
@@ -254,7 +254,7 @@ def _sum_terms(node: torch.fx.Node, terms: list, adds: list) -> None:
         terms.append(node)
 
 
-def _match_embed_layer_norm(ln: torch.fx.Node) -> Match:
+def _match_embed_layer_norm(ln: torch.fx.Node) -> Match | str:
     if not _op(ln, "layer_norm"):
         return "not a layer_norm"
     a = bound_args(ln)
@@ -337,7 +337,7 @@ def _merged(heads: torch.fx.Node) -> torch.fx.Node | None:
     return out if _op(out, "reshape", "view", "flatten") and _rank(out) == 3 else None
 
 
-def _match_qkv_attention(sdpa: torch.fx.Node) -> Match:
+def _match_qkv_attention(sdpa: torch.fx.Node) -> Match | str:
     if not _op(sdpa, "scaled_dot_product_attention"):
         return "not an SDPA"
     a = bound_args(sdpa)
@@ -431,7 +431,7 @@ def _rewrite_qkv_attention(gm, sdpa: torch.fx.Node, m: dict) -> torch.fx.Node:
 # ---- ONNX Runtime: linear(permute(x)) -> permute(linear(x)), for a permutation that keeps the last dim
 
 
-def _match_permuted_linear(lin: torch.fx.Node) -> Match:
+def _match_permuted_linear(lin: torch.fx.Node) -> Match | str:
     if not _op(lin, "linear"):
         return "not a linear"
     moved = lin.args[0]
@@ -462,7 +462,7 @@ def _rewrite_permuted_linear(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
 _CONV_DEFAULTS = {"bias": None, "stride": [1], "padding": [0], "dilation": [1], "groups": 1}  # aten.conv2d's
 
 
-def _match_conv_bias_relu(r: torch.fx.Node) -> Match:
+def _match_conv_bias_relu(r: torch.fx.Node) -> Match | str:
     if not _op(r, "relu"):
         return "not a relu"
     conv, residual, reader = r.args[0], None, r
@@ -501,7 +501,7 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
 # ---- ONNX Runtime: a causal LM's attention over its past (kv_attention) -> GroupQueryAttention; RMSNorm
 
 
-def _match_group_query_attention(node: torch.fx.Node) -> Match:
+def _match_group_query_attention(node: torch.fx.Node) -> Match | str:
     if node.target is not kv_attention:
         return "not an attention over a KV cache (insert_kv_cache's kv_attention)"
     dtypes = {planned_dtype(a) for a in node.args[:5]}
@@ -566,7 +566,7 @@ def _positions_only(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, set] | s
     return next(iter(inputs)), seen - inputs
 
 
-def _match_rotary_group_query_attention(node: torch.fx.Node) -> Match:
+def _match_rotary_group_query_attention(node: torch.fx.Node) -> Match | str:
     if node.target is not kv_attention:
         return "not an attention over a KV cache (insert_kv_cache's kv_attention)"
     q, k, v = node.args[:3]
@@ -646,7 +646,7 @@ def _uncast(node):
     return node.args[0] if _op(node, "_to_copy") else node
 
 
-def _match_rms_norm(out: torch.fx.Node) -> Match:
+def _match_rms_norm(out: torch.fx.Node) -> Match | str:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)), the statistics maybe in another dtype (casts around them)."""
     if not _op(out, "mul") or len(out.args) != 2:
         return "not a mul"
@@ -678,7 +678,7 @@ def _rewrite_rms_norm(gm, out: torch.fx.Node, m: dict) -> torch.fx.Node:
         return gm.graph.call_function(torch.ops.mpcompiler.rms_norm.default, (m["x"], m["weight"], m["eps"]))
 
 
-def _match_skip_rms_norm(norm: torch.fx.Node) -> Match:
+def _match_skip_rms_norm(norm: torch.fx.Node) -> Match | str:
     if norm.target is not torch.ops.mpcompiler.rms_norm.default:
         return "not an rms_norm"
     add = norm.args[0]
@@ -717,7 +717,7 @@ def _linear_parts(lin: torch.fx.Node) -> tuple | None:
     return weight, bias
 
 
-def _match_shared_input_linears(lin: torch.fx.Node) -> Match:
+def _match_shared_input_linears(lin: torch.fx.Node) -> Match | str:
     if not _op(lin, "linear") or _linear_parts(lin) is None:
         return "not a linear of constant weights"
     if lin.meta.get(META_KEY) is None or record(lin).dtype is None:
@@ -769,53 +769,49 @@ def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.N
 _FUSED_LINEARS = "linears of one input -> one linear + split"
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    name: str  # the fused op, a key of mpcompiler.fused.KERNELS
-    match: Callable[[torch.fx.Node], Match]
-    rewrite: Callable[..., torch.fx.Node]
-    why: str
-
-
 RULES = [
-    Rule("attention", _match_attention, _rewrite_attention, "eager attention -> scaled_dot_product_attention"),
-    Rule("gelu", _match_gelu, _rewrite_gelu, "GELU formula -> gelu"),
-    Rule(
+    RewriteRule("attention", _match_attention, _rewrite_attention, "eager attention -> scaled_dot_product_attention"),
+    RewriteRule("gelu", _match_gelu, _rewrite_gelu, "GELU formula -> gelu"),
+    RewriteRule(
         "embed_layer_norm",
         _match_embed_layer_norm,
         _rewrite_embed_layer_norm,
         "embeddings + layer_norm -> EmbedLayerNormalization",
     ),
-    Rule(
+    RewriteRule(
         "skip_layer_norm",
         _match_skip_layer_norm,
         _rewrite_skip_layer_norm,
         "add + layer_norm -> SkipLayerNormalization",
     ),
-    Rule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
-    Rule(
+    RewriteRule("bias_gelu", _match_bias_gelu, _rewrite_bias_gelu, "linear bias + gelu -> BiasGelu/FastGelu"),
+    RewriteRule(
         "qkv_attention",
         _match_qkv_attention,
         _rewrite_qkv_attention,
         "q/k/v linears + attention -> Attention (packed QKV)",
     ),
-    Rule("conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"),
-    Rule("permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"),
-    Rule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
-    Rule(
+    RewriteRule(
+        "conv_bias_relu", _match_conv_bias_relu, _rewrite_conv_bias_relu, "conv2d + bias [+ add] + relu -> cuDNN"
+    ),
+    RewriteRule(
+        "permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"
+    ),
+    RewriteRule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
+    RewriteRule(
         "rotary_group_query_attention",
         _match_rotary_group_query_attention,
         _rewrite_rotary_group_query_attention,
         "q/k/v linears + rotary + attention over a KV cache -> GroupQueryAttention (packed QKV, do_rotary)",
     ),
-    Rule(
+    RewriteRule(
         "group_query_attention",
         _match_group_query_attention,
         _rewrite_group_query_attention,
         "attention over a KV cache -> GroupQueryAttention",
     ),
-    Rule("rms_norm", _match_rms_norm, _rewrite_rms_norm, "RMSNorm -> SimplifiedLayerNormalization"),
-    Rule(
+    RewriteRule("rms_norm", _match_rms_norm, _rewrite_rms_norm, "RMSNorm -> SimplifiedLayerNormalization"),
+    RewriteRule(
         "skip_rms_norm",
         _match_skip_rms_norm,
         _rewrite_skip_rms_norm,
@@ -831,28 +827,32 @@ class LowerFused(Pass):
     def __init__(self, *, target: str, padding: str = "any"):
         self.target, self.padding = target, padding
 
+    rewrites_graph = True
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        stats = {rule.name: 0 for rule in RULES}
-        modified = False
-        for rule in RULES:
-            for node in list(gm.graph.nodes):  # a rewrite leaves the old nodes dead, removed below
-                if node.op != "call_function":
-                    continue
-                m = rule.match(node)
-                planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
-                if isinstance(m, str) or not has_kernel(rule.name, self.target, planned):
-                    continue
-                out = m.get("out", node)
-                fused = rule.rewrite(gm, node, m | {"mask_padding": self.padding})
-                fused.meta["val"] = out.meta.get("val")
-                fused.meta[META_KEY] = derived(record(out), fused=rule.why)
-                out.replace_all_uses_with(fused)
-                stats[rule.name] += 1
-            # dead code goes too, and any change regenerates the code (dynamo maps its lines to nodes)
-            modified = gm.graph.eliminate_dead_code() or modified
-        fused = any(stats.values())
-        if modified or fused:
-            gm.recompile()
-        if fused:
-            retype(gm)
-        return PassResult(modified=modified or fused, stats=stats)
+        stats, reasons, dead = {rule.name: 0 for rule in RULES}, {}, False
+        for rule in RULES:  # rule by rule over the whole graph: a later rule sees the earlier ones' fused ops
+            fired = apply([n for n in gm.graph.nodes if n.op == "call_function"], [self._lowering(gm, rule)], reasons)
+            stats[rule.name] += fired[rule.name]
+            dead = gm.graph.eliminate_dead_code() or dead  # a rewrite leaves the nodes it replaced dead
+        return PassResult(modified=dead or any(stats.values()), stats=stats, reasons=reasons)
+
+    def _lowering(self, gm: torch.fx.GraphModule, rule: RewriteRule) -> RewriteRule:
+        """``rule`` where ``self.target`` has the fused op's kernel in the node's planned dtype; its fused op
+        takes the replaced output's value and record."""
+
+        def match(node: torch.fx.Node) -> Match | str:
+            m = rule.match(node)
+            planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
+            if not isinstance(m, str) and not has_kernel(rule.name, self.target, planned):
+                return f"{self.target} has no {rule.name} kernel for {planned}"
+            return m
+
+        def rewrite(node: torch.fx.Node, m: Match) -> None:
+            out = m.get("out", node)
+            fused = rule.rewrite(gm, node, m | {"mask_padding": self.padding})
+            fused.meta["val"] = out.meta.get("val")
+            fused.meta[META_KEY] = derived(record(out), fused=rule.why)
+            out.replace_all_uses_with(fused)
+
+        return RewriteRule(rule.name, match, rewrite, rule.why)

@@ -91,6 +91,18 @@ def test_debug_dumps_every_pass_and_report_json_names_every_decision(tmp_path):
     assert data["counts"] == compiled.report.counts()
 
 
+def test_a_debug_dump_says_why_each_rewrite_rule_did_not_fire(tmp_path):
+    # mpcompiler.rewrite: each rule's commonest reasons, under the IR of the pass that tried it
+    _compile(tmp_path, debug=True)
+    lowered = (tmp_path / "03_lower_fused.txt").read_text()
+    assert "// gelu did not fire: not a gelu" in lowered or "// gelu did not fire: not tanh or erf" in lowered
+    assert re.search(r"// skip_layer_norm did not fire: not a layer_norm \(x\d+\)", lowered)
+    eliminated = (tmp_path / "08_eliminate_casts.txt").read_text()
+    assert "// identity did not fire: changes dtype" in eliminated
+    _compile(tmp_path, debug=False)  # a plain run's dumps keep the IR alone
+    assert "did not fire" not in (tmp_path / "07_insert_casts.txt").read_text()
+
+
 def test_report_json_loads_back(tmp_path):
     """Report.load reads what compile() saved: the same nodes, counts, accuracy and summary."""
     compiled = _compile(tmp_path, debug=False)

@@ -31,7 +31,7 @@ def test_rules_fire_where_safe_and_the_rounding_round_trip_survives():
     gm = stages(model, [torch.randn(4, 8)], upto="clean_graph")
     x = torch.randn(4, 8)
     before = gm(x)
-    result = EliminateCasts().call(gm)
+    result = EliminateCasts().run(gm)
     # x.half() twice, h.float() twice (keep's and back's), h.double() twice: three duplicates;
     # back = h.float().half() -> h.half() (exact chain) -> h (identity)
     assert result.stats == {"identity": 1, "exact_chain": 1, "dead": 0, "duplicate": 3}
@@ -48,7 +48,7 @@ class RoundTrip(nn.Module):
 
 def test_inner_cast_left_without_readers_is_removed():
     gm = stages(RoundTrip(), [torch.randn(4, 8)], upto="clean_graph")
-    result = EliminateCasts().call(gm)
+    result = EliminateCasts().run(gm)
     assert result.stats == {"identity": 1, "exact_chain": 1, "dead": 1, "duplicate": 0}
     assert _casts(gm) == [("x", H)]
 
@@ -107,7 +107,7 @@ def test_property_elimination_never_changes_a_result(steps):
     gm = stages(Program(steps), [torch.randn(3, 5)], upto="clean_graph")
     x = torch.randn(3, 5) * 100
     before = gm(x)
-    EliminateCasts().call(gm)
+    EliminateCasts().run(gm)
     after = gm(x)
     for a, b in zip(after, before, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)

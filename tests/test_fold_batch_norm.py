@@ -34,7 +34,7 @@ def test_folds_conv_and_linear_with_and_without_bias():
         gm = stages(model, [torch.randn(2, 3, 8, 8)], upto="clean_graph")
         x = torch.randn(4, 3, 8, 8)
         before = gm(x)
-        result = FoldBatchNorm().call(gm)
+        result = FoldBatchNorm().run(gm)
         assert result.stats == {"folded": 2}
         assert not nodes_by_op(gm, "batch_norm")
         assert nodes_by_op(gm, "conv2d")[0].args[2] is not None  # a bias now
@@ -58,7 +58,7 @@ class NotFoldable(nn.Module):
 
 def test_leaves_batch_norm_whose_producer_is_shared_or_not_a_conv():
     gm = stages(NotFoldable().eval(), [torch.randn(2, 3, 8, 8)], upto="clean_graph")
-    assert FoldBatchNorm().call(gm).stats == {"folded": 0}
+    assert FoldBatchNorm().run(gm).stats == {"folded": 0}
     assert len(nodes_by_op(gm, "batch_norm")) == 2
 
 

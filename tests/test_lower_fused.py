@@ -112,14 +112,14 @@ def test_erf_formula_fuses_and_a_different_constant_does_not():
 
 def test_resnet_has_nothing_to_fuse_before_planning():
     gm = stages(torchvision.models.resnet18().eval(), [torch.randn(2, 3, 64, 64)], upto="fold_batch_norm")
-    assert not any(LowerFused(target="fx-cuda").call(gm).stats.values())
+    assert not any(LowerFused(target="fx-cuda").run(gm).stats.values())
     assert not has_kernel("conv_bias_relu", "fx-cuda", None)
     assert not has_kernel("conv_bias_relu", "fx-cpu", torch.float16)
 
 
 def _cuda_lowered(compiled):
     gm = twin(compiled.graph_module, "Lowered")
-    return gm, LowerFused(target="fx-cuda").call(gm).stats["conv_bias_relu"]
+    return gm, LowerFused(target="fx-cuda").run(gm).stats["conv_bias_relu"]
 
 
 def test_resnet_conv_bias_relu_fuses_for_cuda_graphs_and_keeps_the_numbers():
@@ -234,7 +234,7 @@ def test_dead_nodes_it_removes_are_gone_from_the_code_too():
         gm.graph.call_function(torch.neg, (x,))  # dead
     gm.recompile()
     assert "neg" in gm.code
-    assert LowerFused(target="fx-cuda").call(gm).modified
+    assert LowerFused(target="fx-cuda").run(gm).modified
     assert "neg" not in gm.code
     torch.testing.assert_close(torch.compile(gm, backend="eager")(torch.ones(2, 4)), gm(torch.ones(2, 4)))
 
@@ -257,7 +257,7 @@ def test_linears_of_one_input_in_one_dtype_become_one_linear_on_shared_weights()
     model, x = _Projections().eval(), torch.randn(4, 6, 32)
     compiled = mpcompiler.compile(model, [torch.randn(4, 6, 32) for _ in range(4)], keep_fp32=["k"])
     gm = twin(compiled.graph_module, "Fused")
-    stats = LowerFused(target="fx-cpu").call(gm).stats
+    stats = LowerFused(target="fx-cpu").run(gm).stats
     assert stats["shared_input_linears"] == 2  # q + v (k is fp32, v's second call repeats v), gate + up
     linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
     joined = [n for n in linears if n.args[1].target.endswith("_fused")]
@@ -272,7 +272,7 @@ def test_linears_of_one_input_in_one_dtype_become_one_linear_on_shared_weights()
 
 def test_linears_are_not_joined_before_precision_planning():
     gm = torch.export.export(_Projections().eval(), (torch.randn(2, 3, 32),)).module()
-    assert LowerFused(target="fx-cpu").call(gm).stats["shared_input_linears"] == 0
+    assert LowerFused(target="fx-cpu").run(gm).stats["shared_input_linears"] == 0
 
 
 def test_rms_norm_and_its_residual_add_become_one_op_for_onnx_runtime_in_their_planned_dtype():
@@ -290,7 +290,7 @@ def test_rms_norm_and_its_residual_add_become_one_op_for_onnx_runtime_in_their_p
     record(weights[final]).dtype = torch.float16
     assert _match_rms_norm(final) == "x, weight and output in different dtypes"
     record(weights[final]).dtype = torch.float32
-    stats = LowerFused(target="ort-cpu").call(gm).stats
+    stats = LowerFused(target="ort-cpu").run(gm).stats
     assert stats["rms_norm"] == 5  # before attention and MLP in 2 layers, and the final norm
     # a norm of the residual add joins it (the sum an output too), the operands in its dtype: not the first
     # layer's (of the embeddings) nor the fp32 final norm (of an fp16 sum)
@@ -323,7 +323,7 @@ def test_self_attention_becomes_one_packed_attention_for_onnx_runtime_exact_for_
     model = _bert()
     compiled = mpcompiler.compile(model, [_bert_sample(b, s) for b, s in [(4, 16), (2, 24), (3, 20), (2, 8)]])
     gm = twin(compiled.graph_module, "Fused")
-    assert LowerFused(target="ort-cpu").call(gm).stats["qkv_attention"] == 2
+    assert LowerFused(target="ort-cpu").run(gm).stats["qkv_attention"] == 2
     fused = nodes_by_op(gm, "mpcompiler.qkv_attention")
     assert [record(n).dtype for n in fused] == [torch.float16] * 2 and "packed QKV" in record(fused[0]).fused
     assert gm.get_buffer("encoder.layer.0.attention.self.qkv_weight").shape == (128, 384)  # [in, q | k | v]
@@ -397,7 +397,7 @@ def test_bert_embeddings_become_one_embed_layer_norm_for_onnx_runtime(segments, 
             s["input_ids"].shape)} for s in samples]  # fmt: skip
     compiled = mpcompiler.compile(model, samples)
     gm = twin(compiled.graph_module, "Fused")
-    assert LowerFused(target="ort-cpu").call(gm).stats["embed_layer_norm"] == 1
+    assert LowerFused(target="ort-cpu").run(gm).stats["embed_layer_norm"] == 1
     (fused,) = nodes_by_op(gm, "mpcompiler.embed_layer_norm")
     assert record(fused).dtype == torch.float16 and fused.args[0].name == "input_ids"
     assert (fused.args[1] is not None) == (segments == "input")  # zeros: folded into the position table
@@ -446,8 +446,8 @@ def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_
     compiled = mpcompiler.compile(_llama(), [_prompt(2, n) for n in (6, 9, 7, 8)], max_seq=32, max_batch=2)
     ref, gm = (twin(compiled.graph_module, name) for name in ("Ref", "Fused"))
     for g in (ref, gm):
-        InsertKvCache(**compiled.lm.__dict__, cache="io").call(g)
-    stats = LowerFused(target="ort-cpu").call(gm).stats
+        InsertKvCache(**compiled.lm.__dict__, cache="io").run(g)
+    stats = LowerFused(target="ort-cpu").run(gm).stats
     assert stats["rotary_group_query_attention"] == 2 and stats["group_query_attention"] == 0
     assert len([n for n in gm.graph.nodes if n.name.endswith("_table")]) == 2  # cos and sin, once for all layers
     assert not nodes_by_op(gm, "neg")  # rotate_half's: now inside the op
