@@ -20,10 +20,52 @@ import torch.fx
 from mpcompiler.ir import float_dtype, op_name
 from mpcompiler.ops import is_cast, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.rewrite import Match, RewriteRule, apply
 
 aten = torch.ops.aten
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout"}
 _VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def _assert(node: torch.fx.Node) -> Match | str:
+    return {} if node.target is aten._assert_tensor_metadata.default else "not a metadata assert"
+
+
+def _dropout(node: torch.fx.Node) -> Match | str:
+    if op_name(node) not in _DROPOUTS:
+        return "not a dropout"
+    return "in training mode" if _training(node) else {}
+
+
+def _noop_cast(node: torch.fx.Node) -> Match | str:
+    if not is_cast(node):
+        return "not a cast"
+    return {} if written_dtype(node) == float_dtype(node.args[0].meta.get("val")) else "converts"
+
+
+def _view(node: torch.fx.Node) -> Match | str:
+    return {} if node.target in _VIEWS else "not a view"
+
+
+def _erase(node: torch.fx.Node, m: Match) -> None:
+    node.graph.erase_node(node)
+
+
+def _bypass(node: torch.fx.Node, m: Match) -> None:
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
+
+
+def _reshape(node: torch.fx.Node, m: Match) -> None:
+    node.target = aten.reshape.default
+
+
+RULES = [
+    RewriteRule("asserts_removed", _assert, _erase, "export's dtype assert -> gone"),
+    RewriteRule("dropouts_removed", _dropout, _bypass, "eval-mode dropout -> its input"),
+    RewriteRule("noop_casts_removed", _noop_cast, _bypass, "a cast to the dtype its input has -> its input"),
+    RewriteRule("views_reshaped", _view, _reshape, "view -> reshape"),
+]
 
 
 class CleanGraph(Pass):
@@ -32,29 +74,13 @@ class CleanGraph(Pass):
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        graph = gm.graph
-        stats = {"asserts_removed": 0, "dropouts_removed": 0, "noop_casts_removed": 0, "views_reshaped": 0}
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            if node.target is aten._assert_tensor_metadata.default:
-                graph.erase_node(node)
-                stats["asserts_removed"] += 1
-            elif op_name(node) in _DROPOUTS and not _training(node):
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-                stats["dropouts_removed"] += 1
-            elif is_cast(node) and written_dtype(node) == float_dtype(node.args[0].meta.get("val")):
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-                stats["noop_casts_removed"] += 1
-            elif node.target in _VIEWS:
-                node.target = aten.reshape.default
-                stats["views_reshaped"] += 1
-        before = len(graph.nodes)
-        graph.eliminate_dead_code()
-        stats["dead_removed"] = before - len(graph.nodes)
-        return PassResult(modified=any(stats.values()), stats=stats)
+        reasons: dict = {}
+        fired = apply([n for n in gm.graph.nodes if n.op == "call_function"], RULES, reasons)
+        stats = {rule.name: fired[rule.name] for rule in RULES}
+        before = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        stats["dead_removed"] = before - len(gm.graph.nodes)
+        return PassResult(modified=any(stats.values()), stats=stats, reasons=reasons)
 
 
 def _training(node: torch.fx.Node) -> bool:

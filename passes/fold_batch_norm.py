@@ -22,6 +22,7 @@ import torch.fx
 from mpcompiler.ir import attr_of, op_name, record
 from mpcompiler.ops import bound_args
 from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.rewrite import Match, RewriteRule, apply
 
 _FOLDABLE = {"conv1d", "conv2d", "conv3d", "linear"}
 
@@ -30,60 +31,69 @@ def _constant(gm, node) -> torch.Tensor | None:
     return attr_of(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
+def _match(out: torch.fx.Node) -> Match | str:
+    """A foldable inference batch norm whose output is ``out``: its conv/linear, weights and statistics."""
+    bn = _batch_norm(out)
+    if bn is None:
+        return "not an inference batch norm"
+    gm, a = out.graph.owning_module, bound_args(bn)
+    producer = a["input"]
+    if a.get("training") or not isinstance(producer, torch.fx.Node) or op_name(producer) not in _FOLDABLE:
+        return "not fed by a conv or linear"
+    if len(producer.users) != 1:
+        return "its conv or linear has other readers"
+    p = bound_args(producer)
+    w_node, b_node = p["weight"], p.get("bias")
+    weight, mean, var = _constant(gm, w_node), _constant(gm, a["running_mean"]), _constant(gm, a["running_var"])
+    if weight is None or mean is None or var is None:
+        return "weight or statistics not constant"
+    if len(w_node.users) != 1 or (b_node is not None and (_constant(gm, b_node) is None or len(b_node.users) != 1)):
+        return "weight or bias read elsewhere, or not constant"
+    gamma = _constant(gm, a["weight"]) if a.get("weight") is not None else torch.ones_like(var)
+    beta = _constant(gm, a["bias"]) if a.get("bias") is not None else torch.zeros_like(var)
+    if gamma is None or beta is None:
+        return "affine parameters not constant"
+    return dict(producer=producer, w_node=w_node, b_node=b_node, weight=weight, mean=mean, var=var, gamma=gamma,
+                beta=beta, eps=a["eps"])  # fmt: skip
+
+
+def _fold(out: torch.fx.Node, m: Match) -> None:
+    gm, producer, w_node, b_node, weight = (out.graph.owning_module, m["producer"], m["w_node"], m["b_node"],
+                                            m["weight"])  # fmt: skip
+    f64 = torch.float64
+    scale = m["gamma"].detach().to(f64) / torch.sqrt(m["var"].detach().to(f64) + m["eps"])
+    bias = _constant(gm, b_node).detach().to(f64) if b_node is not None else torch.zeros_like(scale)
+    new_w = weight.detach().to(f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    new_b = (bias - m["mean"].detach().to(f64)) * scale + m["beta"].detach().to(f64)
+    _replace_param(gm, w_node.target, new_w.to(weight.dtype))
+    if b_node is not None:
+        _replace_param(gm, b_node.target, new_b.to(weight.dtype))
+    else:
+        target = _new_param(gm, w_node.target.rpartition(".")[0], "bias", new_b.to(weight.dtype))
+        with gm.graph.inserting_before(producer):
+            b_node = gm.graph.get_attr(target)
+        record(b_node)
+        args = list(producer.args) + [None] * (3 - len(producer.args))
+        args[2] = b_node
+        producer.args = tuple(args)
+    out.replace_all_uses_with(producer)
+    gm.graph.erase_node(out)  # and the functional batch norm with it, as dead code
+
+
+FOLD = RewriteRule("folded", _match, _fold, "batch_norm(conv or linear) -> conv or linear, weights folded")
+
+
 class FoldBatchNorm(Pass):
     """Fold eval-mode batch_norm into the preceding conv or linear's weight and bias."""
 
     rewrites_graph = True  # the ending re-types the new bias attributes
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        folded = 0
-        for node in list(gm.graph.nodes):
-            bn = _batch_norm(node)
-            if bn is not None and self._fold(gm, node, bn):
-                folded += 1
+        reasons: dict = {}
+        folded = apply([n for n in gm.graph.nodes if n.op == "call_function"], [FOLD], reasons)["folded"]
         if folded:
             gm.graph.eliminate_dead_code()
-        return PassResult(modified=folded > 0, stats={"folded": folded})
-
-    def _fold(self, gm: torch.fx.GraphModule, out: torch.fx.Node, bn: torch.fx.Node) -> bool:
-        a = bound_args(bn)
-        producer = a["input"]
-        if a.get("training") or not isinstance(producer, torch.fx.Node) or op_name(producer) not in _FOLDABLE:
-            return False
-        if len(producer.users) != 1:
-            return False
-        p = bound_args(producer)
-        w_node = p["weight"]
-        weight, mean, var = _constant(gm, w_node), _constant(gm, a["running_mean"]), _constant(gm, a["running_var"])
-        if weight is None or mean is None or var is None or len(w_node.users) != 1:
-            return False
-        b_node = p.get("bias")
-        if b_node is not None and (_constant(gm, b_node) is None or len(b_node.users) != 1):
-            return False
-        gamma = _constant(gm, a["weight"]) if a.get("weight") is not None else torch.ones_like(var)
-        beta = _constant(gm, a["bias"]) if a.get("bias") is not None else torch.zeros_like(var)
-        if gamma is None or beta is None:
-            return False
-
-        f64 = torch.float64
-        scale = gamma.detach().to(f64) / torch.sqrt(var.detach().to(f64) + a["eps"])
-        bias = _constant(gm, b_node).detach().to(f64) if b_node is not None else torch.zeros_like(scale)
-        new_w = weight.detach().to(f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
-        new_b = (bias - mean.detach().to(f64)) * scale + beta.detach().to(f64)
-        _replace_param(gm, w_node.target, new_w.to(weight.dtype))
-        if b_node is not None:
-            _replace_param(gm, b_node.target, new_b.to(weight.dtype))
-        else:
-            target = _new_param(gm, w_node.target.rpartition(".")[0], "bias", new_b.to(weight.dtype))
-            with gm.graph.inserting_before(producer):
-                b_node = gm.graph.get_attr(target)
-            record(b_node)
-            args = list(producer.args) + [None] * (3 - len(producer.args))
-            args[2] = b_node
-            producer.args = tuple(args)
-        out.replace_all_uses_with(producer)
-        gm.graph.erase_node(out)  # and the functional batch norm with it, as dead code
-        return True
+        return PassResult(modified=folded > 0, stats={"folded": folded}, reasons=reasons)
 
 
 def _batch_norm(node: torch.fx.Node) -> torch.fx.Node | None:
