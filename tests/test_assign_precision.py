@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import mpcompiler
 from mpcompiler.ir import OpClass, record
-from tests.helpers import Overflow, Tiny, nodes_by_op, rel_err, stages
+from tests.helpers import TOL, Overflow, Tiny, nodes_by_op, rel_err, stages
 
 
 def _tiny_data():
@@ -44,7 +44,7 @@ def test_fragile_op_runs_fp32_and_parameter_only_op_goes_low():
     model = ExpHead().eval()
     compiled = mpcompiler.compile(model, data)
     x, ids = torch.randn(3, 8), torch.randint(0, 20, (3,))
-    assert rel_err(compiled(x, ids), model(x, ids)) < 5e-3
+    assert rel_err(compiled(x, ids), model(x, ids)) < TOL[torch.float16]
 
 
 def test_range_rule_names_output_and_input_overflow():
@@ -81,7 +81,7 @@ def test_keep_fp32_module_numbers_match_fp32_closer():
     x = torch.randn(64, 16)
     low = rel_err(mpcompiler.compile(model, data)(x), model(x))
     high = rel_err(mpcompiler.compile(model, data, keep_fp32=["fc1", "ln", "relu", "fc2", "softmax"])(x), model(x))
-    assert high < 1e-6 < low < 5e-3
+    assert high < 1e-6 < low < TOL[torch.float16]
 
 
 def test_model_input_beyond_fp16_is_not_cast_down():
@@ -93,4 +93,4 @@ def test_model_input_beyond_fp16_is_not_cast_down():
     assert record(x_node).range.absmax > 65504
     assert record(fc1).dtype == torch.float32 and record(fc1).rule == "range"
     x = torch.randn(4, 16) * 1e5
-    assert rel_err(mpcompiler.compile(model, data)(x), model(x)) < 5e-3
+    assert rel_err(mpcompiler.compile(model, data)(x), model(x)) < TOL[torch.float16]

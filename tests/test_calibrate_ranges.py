@@ -8,7 +8,7 @@ import transformers
 import mpcompiler
 from mpcompiler.ir import record
 from mpcompiler.passes.calibrate_ranges import _Stats
-from tests.helpers import Tiny, nodes_by_op, stages
+from tests.helpers import TOL, Tiny, nodes_by_op, stages
 
 
 def test_stats_of_known_values():
@@ -168,4 +168,4 @@ def test_processes_whose_samples_vary_in_other_dims_capture_alike_with_dynamic()
     dims = {"input_ids": [1], "attention_mask": [1]}
     merged = a.merge(mpcompiler.calibrate(model, fixed, dynamic=dims))
     compiled = mpcompiler.compile(model, [sample(8)], val_data=[sample(10)], calibration=merged)
-    assert compiled.report.calib_samples == 5 and compiled.report.accuracy.max < 5e-3
+    assert compiled.report.calib_samples == 5 and compiled.report.accuracy.max < TOL[torch.float16]
