@@ -142,22 +142,26 @@ def tuned_configs() -> dict[str, str]:
     """The launch configuration each loaded Inductor reduction and pointwise kernel runs with (after
     autotuning or coordinate-descent tuning), keyed by its output-code module and name: why one kernel is
     slower than its twin with the same loop (the o projection's residual-adding variant, docs/llm.md), or
-    than itself in another variant (the q rotary kernel of run X)."""
-    from torch._inductor.codecache import PyCodeCache
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    than itself in another variant (the q rotary kernel of run X). Evidence, not a row: Inductor's internals
+    failing here give ``{"error": ...}``, not an exception."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    configs = {}
-    for module in list(getattr(PyCodeCache, "modules", [])):
-        for name, kernel in vars(module).items():
-            tuned = isinstance(kernel, CachingAutotuner) and len(kernel.launchers) == 1
-            if tuned and name.startswith(("triton_red", "triton_poi")):
-                launcher = kernel.launchers[0]
-                stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
-                configs[f"{stem}:{name}"] = (
-                    f"{launcher.config} regs={getattr(launcher, 'n_regs', '?')} "
-                    f"spills={getattr(launcher, 'n_spills', '?')} shared={getattr(launcher, 'shared', '?')}"
-                )
-    return configs
+        configs = {}
+        for module in list(getattr(PyCodeCache, "modules", [])):
+            for name, kernel in vars(module).items():
+                tuned = isinstance(kernel, CachingAutotuner) and len(kernel.launchers) == 1
+                if tuned and name.startswith(("triton_red", "triton_poi")):
+                    launcher = kernel.launchers[0]
+                    stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
+                    configs[f"{stem}:{name}"] = (
+                        f"{launcher.config} regs={getattr(launcher, 'n_regs', '?')} "
+                        f"spills={getattr(launcher, 'n_spills', '?')} shared={getattr(launcher, 'shared', '?')}"
+                    )
+        return configs
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
@@ -242,10 +246,7 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     for b in batches:  # each batch's peer right after ours: a deadline never leaves a ratio without its peer
         row(name, "mpcompiler generate (CUDA graph decode)", b,
             lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
-        try:  # evidence, not a row: its failure loses no timing
-            meta[f"{name}_inductor_configs"] = tuned_configs()  # ours so far (the peer's follow)
-        except Exception as exc:
-            meta[f"{name}_inductor_configs"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        meta[f"{name}_inductor_configs"] = tuned_configs()  # ours so far (the peer's follow)
         row(name, "gpt-fast-style loop (static cache, reduce-overhead, coordinate descent)", b,
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
