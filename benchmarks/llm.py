@@ -50,10 +50,10 @@ import torch
 import transformers
 
 import mpcompiler
-import mpcompiler.llm
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import Generator
+from mpcompiler.passes import lower_decode_step
 from tests.helpers import run_handoff_snippet
 
 SHAPES = dict(
@@ -120,9 +120,9 @@ def patched(target, name: str, value):
 # decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
 EXPERIMENTS = {
-    # the 1-row graph as compiled before its MLP activations were stored once (llm._store_activations): run X
+    # the 1-row graph as compiled before its MLP activations were stored once (lower_decode_step): run X
     # measured the stored form's down projection 12.7 -> 9.2 us a layer (docs/llm.md)
-    "1-row decode, activations recomputed": (patched(mpcompiler.llm, "_store_activations", lambda graph: None), True),
+    "1-row decode, activations recomputed": (patched(lower_decode_step, "ONE_ROW_RULES", []), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.

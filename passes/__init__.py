@@ -7,6 +7,7 @@ from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
 from mpcompiler.passes.insert_kv_cache import InsertKvCache
+from mpcompiler.passes.lower_decode_step import LowerDecodeStep
 from mpcompiler.passes.lower_fused import LowerFused
 from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
@@ -19,6 +20,7 @@ __all__ = [
     "FoldBatchNorm",
     "InsertCasts",
     "InsertKvCache",
+    "LowerDecodeStep",
     "LowerFused",
     "SearchPrecision",
     "PlaceCasts",

@@ -12,7 +12,7 @@ import transformers
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import fused
-from mpcompiler.llm import _pad_rows, graph_rows, positions
+from mpcompiler.llm import Generator, _pad_rows, graph_rows, positions
 from tests.helpers import TOL, run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
@@ -75,7 +75,7 @@ def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     slots[:, :5] = mask[:, :5]
     got = [step(ids[:, :5], slots, positions(mask)[:, :5], torch.arange(5))]
     if rows is not None:
-        program = step.decode_step(rows)
+        program, _ = step.decode_step(rows)
         stored = [n for n in program.graph.nodes if n.target is torch.ops.prims.inductor_force_stride_order.default]
         assert len(stored) == (2 if rows == 1 else 0)  # the 1-row graph stores each MLP's SiLU x up once
         step = _padded(torch.compile(program, backend="aot_eager", dynamic=False), rows)
@@ -85,6 +85,23 @@ def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     want = whole[:, 4:]  # the last prompt position, then each decode position
     err = (torch.stack(got, 1) - want).norm() / want.norm()
     assert err < 2e-3
+
+
+def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
+    # lower_decode_step runs through a pass manager: its IR, stats and rules' reasons in generation/decode1/
+    _, compiled = llama
+    generator = Generator(compiled.graph_module, compiled.lm, dump_dir=tmp_path, debug=True)
+    program, example = generator.decode_step(1)
+    dump = (tmp_path / "generation" / "decode1" / "01_lower_decode_step.txt").read_text()
+    assert "cache_slices_dropped=" in dump and "activations_stored=2" in dump and "attention_as_matmuls=2" in dump
+    assert "activations_stored did not fire: not a linear" in dump
+    # typed at the CUDA graph's shapes (one new token a row), and the activations stored contiguous in them
+    ids = next(n for n in program.graph.nodes if n.target == "input_ids")
+    assert tuple(ids.meta["val"].shape) == tuple(example["input_ids"].shape) == (1, 1)
+    for node in program.graph.nodes:
+        if node.target is torch.ops.prims.inductor_force_stride_order.default:
+            assert tuple(node.args[1]) == torch.empty(node.meta["val"].shape).stride()
+            assert f"%{node.name} = prims.inductor_force_stride_order" in dump
 
 
 def _padded(program, rows):
