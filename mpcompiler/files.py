@@ -24,9 +24,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-# What compile() writes in a dump folder (one dump per pass, the generation program's in generation/):
-# removed before a compile writes there, so no dump of an earlier run is read as this run's.
-DUMP_PATTERNS = ("[0-9][0-9]_*.txt", "generation/[0-9][0-9]_*.txt", "report.json", "precision.png")
+# What compile() writes in a dump folder (one dump per pass; the smaller pipelines' in subfolders: search/,
+# generation/, generation/decode<rows>/, cuda_graph/ ...): removed before a compile writes there, so no dump
+# of an earlier run is read as this run's.
+DUMP_PATTERNS = ("**/[0-9][0-9]_*.txt", "report.json", "precision.png")
 
 
 def clear_dumps(folder: Path) -> None:

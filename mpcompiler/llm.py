@@ -153,7 +153,10 @@ class Generator:
             step, example = self.decode_step(rows)
             try:
                 with _vector_tuning(rows):
-                    self._graphs[rows] = CudaGraphModule(step, (), example | self.extra)
+                    dumps = self.dump_dir / f"decode{rows}" / "cuda_graph" if self.dump_dir is not None else None
+                    self._graphs[rows] = CudaGraphModule(
+                        step, (), example | self.extra, dump_dir=dumps, debug=self.debug
+                    )
             except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
                 warnings.warn(
                     f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "

@@ -2,6 +2,7 @@
 
 from mpcompiler.passes.assign_precision import AssignPrecision
 from mpcompiler.passes.calibrate_ranges import CalibrateRanges
+from mpcompiler.passes.channels_last import ChannelsLast
 from mpcompiler.passes.clean_graph import CleanGraph
 from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
@@ -15,6 +16,7 @@ from mpcompiler.passes.search_precision import SearchPrecision
 __all__ = [
     "AssignPrecision",
     "CalibrateRanges",
+    "ChannelsLast",
     "CleanGraph",
     "EliminateCasts",
     "FoldBatchNorm",

@@ -85,6 +85,7 @@ RULES = [
 class EliminateCasts(Pass):
     """Apply the cast rewrite rules to a fixed point."""
 
+    requires = ("casts",)
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:

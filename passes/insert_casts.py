@@ -37,6 +37,8 @@ CAST = torch.ops.aten._to_copy.default
 class InsertCasts(Pass):
     """Insert casts at precision boundaries and convert parameters once."""
 
+    requires = ("plan",)
+    ensures = ("casts",)
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:

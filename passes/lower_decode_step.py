@@ -118,6 +118,7 @@ class LowerDecodeStep(Pass):
     holds the step's tensor inputs at the graph's fixed shapes (``rows`` rows of one new token); the graph
     is typed at those shapes (a graph that writes its rows of the cache in place is one batch size's)."""
 
+    requires = ("kv_cache",)
     rewrites_graph = True
 
     def __init__(self, *, example: dict[str, torch.Tensor]):
