@@ -32,11 +32,11 @@ from mpcompiler._version import __version__
 from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
-from mpcompiler.files import write_atomic
+from mpcompiler.files import ONNX_DUMPS, clear_dumps, write_atomic
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
-from mpcompiler.ir import META_KEY, NodeRecord, Rule, graph_record, module_path
-from mpcompiler.pass_manager import progress, retype
-from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
+from mpcompiler.ir import META_KEY, graph_record, module_path
+from mpcompiler.pass_manager import PassManager, progress
+from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused, LowPrecisionIo
 from mpcompiler.samples import model_device, to_device
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
@@ -110,11 +110,17 @@ def export_onnx(
         _check_bf16_nodes(gm, providers)
     io = _io_dtype(io_dtype, graph_record(gm).dtype)
     program = twin(gm, "MpCompiledModuleONNX")
-    if io is not None:
-        _low_precision_io(program, io)
-    if compiled.lm is not None:  # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
-        InsertKvCache(**compiled.lm.__dict__, cache="io").run(program)
-    LowerFused(target=target, padding=padding).run(program)
+    passes = [
+        *([LowPrecisionIo(dtype=io), EliminateCasts()] if io is not None else []),
+        # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
+        *([InsertKvCache(**compiled.lm.__dict__, cache="io")] if compiled.lm is not None else []),
+        LowerFused(target=target, padding=padding),
+    ]
+    dump_dir = compiled.options.dump_dir
+    if dump_dir is not None:
+        clear_dumps(dump_dir, (ONNX_DUMPS,))  # an earlier export's, perhaps of other passes
+    folder = dump_dir / "onnx" if dump_dir is not None else None
+    PassManager(passes, dump_dir=folder, debug=compiled.options.debug).run(program)
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
@@ -162,38 +168,6 @@ def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     if dtype != torch.float16 or plan_dtype != torch.float16:
         raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
     return dtype
-
-
-def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
-    """Make the float inputs and outputs of ``twin`` ``dtype``.
-
-    Each float input gets a cast back to its old dtype in front of its readers, and each output its
-    cast to ``dtype``; eliminate_casts then folds the pairs this makes (f16 -> f32 -> f16 is exact).
-    """
-    graph = twin.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for p in placeholders:
-        val = p.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
-            continue
-        with graph.inserting_after(placeholders[-1]):
-            back = graph.call_function(torch.ops.aten._to_copy.default, (p,), {"dtype": val.dtype})
-        p.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
-        p.meta["val"] = val.to(dtype)
-        back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule=Rule.CAST, inserted=True)
-    output = next(n for n in graph.nodes if n.op == "output")
-    with graph.inserting_before(output):
-        outs = []
-        for o in output.args[0]:
-            val = o.meta.get("val") if isinstance(o, torch.fx.Node) else None
-            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dtype != dtype:
-                o = graph.call_function(torch.ops.aten._to_copy.default, (o,), {"dtype": dtype})
-                o.meta[META_KEY] = NodeRecord(dtype=dtype, rule=Rule.CAST, inserted=True)
-            outs.append(o)
-    output.args = (tuple(outs),)
-    twin.recompile()
-    retype(twin)
-    EliminateCasts().run(twin)
 
 
 def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:

@@ -1,4 +1,5 @@
-"""mpcompiler's passes, one per file; ``mpcompiler.api.pipeline`` lists them in order."""
+"""mpcompiler's passes, one per file. ``mpcompiler.api.pipeline`` lists compile's in order; ``export_onnx``
+(the ONNX lowering) and ``mpcompiler.llm.Generator`` (the generation step) run lists of their own."""
 
 from mpcompiler.passes.assign_precision import AssignPrecision
 from mpcompiler.passes.calibrate_ranges import CalibrateRanges
@@ -7,6 +8,7 @@ from mpcompiler.passes.eliminate_casts import EliminateCasts
 from mpcompiler.passes.fold_batch_norm import FoldBatchNorm
 from mpcompiler.passes.insert_casts import InsertCasts
 from mpcompiler.passes.insert_kv_cache import InsertKvCache
+from mpcompiler.passes.low_precision_io import LowPrecisionIo
 from mpcompiler.passes.lower_fused import LowerFused
 from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
@@ -19,6 +21,7 @@ __all__ = [
     "FoldBatchNorm",
     "InsertCasts",
     "InsertKvCache",
+    "LowPrecisionIo",
     "LowerFused",
     "SearchPrecision",
     "PlaceCasts",
