@@ -1,10 +1,12 @@
 """Emit the ONNX artifact: ``torch.onnx.export(dynamo=True)`` of the compiled FX module, plus what is ours.
 
 torch.onnx covers the ops. mpcompiler owns: the precision plan (already in the FX graph: the export
-keeps its casts and fp16 initializers), model input/output names and readable dynamic dims, provenance
-(every ONNX node carries the FX node, module path and dtype it came from), the precision summary in
-the model's metadata, checking (onnx.checker's full check with shape inference), an atomic write,
-verification in ONNX Runtime against fp32 and the FX module, and the deployment handoff file.
+keeps its casts and fp16 initializers), the lowering for ONNX Runtime (a pass pipeline on a copy of the
+graph), model input/output names and readable dynamic dims (onnx_io), provenance (every ONNX node
+carries the FX node, module path and dtype it came from), the precision summary in the model's
+metadata, checking (onnx.checker's full check with shape inference), an atomic write, verification in
+ONNX Runtime against fp32 and the FX module (ort_verify), and the deployment handoff file.
+``export_onnx`` runs them in order; the export, provenance, summary, checked save and handoff are here.
 """
 
 from __future__ import annotations
@@ -17,36 +19,30 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 import torch.fx
-import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
-from torch.export import Dim
 
-from mpcompiler import dtypes, ort_child
+from mpcompiler import dtypes
 from mpcompiler._version import __version__
-from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
+from mpcompiler.accuracy import output_names
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
 from mpcompiler.files import ONNX_DUMPS, clear_dumps, write_atomic
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
 from mpcompiler.ir import META_KEY, graph_record, module_path
+from mpcompiler.onnx_io import GENAI_DIMS, example, name_io, with_pasts
+from mpcompiler.ort_verify import DEFAULT_TOLERANCE, check_bf16_nodes, import_onnxruntime, verify_artifact
 from mpcompiler.pass_manager import PassManager, progress
 from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused, LowPrecisionIo
-from mpcompiler.samples import model_device, to_device
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
 # Opset 23 is the first with an Attention op (SDPA exports as one node, not MatMul/Softmax), but ONNX
 # Runtime 1.31's CUDA provider runs opset-23 convolutions with prefer_nhwc 4.6x slower and cannot
 # capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.2 ms; docs/perf.md).
 ATTENTION_OPSET, BASE_OPSET = 23, 20
-DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
-GREEDY_STEPS = 8  # a causal LM's artifact decodes this many of the FX module's greedy tokens ...
-GREEDY_AGREEMENT = 0.85  # ... and chooses each itself at least this often (a near tie may flip one)
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
 
 
@@ -107,7 +103,7 @@ def export_onnx(
     path = Path(path)
     gm = compiled.graph_module
     if verify != "off":
-        _check_bf16_nodes(gm, providers)
+        check_bf16_nodes(gm, providers)
     io = _io_dtype(io_dtype, graph_record(gm).dtype)
     program = twin(gm, "MpCompiledModuleONNX")
     passes = [
@@ -124,17 +120,17 @@ def export_onnx(
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
-    args, kwargs = _example(compiled, io)
+    args, kwargs = example(compiled, io)
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:
-        kwargs, dynamic_shapes = _with_pasts(program, kwargs, dynamic_shapes)
+        kwargs, dynamic_shapes = with_pasts(program, kwargs, dynamic_shapes)
     with progress(what=f"ONNX export of {path.name}", total=3 if verify != "off" else 2, unit="stage") as stages:
         stages.set_postfix_str("torch.onnx.export")
         onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
         stages.update()
         stages.set_postfix_str("save and check")
         model = onnx_program.model
-        _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
+        name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
         _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
         model.metadata_props["mpcompiler.padding"] = padding
         if external_data is None:
@@ -149,7 +145,7 @@ def export_onnx(
             stages.set_postfix_str("verify in ONNX Runtime")
             provider, errors_fp32, errors_fx = None, {}, {}
             if verify != "off":
-                provider, errors_fp32, errors_fx = _verify(
+                provider, errors_fp32, errors_fx = verify_artifact(
                     compiled, program, tmp / path.name, io, providers, tolerance, verify, padding
                 )
             for f in reversed(files):  # the weights first, the model that points at them last
@@ -168,45 +164,6 @@ def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     if dtype != torch.float16 or plan_dtype != torch.float16:
         raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
     return dtype
-
-
-def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:
-    device = model_device(compiled.graph_module)
-    sample = to_device(compiled.val_samples[0], device)
-    return _with_io_dtype(sample, io) if io is not None else sample
-
-
-def _pasts(program: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in program.graph.nodes if n.op == "placeholder" and n.target.startswith("past_key_values_")]
-
-
-def _with_pasts(program, kwargs: dict, dynamic_shapes: dict, length: int = 4) -> tuple[dict, dict]:
-    """A causal LM's example with ``length`` past tokens (export needs a size past 1 to keep it dynamic),
-    and its dynamic dims: the pasts' batch and length, the mask's total length."""
-    batch = kwargs["input_ids"].shape[0]
-    mask = kwargs["attention_mask"]
-    kwargs = (
-        kwargs
-        | {"attention_mask": torch.cat([mask.new_ones(batch, length), mask], 1)}
-        | _empty_pasts(program, batch, length)
-    )
-    past = Dim("past_sequence_length")  # one length for every layer's past keys and values
-    dims = {n.target: {0: Dim.AUTO, 2: past} for n in _pasts(program)}
-    return kwargs, dict(dynamic_shapes) | dims
-
-
-def _empty_pasts(program, batch: int, length: int = 0) -> dict[str, torch.Tensor]:
-    """Zero past keys and values of ``length`` tokens for each past input of ``program``."""
-    pasts = {}
-    for node in _pasts(program):
-        val = node.meta["val"]
-        shape = (batch, int(val.shape[1]), length, int(val.shape[3]))
-        pasts[node.target] = torch.zeros(shape, dtype=val.dtype, device=model_device(program))
-    return pasts
-
-
-def _with_io_dtype(tree, dtype: torch.dtype):
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.dtype.is_floating_point else t, tree)
 
 
 def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
@@ -290,49 +247,6 @@ def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
     return ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(summary[:3])}")
 
 
-def _name_io(model: ir.Model, names: list[str], dim_names: dict) -> None:
-    """Outputs take the model's names; symbolic dims become ``<input>_dim<k>`` by first appearance,
-    or the name ``dim_names`` gives (input, k)."""
-    graph = model.graph
-    for value in graph.inputs:
-        value.name = onnx_input_name(value.name)
-    if len(graph.outputs) == len(names):
-        for value, name in zip(graph.outputs, names, strict=True):
-            if value.name != name and not any(v.name == name for v in graph.inputs):
-                value.name = name
-    dims: dict[str, str] = {}
-    for value in graph.inputs:
-        for k, d in enumerate(value.shape or ()):
-            if isinstance(d, ir.SymbolicDim) and d.value not in dims:
-                dims[d.value] = dim_names.get((value.name, k), f"{value.name}_dim{k}")
-    values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
-    for value in values:
-        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in value.shape):
-            value.shape = ir.Shape([_rename(d, dims) for d in value.shape])
-
-
-# a causal LM's dims as ONNX Runtime GenAI's models name them
-GENAI_DIMS = {
-    ("input_ids", 0): "batch_size",
-    ("input_ids", 1): "sequence_length",
-    ("attention_mask", 1): "total_sequence_length",
-    ("past_key_values.0.key", 2): "past_sequence_length",
-}
-
-
-def onnx_input_name(name: str) -> str:
-    """An FX input's name in the artifact: a KV cache input ``past_key_values_0_key`` is
-    ``past_key_values.0.key``, ONNX Runtime GenAI's name (FX names cannot hold dots)."""
-    match = re.fullmatch(r"past_key_values_(\d+)_(key|value)", name or "")
-    return f"past_key_values.{match.group(1)}.{match.group(2)}" if match else name
-
-
-def _rename(d, dims: dict[str, str]):
-    if not isinstance(d, ir.SymbolicDim) or d.value is None:
-        return d
-    return re.sub(r"\b[su]\d+\b", lambda m: dims.get(m.group(0), m.group(0)), d.value)
-
-
 def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
     """Provenance on every node, the precision summary on the model."""
     by_export_name = {n.name: n.meta.get("custom", {}).get(_PROVENANCE) for n in exported.graph.nodes}
@@ -377,139 +291,6 @@ def _save_checked(model: ir.Model, path: Path, external: bool) -> list[Path]:
     return [path, path.with_name(data_name)] if data_name else [path]
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(
-            "verifying the ONNX artifact needs ONNX Runtime: pip install onnxruntime-gpu (or onnxruntime "
-            "on a CPU machine), or export with verify='off'"
-        ) from exc
-    return onnxruntime
-
-
-def _providers(providers: list[str] | None) -> list[str]:
-    """The providers asked for; default: CUDA if present, else CPU."""
-    if providers is not None:
-        return providers
-    available = _onnxruntime().get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def _cpu_only(providers: list[str]) -> bool:
-    return all(p == "CPUExecutionProvider" for p in providers)
-
-
-def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> None:
-    """A float16 plan with bf16 nodes (dtype="auto") cannot load in ONNX Runtime's CPU provider, which has
-    no bf16 kernels: say so before exporting, naming the nodes."""
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(META_KEY) is not None]
-    bf16 = [n.name for n in ops if n.meta[META_KEY].dtype == torch.bfloat16 and not n.meta[META_KEY].inserted]
-    if graph_record(gm).dtype == torch.bfloat16 or not bf16 or not _cpu_only(_providers(providers)):
-        return
-    raise ExportError(
-        f"the plan runs {len(bf16)} nodes in bf16 ({', '.join(bf16[:5])}{', ...' if len(bf16) > 5 else ''}) and "
-        "ONNX Runtime's CPU provider has no bf16 kernels; verify with providers=['CUDAExecutionProvider'], pass "
-        "verify='off', or compile with dtype='float16' (fp32 where fp16 overflows)"
-    )
-
-
-def _verify(compiled, program, path, io, providers, tolerance, mode, padding):
-    """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
-    compare with fp32 and the FX module. A causal LM runs each held-out text as a prefill with an empty
-    cache, and then decodes greedy tokens from the first, compared with the FX module's generate()."""
-    _onnxruntime()  # a clear error if it is not installed
-    gm = compiled.graph_module
-    providers = _providers(providers)
-    if graph_record(gm).dtype == torch.bfloat16 and _cpu_only(providers):
-        warnings.warn(
-            "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
-        )
-        return None, {}, {}
-    in_spec = gm.graph._codegen.pytree_info.in_spec
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]  # forward()'s names: ONNX's inputs
-    device = model_device(gm)
-    feeds, fx_outs = [], []
-    with torch.no_grad():
-        for sample in compiled.val_samples:
-            args, kwargs = to_device(sample, device)
-            flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
-            if io is not None:
-                flat = _with_io_dtype(flat, io)
-            flat = zip(names, flat, strict=True)
-            feed = {n: v for n, v in flat if isinstance(v, torch.Tensor)}
-            if compiled.lm is not None:
-                feed |= _empty_pasts(program, feed["input_ids"].shape[0])
-            feed = {onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()}
-            feeds.append(_packed_rows(feed) if compiled.lm is not None else feed)
-            fx_outs.append(flat_outputs(gm(*args, **kwargs)))
-    steps = _greedy_steps(compiled)
-    if steps:  # the FX module's greedy tokens from the first held-out text, which ONNX Runtime decodes too
-        args, kwargs = to_device(compiled.val_samples[0], device)
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        fx_tokens = compiled.generate(ids, mask, max_new_tokens=steps)[:, ids.shape[1] :].cpu()
-        feeds[0][ort_child.FORCED] = fx_tokens.numpy()
-    provider, outs = ort_child.run(path, feeds, providers)
-    onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample[: len(fx_outs[0])]] for sample in outs]
-    fx_outs = [[t.cpu() if t is not None else None for t in o] for o in fx_outs]
-    refs = compiled.val_refs
-    if compiled.lm is not None:  # a causal LM's logits where there is a token: padding computes nothing used
-        real = [torch.as_tensor(sample[1]["attention_mask"])[..., None].bool() for sample in compiled.val_samples]
-        onnx_outs = [[_unpacked_rows(o[0], m[..., 0])] for o, m in zip(onnx_outs, real, strict=True)]
-        onnx_outs, fx_outs, refs = (
-            [[o[0] * m] for o, m in zip(x, real, strict=True)] for x in (onnx_outs, fx_outs, refs)
-        )
-    out_names = output_names(gm)
-    vs_fp32 = rel_l2(onnx_outs, refs, out_names)
-    vs_fx = rel_l2(onnx_outs, fx_outs, out_names)
-    greedy = None
-    if steps:  # each step's argmax in ONNX Runtime vs the token the FX module chose there
-        greedy = float((torch.from_numpy(outs[0][-1]) == fx_tokens).float().mean())
-    worst = max([*vs_fp32.values(), *vs_fx.values()], default=0.0)
-    if not worst <= tolerance or (greedy is not None and greedy < GREEDY_AGREEMENT):
-        msg = (
-            f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
-            f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
-            + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
-            + (
-                "; exported with padding='right', its attention reads each row's length only: a held-out "
-                "sample padded otherwise (on the left, or a mask that is not padding) is computed differently "
-                "(export with padding='any')"
-                if padding == "right"
-                else ""
-            )
-        )
-        if mode == "error":
-            raise ExportError(msg)
-        warnings.warn(msg, stacklevel=3)
-    if greedy is not None:
-        vs_fx["greedy_agreement"] = greedy
-    return provider, vs_fp32, vs_fx
-
-
-def _packed_rows(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A left-padded causal-LM feed with each row's tokens moved to its front (the artifact's cache layout:
-    prompts right-padded)."""
-    shift = (feed["attention_mask"] == 0).sum(-1)
-    rows = {"input_ids", "attention_mask", "position_ids"}
-    return {k: np.stack([np.roll(r, -n) for r, n in zip(v, shift, strict=True)]) if k in rows else v
-            for k, v in feed.items()}  # fmt: skip
-
-
-def _unpacked_rows(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Outputs [B, T, ...] of a right-padded feed back at their left-padded rows' positions."""
-    shift = (mask == 0).sum(-1).tolist()
-    return torch.stack([row.roll(n, 0) for row, n in zip(out, shift, strict=True)])
-
-
-def _greedy_steps(compiled) -> int:
-    """Greedy tokens verification decodes: 8, within the KV cache; 0 for a model not compiled to generate."""
-    if compiled.lm is None:
-        return 0
-    first = compiled.val_samples[0][1]["input_ids"]
-    return max(0, min(GREEDY_STEPS, compiled.lm.max_seq - first.shape[1]))
-
-
 def _tensor_info(value: ir.Value) -> dict:
     shape = [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (value.shape or ())]
     return {"name": value.name, "dtype": value.dtype.name.lower() if value.dtype else None, "shape": shape}
@@ -535,7 +316,7 @@ def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, p
             "calibration_samples": report.calib_samples,
         },
         "verified_with": {
-            "onnxruntime": _onnxruntime().__version__,
+            "onnxruntime": import_onnxruntime().__version__,
             "provider": provider,
             "samples": len(compiled.val_samples),
             "held_out": report.accuracy.held_out if report.accuracy else None,
