@@ -448,8 +448,8 @@ def test_segment_ids_broadcast_over_the_batch_keep_the_plain_embeddings(tmp_path
 
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
     from mpcompiler.accuracy import flat_outputs
-    from mpcompiler.emit_onnx import _empty_pasts
     from mpcompiler.fused import kv_attention
+    from mpcompiler.onnx_io import empty_pasts
     from mpcompiler.passes import InsertKvCache
     from mpcompiler.passes.lower_fused import _match_rotary_group_query_attention
     from tests.test_llm import _llama, _prompt
@@ -465,7 +465,7 @@ def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0  # right padding: the cache layout's
     feed = {"input_ids": torch.randint(3, 100, (2, 7)), "attention_mask": mask, "use_cache": False}
-    feed |= {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} | _empty_pasts(ref, 2)
+    feed |= {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} | empty_pasts(ref, 2)
     with torch.no_grad():
         (want, *want_cache), (got, *got_cache) = flat_outputs(ref(**feed)), flat_outputs(gm(**feed))
     real = mask.bool()  # a padding token's position differs (its logits and cache slot are never read)
