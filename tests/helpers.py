@@ -101,6 +101,13 @@ def ir_lines(gm) -> list[str]:
     return lines
 
 
+def why_not(result: PassResult, rule: str, *, besides: str) -> dict[str, int]:
+    """How often each reason kept ``rule`` from firing in ``result``, less ``besides``: its first check's
+    ("not a layer_norm"), which every other node it was tried on gives (so its count is the graph's size).
+    A reason reworded, or ``besides`` reworded, changes the answer."""
+    return {why: n for why, n in result.reasons.get(rule, {}).items() if why != besides}
+
+
 def nodes_by_op(gm, op: str):
     from mpcompiler.ir import op_name
 
