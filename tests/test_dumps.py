@@ -43,6 +43,16 @@ def _stable(text: str) -> str:
     return re.sub(r"; [\d.]+ ms\)", "; <ms>)", text)
 
 
+def assert_golden(dump_dir: Path, name: str, model: str) -> None:
+    """The dump ``name`` in ``dump_dir``, its time made ``<ms>``, is ``golden/<model>_<name>`` to the byte
+    (MPCOMPILER_UPDATE_GOLDEN=1 writes it there instead)."""
+    got = _stable((dump_dir / name).read_text())
+    golden = GOLDEN / f"{model}_{name}"
+    if os.environ.get("MPCOMPILER_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text(), f"{name} differs from {golden}"
+
+
 def test_dump_files_and_golden_text(tmp_path):
     _compile(tmp_path, debug=False)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -54,11 +64,7 @@ def test_dump_files_and_golden_text(tmp_path):
         "report.json",
     ]
     for name in ("05_assign_precision.txt", "07_insert_casts.txt"):
-        got = _stable((tmp_path / name).read_text())
-        golden = GOLDEN / f"small_{name}"
-        if os.environ.get("MPCOMPILER_UPDATE_GOLDEN"):
-            golden.write_text(got)
-        assert got == golden.read_text(), f"{name} differs from {golden}"
+        assert_golden(tmp_path, name, "small")
 
 
 def test_a_second_compile_into_a_dump_dir_leaves_no_dump_of_the_first(tmp_path):
