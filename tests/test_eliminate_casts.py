@@ -154,7 +154,7 @@ def test_a_rounding_round_trip_stays_and_each_rule_says_why():
     # two casts, each tried by each rule once (nothing fired, so one sweep)
     assert result.reasons == {
         "identity": Counter({"changes dtype": 2}),
-        "exact_chain": Counter({"input is not a cast": 1, "inner cast torch.float32 -> torch.float16 rounds": 1}),
+        "exact_chain": Counter({"input is not a cast": 1, "inner cast f32 -> f16 rounds": 1}),
         "dead": Counter({"has users": 2}),
         "duplicate": Counter({"the first cast of its value to its dtype": 2}),
     }
