@@ -90,8 +90,11 @@ class EliminateCasts(Pass):
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        stats, reasons = dict.fromkeys([rule.name for rule in RULES], 0), {}
-        while fired := apply([n for n in gm.graph.nodes if is_cast(n)], RULES, reasons):
+        stats = dict.fromkeys([rule.name for rule in RULES], 0)
+        while True:
+            reasons: dict = {}  # the last round's: why each cast left stays (earlier rounds would count it again)
+            fired = apply([n for n in gm.graph.nodes if is_cast(n)], RULES, reasons)
+            if not fired:
+                return PassResult(modified=any(stats.values()), stats=stats, reasons=reasons)
             for name, count in fired.items():
                 stats[name] += count
-        return PassResult(modified=any(stats.values()), stats=stats, reasons=reasons)
