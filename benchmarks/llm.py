@@ -22,7 +22,7 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-the down projection's activation stored once, a wider coordinate descent for the 1-row graph, Inductor's C++
+the 1-row graph with its MLP activations recomputed, a wider coordinate descent for the 1-row graph, Inductor's C++
 wrapper), each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
 the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
@@ -53,6 +53,7 @@ import mpcompiler
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler.llm import Generator
+from mpcompiler.passes import lower_decode_step
 from tests.helpers import run_handoff_snippet
 
 SHAPES = dict(
@@ -111,32 +112,6 @@ def gpt_fast_loop(model, ids, new: int, max_seq: int):
     return run
 
 
-_DECODE_STEP = Generator.decode_step  # the original, for the stand-in below (patched over while it compiles)
-
-
-def _realized_activation(generator: Generator, rows: int) -> torch.fx.GraphModule:
-    """Generator.decode_step's stand-in: SiLU(gate) x up stored once (Inductor's force-stride-order prim
-    realizes it) before the down projection, whose matrix-vector kernel otherwise recomputes it from gate
-    and up in each of its programs (512 in run W: 22 KB of L2 reads each beside 45 KB of weights)."""
-    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
-
-    step = _DECODE_STEP(generator, rows)
-    for node in list(step.graph.nodes):
-        act = node.args[0] if node.target is torch.ops.aten.linear.default else None
-        if isinstance(act, torch.fx.Node) and act.target is torch.ops.aten.mul.Tensor:
-            if any(getattr(a, "target", None) is torch.ops.aten.silu.default for a in act.args):
-                shape = act.meta["val"].shape
-                stride = [int(torch.Size(shape[i + 1 :]).numel()) for i in range(len(shape))]
-                with step.graph.inserting_before(node):
-                    stored = step.graph.call_function(
-                        torch.ops.prims.inductor_force_stride_order.default, (act, stride)
-                    )
-                stored.meta.update(act.meta)
-                node.replace_input_with(act, stored)
-    step.recompile()
-    return step
-
-
 def patched(target, name: str, value):
     """A context factory: ``target.name`` replaced by ``value`` while the variant compiles."""
     return lambda: unittest.mock.patch.object(target, name, value)
@@ -145,9 +120,9 @@ def patched(target, name: str, value):
 # decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
 EXPERIMENTS = {
-    # run X (docs/llm.md): the down projection's kernel 12.7 -> 9.2 us a layer, yet the generation slower, its
-    # q rotary kernel at 8.5 us (2.3 in the default's process; 8.2 in the default's of another process)
-    "down projection's activation stored once": (patched(Generator, "decode_step", _realized_activation), True),
+    # the 1-row graph as compiled before its MLP activations were stored once (lower_decode_step): run X
+    # measured the stored form's down projection 12.7 -> 9.2 us a layer (docs/llm.md)
+    "1-row decode, activations recomputed": (patched(lower_decode_step, "ONE_ROW_RULES", []), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
@@ -167,22 +142,26 @@ def tuned_configs() -> dict[str, str]:
     """The launch configuration each loaded Inductor reduction and pointwise kernel runs with (after
     autotuning or coordinate-descent tuning), keyed by its output-code module and name: why one kernel is
     slower than its twin with the same loop (the o projection's residual-adding variant, docs/llm.md), or
-    than itself in another variant (the q rotary kernel of run X)."""
-    from torch._inductor.codecache import PyCodeCache
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    than itself in another variant (the q rotary kernel of run X). Evidence, not a row: Inductor's internals
+    failing here give ``{"error": ...}``, not an exception."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    configs = {}
-    for module in list(getattr(PyCodeCache, "modules", [])):
-        for name, kernel in vars(module).items():
-            tuned = isinstance(kernel, CachingAutotuner) and len(kernel.launchers) == 1
-            if tuned and name.startswith(("triton_red", "triton_poi")):
-                launcher = kernel.launchers[0]
-                stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
-                configs[f"{stem}:{name}"] = (
-                    f"{launcher.config} regs={getattr(launcher, 'n_regs', '?')} "
-                    f"spills={getattr(launcher, 'n_spills', '?')} shared={getattr(launcher, 'shared', '?')}"
-                )
-    return configs
+        configs = {}
+        for module in list(getattr(PyCodeCache, "modules", [])):
+            for name, kernel in vars(module).items():
+                tuned = isinstance(kernel, CachingAutotuner) and len(kernel.launchers) == 1
+                if tuned and name.startswith(("triton_red", "triton_poi")):
+                    launcher = kernel.launchers[0]
+                    stem = Path(getattr(module, "__file__", "") or "?").stem[:8]
+                    configs[f"{stem}:{name}"] = (
+                        f"{launcher.config} regs={getattr(launcher, 'n_regs', '?')} "
+                        f"spills={getattr(launcher, 'n_spills', '?')} shared={getattr(launcher, 'shared', '?')}"
+                    )
+        return configs
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
@@ -267,10 +246,7 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     for b in batches:  # each batch's peer right after ours: a deadline never leaves a ratio without its peer
         row(name, "mpcompiler generate (CUDA graph decode)", b,
             lambda b=b: lambda: ours.generate(prompts[b], max_new_tokens=args.new))  # fmt: skip
-        try:  # evidence, not a row: its failure loses no timing
-            meta[f"{name}_inductor_configs"] = tuned_configs()  # ours so far (the peer's follow)
-        except Exception as exc:
-            meta[f"{name}_inductor_configs"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        meta[f"{name}_inductor_configs"] = tuned_configs()  # ours so far (the peer's follow)
         row(name, "gpt-fast-style loop (static cache, reduce-overhead, coordinate descent)", b,
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")

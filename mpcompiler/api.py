@@ -145,18 +145,24 @@ def pipeline(
     options: Options, samples: list, device: torch.device, val=(), refs=list, calibration: Calibration | None = None
 ) -> list[Pass]:
     """The passes, in order. calibrate_ranges adds the samples' statistics to ``calibration`` (other
-    processes'); search_precision runs only with a tolerance; it re-plans with assign_precision and
-    place_casts."""
+    processes'); search_precision runs only with a tolerance; it re-plans with a pipeline of its own,
+    assign_precision and place_casts (dumped in the dump folder's ``search/``)."""
     assign = AssignPrecision(
         dtype=options.dtype,
         fallback=options.fallback if has_bf16_kernels(device) else None,
         keep_fp32=options.keep_fp32,
     )
     place = PlaceCasts()
+    # each plan the search tries is re-derived by these two; the dumps are of the plan it chose (the last run)
+    replan = PassManager(
+        [assign, place],
+        dump_dir=options.dump_dir / "search" if options.dump_dir is not None else None,
+        debug=options.debug,
+    )
     search = SearchPrecision(
         tolerance=options.tolerance,
         metric=options.metric,
-        replan=lambda gm: (assign.run(gm), place.run(gm)),
+        replan=replan,
         calib_samples=samples,
         val_samples=val,
         val_refs=refs,
@@ -255,12 +261,13 @@ class CompiledModule(torch.nn.Module):
         """The fastest mode on the GPU: this module under ``torch.compile``, captured as one CUDA graph
         for the shapes of ``example`` (a sample as in calib_data: a tensor, a tuple of positional
         arguments or a dict of keyword arguments); see :mod:`mpcompiler.cuda_graph`. Call the result
-        like the model with inputs of those shapes. Models with 2-D convolutions get channels_last
-        weights here, in place (this module keeps working, in NHWC). ``autotune``: Inductor's
+        like the model with inputs of those shapes. Models with 2-D convolutions run there with
+        channels_last copies of their weights (this module keeps its own). ``autotune``: Inductor's
         max-autotune for these shapes (each GEMM's Triton templates, epilogues fused, timed against
         cuBLAS; minutes of compiling)."""
         args, kwargs = as_sample(example, 0, "example")
-        return CudaGraphModule(self.graph_module, args, kwargs, autotune)
+        dumps = self.options.dump_dir / "cuda_graph" if self.options.dump_dir is not None else None
+        return CudaGraphModule(self.graph_module, args, kwargs, autotune, dumps, self.options.debug)
 
     def to(self, *args, **kwargs):
         """Move to another device. The dtypes are the compiled plan's: to change them, compile again."""

@@ -1,7 +1,8 @@
 """The FX artifact's fastest mode on the GPU: Inductor's kernels replayed as one CUDA graph.
 
-``compiled.cuda_graph(example)`` lowers a copy of the emitted module for cuDNN (conv + bias
-[+ residual] + relu as one kernel, see ``mpcompiler.fused``), compiles it with ``torch.compile``
+``compiled.cuda_graph(example)`` lowers a copy of the emitted module for cuDNN (``channels_last`` weights,
+conv + bias [+ residual] + relu as one kernel: ``lower_fused``; dumped in the dump folder's ``cuda_graph/``),
+compiles it with ``torch.compile``
 (Inductor's fusions, no CUDA graphs of its own), captures one call on the example's shapes in a
 ``torch.cuda.CUDAGraph``, and returns a callable that copies its inputs into the graph's static
 buffers and replays it. A call then costs the GPU work and one graph launch: no Python per op, no
@@ -24,19 +25,11 @@ import torch.utils._pytree as pytree
 from mpcompiler.capture import GraphInput, describe_input, graph_input_names
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import OptionError
-from mpcompiler.passes import LowerFused
+from mpcompiler.pass_manager import PassManager
+from mpcompiler.passes import ChannelsLast, LowerFused
 from mpcompiler.samples import model_device
 
 WARMUP = 3  # calls before capture: compilation, cuDNN's algorithm search and lazy cuBLAS setup happen here
-
-
-def _has_conv2d(gm: torch.fx.GraphModule) -> bool:
-    convs = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
-    for node in gm.graph.nodes:
-        val = node.args[0].meta.get("val") if node.target in convs else None
-        if isinstance(val, torch.Tensor) and val.dim() == 4:
-            return True
-    return False
 
 
 @contextlib.contextmanager
@@ -54,7 +47,9 @@ def _cudnn_autotuned():
 class CudaGraphModule:
     """A compiled module captured as one CUDA graph for fixed input shapes. Call it like the model."""
 
-    def __init__(self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, autotune: bool = False):
+    def __init__(
+        self, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, autotune: bool = False, dump_dir=None, debug=False
+    ):
         device = model_device(gm)
         if not torch.cuda.is_available():
             raise OptionError("cuda_graph() needs a CUDA GPU; torch.cuda.is_available() is False")
@@ -63,13 +58,11 @@ class CudaGraphModule:
                 f"cuda_graph() needs the compiled module on the GPU (its weights are on {device}); "
                 "compile with device='cuda' or call compiled.to('cuda') first"
             )
-        # Convolutions run fastest in NHWC on tensor cores: weights and image inputs go channels_last,
-        # and conv + bias [+ residual] + relu become one cuDNN kernel (on a copy of the graph).
-        self.channels_last = _has_conv2d(gm)
-        if self.channels_last:
-            gm.to(memory_format=torch.channels_last)
+        # On a copy of the graph: convolutions run fastest in NHWC on tensor cores, so weights (the copy's
+        # own) and image inputs go channels_last, and conv + bias [+ residual] + relu become one cuDNN kernel.
         gm = twin(gm, "MpCompiledModuleCudaGraph")
-        LowerFused(target="fx-cuda").run(gm)
+        self.runs = PassManager([ChannelsLast(), LowerFused(target="fx-cuda")], dump_dir=dump_dir, debug=debug).run(gm)
+        self.channels_last = self.runs[0].result.modified
         self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
         names = graph_input_names(gm)

@@ -1,10 +1,12 @@
 """Emit the ONNX artifact: ``torch.onnx.export(dynamo=True)`` of the compiled FX module, plus what is ours.
 
 torch.onnx covers the ops. mpcompiler owns: the precision plan (already in the FX graph: the export
-keeps its casts and fp16 initializers), model input/output names and readable dynamic dims, provenance
-(every ONNX node carries the FX node, module path and dtype it came from), the precision summary in
-the model's metadata, checking (onnx.checker's full check with shape inference), an atomic write,
-verification in ONNX Runtime against fp32 and the FX module, and the deployment handoff file.
+keeps its casts and fp16 initializers), the lowering for ONNX Runtime (a pass pipeline on a copy of the
+graph), model input/output names and readable dynamic dims (onnx_io), provenance (every ONNX node
+carries the FX node, module path and dtype it came from), the precision summary in the model's
+metadata, checking (onnx.checker's full check with shape inference), an atomic write, verification in
+ONNX Runtime against fp32 and the FX module (ort_verify), and the deployment handoff file (handoff).
+``export_onnx`` runs them in order; the export, provenance, summary and checked save are here.
 """
 
 from __future__ import annotations
@@ -17,36 +19,31 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 import torch.fx
-import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
-from torch.export import Dim
 
-from mpcompiler import dtypes, ort_child
+from mpcompiler import dtypes
 from mpcompiler._version import __version__
-from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
+from mpcompiler.accuracy import output_names
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import ExportError
-from mpcompiler.files import write_atomic
+from mpcompiler.files import ONNX_DUMPS, clear_dumps
 from mpcompiler.fused import OPSET_23_OPS, kv_attention, onnx_translations
-from mpcompiler.ir import META_KEY, NodeRecord, Rule, graph_record, module_path
-from mpcompiler.pass_manager import progress, retype
-from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused
-from mpcompiler.samples import model_device, to_device
+from mpcompiler.handoff import write_handoff
+from mpcompiler.ir import META_KEY, graph_record, module_path
+from mpcompiler.onnx_io import GENAI_DIMS, example, name_io, with_pasts
+from mpcompiler.ort_verify import DEFAULT_TOLERANCE, check_bf16_nodes, verify_artifact
+from mpcompiler.pass_manager import PassManager, progress
+from mpcompiler.passes import EliminateCasts, InsertKvCache, LowerFused, LowPrecisionIo
 
 EXTERNAL_DATA_LIMIT = 2**31 - 2**24  # protobuf's 2 GiB, with room for the graph itself
 # Opset 23 is the first with an Attention op (SDPA exports as one node, not MatMul/Softmax), but ONNX
 # Runtime 1.31's CUDA provider runs opset-23 convolutions with prefer_nhwc 4.6x slower and cannot
 # capture them in a CUDA graph (ResNet-50 b128 on an H100: 33.4 ms vs 7.2 ms; docs/perf.md).
 ATTENTION_OPSET, BASE_OPSET = 23, 20
-DEFAULT_TOLERANCE = 5e-3  # rel. L2 error vs fp32 (and vs the FX module) that verification accepts
-GREEDY_STEPS = 8  # a causal LM's artifact decodes this many of the FX module's greedy tokens ...
-GREEDY_AGREEMENT = 0.85  # ... and chooses each itself at least this often (a near tie may flip one)
 _PROVENANCE = "mpcompiler_node"  # key in node.meta["custom"], which survives torch.onnx's re-export
 
 
@@ -107,28 +104,34 @@ def export_onnx(
     path = Path(path)
     gm = compiled.graph_module
     if verify != "off":
-        _check_bf16_nodes(gm, providers)
+        check_bf16_nodes(gm, providers)
     io = _io_dtype(io_dtype, graph_record(gm).dtype)
     program = twin(gm, "MpCompiledModuleONNX")
-    if io is not None:
-        _low_precision_io(program, io)
-    if compiled.lm is not None:  # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
-        InsertKvCache(**compiled.lm.__dict__, cache="io").run(program)
-    LowerFused(target=target, padding=padding).run(program)
+    passes = [
+        *([LowPrecisionIo(dtype=io), EliminateCasts()] if io is not None else []),
+        # a causal LM: one prefill/decode step with the KV cache as inputs and outputs
+        *([InsertKvCache(**compiled.lm.__dict__, cache="io")] if compiled.lm is not None else []),
+        LowerFused(target=target, padding=padding),
+    ]
+    dump_dir = compiled.options.dump_dir
+    if dump_dir is not None:
+        clear_dumps(dump_dir, (ONNX_DUMPS,))  # an earlier export's, perhaps of other passes
+    folder = dump_dir / "onnx" if dump_dir is not None else None
+    PassManager(passes, dump_dir=folder, debug=compiled.options.debug).run(program)
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
-    args, kwargs = _example(compiled, io)
+    args, kwargs = example(compiled, io)
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:
-        kwargs, dynamic_shapes = _with_pasts(program, kwargs, dynamic_shapes)
+        kwargs, dynamic_shapes = with_pasts(program, kwargs, dynamic_shapes)
     with progress(what=f"ONNX export of {path.name}", total=3 if verify != "off" else 2, unit="stage") as stages:
         stages.set_postfix_str("torch.onnx.export")
         onnx_program = _export(program, args, kwargs, dynamic_shapes, opset)
         stages.update()
         stages.set_postfix_str("save and check")
         model = onnx_program.model
-        _name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
+        name_io(model, output_names(program), GENAI_DIMS if compiled.lm is not None else {})
         _annotate(model, onnx_program.exported_program, program, compiled.report, io, tolerance)
         model.metadata_props["mpcompiler.padding"] = padding
         if external_data is None:
@@ -143,14 +146,14 @@ def export_onnx(
             stages.set_postfix_str("verify in ONNX Runtime")
             provider, errors_fp32, errors_fx = None, {}, {}
             if verify != "off":
-                provider, errors_fp32, errors_fx = _verify(
+                provider, errors_fp32, errors_fx = verify_artifact(
                     compiled, program, tmp / path.name, io, providers, tolerance, verify, padding
                 )
             for f in reversed(files):  # the weights first, the model that points at them last
                 f.replace(path.parent / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    handoff = _write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset, padding)
+    handoff = write_handoff(path, model, compiled, provider, errors_fp32, errors_fx, io, opset, padding)
     data_path = path.parent / files[1].name if len(files) > 1 else None
     return OnnxArtifact(path, handoff, data_path, provider, errors_fp32, errors_fx)
 
@@ -162,77 +165,6 @@ def _io_dtype(io_dtype, plan_dtype: torch.dtype) -> torch.dtype | None:
     if dtype != torch.float16 or plan_dtype != torch.float16:
         raise ExportError(f"io_dtype={io_dtype!r}: only 'float16' I/O is supported, for a float16 plan")
     return dtype
-
-
-def _low_precision_io(twin: torch.fx.GraphModule, dtype: torch.dtype) -> None:
-    """Make the float inputs and outputs of ``twin`` ``dtype``.
-
-    Each float input gets a cast back to its old dtype in front of its readers, and each output its
-    cast to ``dtype``; eliminate_casts then folds the pairs this makes (f16 -> f32 -> f16 is exact).
-    """
-    graph = twin.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for p in placeholders:
-        val = p.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
-            continue
-        with graph.inserting_after(placeholders[-1]):
-            back = graph.call_function(torch.ops.aten._to_copy.default, (p,), {"dtype": val.dtype})
-        p.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
-        p.meta["val"] = val.to(dtype)
-        back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule=Rule.CAST, inserted=True)
-    output = next(n for n in graph.nodes if n.op == "output")
-    with graph.inserting_before(output):
-        outs = []
-        for o in output.args[0]:
-            val = o.meta.get("val") if isinstance(o, torch.fx.Node) else None
-            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dtype != dtype:
-                o = graph.call_function(torch.ops.aten._to_copy.default, (o,), {"dtype": dtype})
-                o.meta[META_KEY] = NodeRecord(dtype=dtype, rule=Rule.CAST, inserted=True)
-            outs.append(o)
-    output.args = (tuple(outs),)
-    twin.recompile()
-    retype(twin)
-    EliminateCasts().run(twin)
-
-
-def _example(compiled, io: torch.dtype | None) -> tuple[tuple, dict]:
-    device = model_device(compiled.graph_module)
-    sample = to_device(compiled.val_samples[0], device)
-    return _with_io_dtype(sample, io) if io is not None else sample
-
-
-def _pasts(program: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in program.graph.nodes if n.op == "placeholder" and n.target.startswith("past_key_values_")]
-
-
-def _with_pasts(program, kwargs: dict, dynamic_shapes: dict, length: int = 4) -> tuple[dict, dict]:
-    """A causal LM's example with ``length`` past tokens (export needs a size past 1 to keep it dynamic),
-    and its dynamic dims: the pasts' batch and length, the mask's total length."""
-    batch = kwargs["input_ids"].shape[0]
-    mask = kwargs["attention_mask"]
-    kwargs = (
-        kwargs
-        | {"attention_mask": torch.cat([mask.new_ones(batch, length), mask], 1)}
-        | _empty_pasts(program, batch, length)
-    )
-    past = Dim("past_sequence_length")  # one length for every layer's past keys and values
-    dims = {n.target: {0: Dim.AUTO, 2: past} for n in _pasts(program)}
-    return kwargs, dict(dynamic_shapes) | dims
-
-
-def _empty_pasts(program, batch: int, length: int = 0) -> dict[str, torch.Tensor]:
-    """Zero past keys and values of ``length`` tokens for each past input of ``program``."""
-    pasts = {}
-    for node in _pasts(program):
-        val = node.meta["val"]
-        shape = (batch, int(val.shape[1]), length, int(val.shape[3]))
-        pasts[node.target] = torch.zeros(shape, dtype=val.dtype, device=model_device(program))
-    return pasts
-
-
-def _with_io_dtype(tree, dtype: torch.dtype):
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.dtype.is_floating_point else t, tree)
 
 
 def _export(gm: torch.fx.GraphModule, args, kwargs, dynamic_shapes, opset):
@@ -316,49 +248,6 @@ def _export_error(gm: torch.fx.GraphModule, exc: Exception) -> ExportError:
     return ExportError(f"ONNX export failed: {type(exc).__name__}: {' '.join(summary[:3])}")
 
 
-def _name_io(model: ir.Model, names: list[str], dim_names: dict) -> None:
-    """Outputs take the model's names; symbolic dims become ``<input>_dim<k>`` by first appearance,
-    or the name ``dim_names`` gives (input, k)."""
-    graph = model.graph
-    for value in graph.inputs:
-        value.name = onnx_input_name(value.name)
-    if len(graph.outputs) == len(names):
-        for value, name in zip(graph.outputs, names, strict=True):
-            if value.name != name and not any(v.name == name for v in graph.inputs):
-                value.name = name
-    dims: dict[str, str] = {}
-    for value in graph.inputs:
-        for k, d in enumerate(value.shape or ()):
-            if isinstance(d, ir.SymbolicDim) and d.value not in dims:
-                dims[d.value] = dim_names.get((value.name, k), f"{value.name}_dim{k}")
-    values = [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]
-    for value in values:
-        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in value.shape):
-            value.shape = ir.Shape([_rename(d, dims) for d in value.shape])
-
-
-# a causal LM's dims as ONNX Runtime GenAI's models name them
-GENAI_DIMS = {
-    ("input_ids", 0): "batch_size",
-    ("input_ids", 1): "sequence_length",
-    ("attention_mask", 1): "total_sequence_length",
-    ("past_key_values.0.key", 2): "past_sequence_length",
-}
-
-
-def onnx_input_name(name: str) -> str:
-    """An FX input's name in the artifact: a KV cache input ``past_key_values_0_key`` is
-    ``past_key_values.0.key``, ONNX Runtime GenAI's name (FX names cannot hold dots)."""
-    match = re.fullmatch(r"past_key_values_(\d+)_(key|value)", name or "")
-    return f"past_key_values.{match.group(1)}.{match.group(2)}" if match else name
-
-
-def _rename(d, dims: dict[str, str]):
-    if not isinstance(d, ir.SymbolicDim) or d.value is None:
-        return d
-    return re.sub(r"\b[su]\d+\b", lambda m: dims.get(m.group(0), m.group(0)), d.value)
-
-
 def _annotate(model: ir.Model, exported, gm, report, io, tolerance) -> None:
     """Provenance on every node, the precision summary on the model."""
     by_export_name = {n.name: n.meta.get("custom", {}).get(_PROVENANCE) for n in exported.graph.nodes}
@@ -401,421 +290,3 @@ def _save_checked(model: ir.Model, path: Path, external: bool) -> list[Path]:
     except Exception as exc:
         raise ExportError(f"the exported ONNX model fails onnx.checker's full check: {exc}") from exc
     return [path, path.with_name(data_name)] if data_name else [path]
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(
-            "verifying the ONNX artifact needs ONNX Runtime: pip install onnxruntime-gpu (or onnxruntime "
-            "on a CPU machine), or export with verify='off'"
-        ) from exc
-    return onnxruntime
-
-
-def _providers(providers: list[str] | None) -> list[str]:
-    """The providers asked for; default: CUDA if present, else CPU."""
-    if providers is not None:
-        return providers
-    available = _onnxruntime().get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def _cpu_only(providers: list[str]) -> bool:
-    return all(p == "CPUExecutionProvider" for p in providers)
-
-
-def _check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> None:
-    """A float16 plan with bf16 nodes (dtype="auto") cannot load in ONNX Runtime's CPU provider, which has
-    no bf16 kernels: say so before exporting, naming the nodes."""
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(META_KEY) is not None]
-    bf16 = [n.name for n in ops if n.meta[META_KEY].dtype == torch.bfloat16 and not n.meta[META_KEY].inserted]
-    if graph_record(gm).dtype == torch.bfloat16 or not bf16 or not _cpu_only(_providers(providers)):
-        return
-    raise ExportError(
-        f"the plan runs {len(bf16)} nodes in bf16 ({', '.join(bf16[:5])}{', ...' if len(bf16) > 5 else ''}) and "
-        "ONNX Runtime's CPU provider has no bf16 kernels; verify with providers=['CUDAExecutionProvider'], pass "
-        "verify='off', or compile with dtype='float16' (fp32 where fp16 overflows)"
-    )
-
-
-def _verify(compiled, program, path, io, providers, tolerance, mode, padding):
-    """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
-    compare with fp32 and the FX module. A causal LM runs each held-out text as a prefill with an empty
-    cache, and then decodes greedy tokens from the first, compared with the FX module's generate()."""
-    _onnxruntime()  # a clear error if it is not installed
-    gm = compiled.graph_module
-    providers = _providers(providers)
-    if graph_record(gm).dtype == torch.bfloat16 and _cpu_only(providers):
-        warnings.warn(
-            "ONNX Runtime's CPU provider has no bf16 kernels: the bf16 artifact is not verified", stacklevel=3
-        )
-        return None, {}, {}
-    in_spec = gm.graph._codegen.pytree_info.in_spec
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]  # forward()'s names: ONNX's inputs
-    device = model_device(gm)
-    feeds, fx_outs = [], []
-    with torch.no_grad():
-        for sample in compiled.val_samples:
-            args, kwargs = to_device(sample, device)
-            flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
-            if io is not None:
-                flat = _with_io_dtype(flat, io)
-            flat = zip(names, flat, strict=True)
-            feed = {n: v for n, v in flat if isinstance(v, torch.Tensor)}
-            if compiled.lm is not None:
-                feed |= _empty_pasts(program, feed["input_ids"].shape[0])
-            feed = {onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()}
-            feeds.append(_packed_rows(feed) if compiled.lm is not None else feed)
-            fx_outs.append(flat_outputs(gm(*args, **kwargs)))
-    steps = _greedy_steps(compiled)
-    if steps:  # the FX module's greedy tokens from the first held-out text, which ONNX Runtime decodes too
-        args, kwargs = to_device(compiled.val_samples[0], device)
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        fx_tokens = compiled.generate(ids, mask, max_new_tokens=steps)[:, ids.shape[1] :].cpu()
-        feeds[0][ort_child.FORCED] = fx_tokens.numpy()
-    provider, outs = ort_child.run(path, feeds, providers)
-    onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample[: len(fx_outs[0])]] for sample in outs]
-    fx_outs = [[t.cpu() if t is not None else None for t in o] for o in fx_outs]
-    refs = compiled.val_refs
-    if compiled.lm is not None:  # a causal LM's logits where there is a token: padding computes nothing used
-        real = [torch.as_tensor(sample[1]["attention_mask"])[..., None].bool() for sample in compiled.val_samples]
-        onnx_outs = [[_unpacked_rows(o[0], m[..., 0])] for o, m in zip(onnx_outs, real, strict=True)]
-        onnx_outs, fx_outs, refs = (
-            [[o[0] * m] for o, m in zip(x, real, strict=True)] for x in (onnx_outs, fx_outs, refs)
-        )
-    out_names = output_names(gm)
-    vs_fp32 = rel_l2(onnx_outs, refs, out_names)
-    vs_fx = rel_l2(onnx_outs, fx_outs, out_names)
-    greedy = None
-    if steps:  # each step's argmax in ONNX Runtime vs the token the FX module chose there
-        greedy = float((torch.from_numpy(outs[0][-1]) == fx_tokens).float().mean())
-    worst = max([*vs_fp32.values(), *vs_fx.values()], default=0.0)
-    if not worst <= tolerance or (greedy is not None and greedy < GREEDY_AGREEMENT):
-        msg = (
-            f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
-            f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
-            + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
-            + (
-                "; exported with padding='right', its attention reads each row's length only: a held-out "
-                "sample padded otherwise (on the left, or a mask that is not padding) is computed differently "
-                "(export with padding='any')"
-                if padding == "right"
-                else ""
-            )
-        )
-        if mode == "error":
-            raise ExportError(msg)
-        warnings.warn(msg, stacklevel=3)
-    if greedy is not None:
-        vs_fx["greedy_agreement"] = greedy
-    return provider, vs_fp32, vs_fx
-
-
-def _packed_rows(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A left-padded causal-LM feed with each row's tokens moved to its front (the artifact's cache layout:
-    prompts right-padded)."""
-    shift = (feed["attention_mask"] == 0).sum(-1)
-    rows = {"input_ids", "attention_mask", "position_ids"}
-    return {k: np.stack([np.roll(r, -n) for r, n in zip(v, shift, strict=True)]) if k in rows else v
-            for k, v in feed.items()}  # fmt: skip
-
-
-def _unpacked_rows(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Outputs [B, T, ...] of a right-padded feed back at their left-padded rows' positions."""
-    shift = (mask == 0).sum(-1).tolist()
-    return torch.stack([row.roll(n, 0) for row, n in zip(out, shift, strict=True)])
-
-
-def _greedy_steps(compiled) -> int:
-    """Greedy tokens verification decodes: 8, within the KV cache; 0 for a model not compiled to generate."""
-    if compiled.lm is None:
-        return 0
-    first = compiled.val_samples[0][1]["input_ids"]
-    return max(0, min(GREEDY_STEPS, compiled.lm.max_seq - first.shape[1]))
-
-
-def _tensor_info(value: ir.Value) -> dict:
-    shape = [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (value.shape or ())]
-    return {"name": value.name, "dtype": value.dtype.name.lower() if value.dtype else None, "shape": shape}
-
-
-def _write_handoff(path, model, compiled, provider, vs_fp32, vs_fx, io, opset, padding) -> Path:
-    inputs = [_tensor_info(v) for v in model.graph.inputs]
-    outputs = [_tensor_info(v) for v in model.graph.outputs]
-    report = compiled.report
-    info = {
-        "model_file": path.name,
-        "opset": opset,
-        "inputs": inputs,
-        "outputs": outputs,
-        "dynamic_axes": {
-            v["name"]: {k: d for k, d in enumerate(v["shape"]) if isinstance(d, str)} for v in inputs + outputs
-        },
-        "precision": {
-            "dtype": report.dtype,
-            "io_dtype": str(io).removeprefix("torch.") if io else "as the model (float32 / int64)",
-            "ops_per_dtype": report.counts(),
-            "casts": report.casts(),
-            "calibration_samples": report.calib_samples,
-        },
-        "verified_with": {
-            "onnxruntime": _onnxruntime().__version__,
-            "provider": provider,
-            "samples": len(compiled.val_samples),
-            "held_out": report.accuracy.held_out if report.accuracy else None,
-        }
-        if provider
-        else None,
-        "padding": "right: each row's attention_mask ones first; attention reads each row's length only"
-        if padding == "right"
-        else "any: attention takes attention_mask whole",
-        "error_vs_fp32": vs_fp32,
-        "error_vs_fx_module": vs_fx,
-        # fastest measured on ONNX Runtime's CUDA provider (docs/perf.md); CUDA graphs need fixed shapes
-        "cuda_provider_options": ({} if compiled.lm else {"enable_cuda_graph": "1"})
-        | ({"prefer_nhwc": "1"} if any(node.op_type == "Conv" for node in model.graph) else {}),
-        "exported_by": {"mpcompiler": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
-    }
-    if compiled.lm is not None:
-        info["generation"] = {
-            "kv_cache": "past_key_values.{i}.key/value in, present.{i}.key/value out: [batch, kv_heads, seq, head_dim]",
-            "max_seq_compiled_for": compiled.lm.max_seq,
-            # GroupQueryAttention takes one buffer as past and present; the plain ops' cache grows a step
-            "shared_cache": any(node.op_type == "GroupQueryAttention" for node in model.graph),
-        }
-    json_path = path.with_name(path.name + ".json")
-    write_atomic(json_path, json.dumps(info, indent=1) + "\n")
-    md_path = path.with_name(path.name + ".md")
-    write_atomic(md_path, _handoff_markdown(info))
-    return md_path
-
-
-def _handoff_markdown(info: dict) -> str:
-    def row(v):
-        return f"| `{v['name']}` | {v['dtype']} | [{', '.join(map(str, v['shape']))}] |"
-
-    verified = info["verified_with"]
-    lines = [
-        f"# {info['model_file']}",
-        "",
-        f"ONNX opset {info['opset']}, exported by mpcompiler {info['exported_by']['mpcompiler']} "
-        f"(torch {info['exported_by']['torch']}). Precision: {info['precision']['dtype']} where the plan says, "
-        f"fp32 elsewhere; inputs and outputs {info['precision']['io_dtype']}.",
-        "",
-        "| input | dtype | shape |",
-        "| --- | --- | --- |",
-        *[row(v) for v in info["inputs"]],
-        "",
-        "| output | dtype | shape |",
-        "| --- | --- | --- |",
-        *[row(v) for v in info["outputs"]],
-        "",
-        f"Padding: {info['padding']}.",
-        "",
-        "Named dims are dynamic: "
-        + (
-            ", ".join(f"`{name}`" for name in sorted({d for a in info["dynamic_axes"].values() for d in a.values()}))
-            or "none"
-        )
-        + ".",
-        "",
-    ]
-    if verified:
-        errs = ", ".join(f"{k} {v:.2e}" for k, v in info["error_vs_fp32"].items())
-        errs_fx = ", ".join(
-            f"{k} {v:.0%}" if k == "greedy_agreement" else f"{k} {v:.2e}" for k, v in info["error_vs_fx_module"].items()
-        )
-        held = "held-out" if verified["held_out"] else "calibration"
-        samples = f"{verified['samples']} {held} sample{'s' if verified['samples'] != 1 else ''}"
-        lines += [
-            f"Verified with ONNX Runtime {verified['onnxruntime']} ({verified['provider']}) on {samples}: "
-            f"relative L2 error vs the fp32 model {errs}; vs mpcompiler's FX module {errs_fx}.",
-        ]
-    else:
-        lines.append("Not verified in ONNX Runtime (see the export's warnings).")
-    if "generation" in info:
-        lines += [
-            "",
-            "## Generate (ONNX Runtime, CUDA if it has it, else the CPU; the KV cache stays on the device)",
-            "",
-            "The KV cache is inputs and outputs, as ONNX Runtime GenAI names them: feed each step's `present.*` "
-            "back as the next step's `past_key_values.*`, or, with GroupQueryAttention, bind one buffer as both "
-            "(it writes in place; the loop below does). Each row's tokens sit at the front of its cache "
-            "(ONNX Runtime's GroupQueryAttention layout): prompts are right-padded, `attention_mask` "
-            "[batch, past + new] has a row's ones first (its length is their count), positions count from 0, "
-            "and a prompt's next-token logits are at its last real token.",
-            "",
-            "```python",
-            _generation_snippet(info),
-            "```",
-            "",
-        ]
-        return "\n".join(lines)
-    lines += [
-        "",
-        "## Run it (ONNX Runtime, CUDA if it has it, else the CPU; inputs and outputs bound on the device)",
-        "",
-        "```python",
-        _snippet(info),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _generation_snippet(info: dict) -> str:
-    shared = info["generation"]["shared_cache"]
-    return f"""import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper
-
-# One cache buffer per past input, [batch, kv_heads, MAX_SEQ, head_dim], bound as its present output too
-# (GroupQueryAttention writes the new tokens in place; the mask as wide as the buffer), as ONNX Runtime
-# GenAI runs such models: every decode step then has the same shapes and addresses, and replays as one
-# CUDA graph. Without it, each step's presents are fed back as the next pasts.
-SHARED_CACHE = {shared}
-MAX_SEQ = {info["generation"]["max_seq_compiled_for"]}  # prompt + new tokens: what the artifact was compiled for
-cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-graphs = {{"enable_cuda_graph": "1"}} if SHARED_CACHE else {{}}
-sess = ort.InferenceSession("{info["model_file"]}",
-                            providers=[("CUDAExecutionProvider", graphs)] if cuda else ["CPUExecutionProvider"])
-device = "cuda" if cuda else "cpu"
-pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-logits_out = sess.get_outputs()[0]
-DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}
-# Greedy tokens are chosen on the device by a one-node model (ArgMax over the vocabulary), a decode step's
-# written straight into the next step's input_ids: ids come back to the host, not the logits (at batch 8,
-# 1 MB a step and 131 MB for a 128-token prompt, copied and scanned by numpy)
-ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT}}
-ARGMAX = helper.make_graph(
-    [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
-    [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", "seq", logits_out.shape[-1]])],
-    [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", "seq"])])
-ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-greedy = ort.InferenceSession(ARGMAX, providers=["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"])
-EAGER = ort.RunOptions()
-EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
-
-
-def on_device(x):
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
-
-
-def zeros(shape, dtype=np.int64):
-    return on_device(np.zeros(shape, dtype))
-
-
-def choose(logits, token):
-    # the greedy tokens after [batch, seq, vocab] logits, written into ``token`` [batch, seq] (on the device)
-    binding = greedy.io_binding()
-    binding.bind_ortvalue_input("logits", logits)
-    binding.bind_ortvalue_output("token", token)
-    return binding
-
-
-def greedy_tokens(logits, batch, seq):
-    tokens = zeros((batch, seq))
-    greedy.run_with_iobinding(choose(logits, tokens))
-    return tokens.numpy().copy()  # on the CPU a view of the OrtValue's buffer
-
-
-def bind(feeds, cache, logits=None):
-    binding = sess.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, value)
-    binding.bind_ortvalue_output("logits", logits) if logits is not None else binding.bind_output("logits", device)
-    for name, value in cache.items():
-        binding.bind_ortvalue_input(name, value)
-        present = name.replace("past_key_values.", "present.")
-        binding.bind_ortvalue_output(present, value) if SHARED_CACHE else binding.bind_output(present, device)
-    return binding
-
-
-_decoders = {{}}  # batch -> its cache, decode step inputs, logits and binding: kept, so the graph replays them
-
-
-def decoder(batch):
-    if batch not in _decoders:
-        cache = {{p.name: zeros((batch, p.shape[1], MAX_SEQ, p.shape[3]), DTYPES[p.type]) for p in pasts}}
-        step = {{"input_ids": zeros((batch, 1)), "attention_mask": zeros((batch, MAX_SEQ)),
-                "position_ids": zeros((batch, 1))}}
-        logits = zeros((batch, 1, logits_out.shape[-1]), DTYPES[logits_out.type])
-        replay = ort.RunOptions()
-        replay.add_run_config_entry("gpu_graph_id", str(batch))  # one CUDA graph per batch size
-        _decoders[batch] = cache, step, bind(step, cache, logits), replay, choose(logits, step["input_ids"])
-    return _decoders[batch]
-
-
-def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
-    # greedy tokens after int64 prompts [batch, seq], padded on either side; returns prompts + new tokens.
-    # The cache keeps each row's tokens at its front (GroupQueryAttention's layout): prompts go right-padded.
-    batch, width = input_ids.shape
-    if width + max_new_tokens > MAX_SEQ:
-        raise ValueError(f"{{width}} prompt + {{max_new_tokens}} new tokens is past the {{MAX_SEQ}} compiled for")
-    lengths = attention_mask.sum(-1)
-    ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
-    if SHARED_CACHE:
-        cache, step, decode, replay, pick = decoder(batch)
-    else:
-        cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), DTYPES[p.type]) for p in pasts}}
-    prompt = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
-              "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
-    binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
-    sess.run_with_iobinding(binding, EAGER)
-    # the prompt's next tokens: each row's at its last real token
-    token = greedy_tokens(binding.get_outputs()[0], batch, width)[np.arange(batch), lengths - 1][:, None]
-    new, done = [], np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        new.append(token)
-        done |= token[:, 0] == eos_token_id
-        if done.all() or len(new) == max_new_tokens:
-            break
-        lengths = lengths + 1
-        if SHARED_CACHE:  # the decode graph's inputs, rewritten in place (input_ids by the ArgMax)
-            if len(new) == 1:
-                step["input_ids"].update_inplace(token)
-            step["attention_mask"].update_inplace((np.arange(MAX_SEQ) < lengths[:, None]).astype(np.int64))
-            step["position_ids"].update_inplace((lengths - 1)[:, None].astype(np.int64))
-            sess.run_with_iobinding(decode, replay)
-            greedy.run_with_iobinding(pick)
-            token = step["input_ids"].numpy().copy()  # on the CPU a view of the buffer the next ArgMax writes
-        else:  # the presents in the order bound, after the logits
-            cache = dict(zip(cache, binding.get_outputs()[1:]))
-            feeds = {{"input_ids": token, "attention_mask": np.arange(width + len(new)) < lengths[:, None],
-                     "position_ids": (lengths - 1)[:, None]}}
-            binding = bind({{k: on_device(np.asarray(v, np.int64)) for k, v in feeds.items()}}, cache)
-            sess.run_with_iobinding(binding, EAGER)
-            token = greedy_tokens(binding.get_outputs()[0], batch, 1)
-    return np.concatenate([input_ids, *new], 1)"""
-
-
-def _snippet(info: dict) -> str:
-    np_types = {
-        "float": "np.float32",
-        "float16": "np.float16",
-        "int64": "np.int64",
-        "int32": "np.int32",
-        "bool": "np.bool_",
-    }
-    feeds = "\n".join(
-        f'binding.bind_ortvalue_input("{v["name"]}", ort.OrtValue.ortvalue_from_numpy(\n'
-        f"    np.ascontiguousarray({v['name']}, dtype={np_types.get(v['dtype'], 'np.float32')}), device, 0))"
-        for v in info["inputs"]
-    )
-    outs = "\n".join(f'binding.bind_output("{v["name"]}", device)' for v in info["outputs"])
-    return (
-        "import numpy as np\nimport onnxruntime as ort\n\n"
-        "# CUDA where this onnxruntime has it (onnxruntime-gpu), else the CPU\n"
-        'device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"\n'
-        "# fastest measured; enable_cuda_graph needs the same input shapes on every run of a session\n"
-        f"options = {info['cuda_provider_options']}\n"
-        'providers = [("CUDAExecutionProvider", options)] if device == "cuda" else ["CPUExecutionProvider"]\n'
-        f'sess = ort.InferenceSession("{info["model_file"]}", providers=providers)\n'
-        "binding = sess.io_binding()\n"
-        f"# {', '.join(v['name'] for v in info['inputs'])}: numpy arrays shaped as in the table above\n"
-        f"{feeds}\n{outs}\n"
-        "sess.run_with_iobinding(binding)\n"
-        f"[{', '.join(v['name'] for v in info['outputs'])}] = binding.copy_outputs_to_cpu()"
-    )

@@ -24,13 +24,16 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-# What compile() writes in a dump folder (one dump per pass, the generation program's in generation/):
-# removed before a compile writes there, so no dump of an earlier run is read as this run's.
-DUMP_PATTERNS = ("[0-9][0-9]_*.txt", "generation/[0-9][0-9]_*.txt", "report.json", "precision.png")
+# export_onnx's dumps (its lowering's passes), in onnx/: removed by the next export too (its pass list varies)
+ONNX_DUMPS = "onnx/[0-9][0-9]_*.txt"
+# What compile() writes in a dump folder (one dump per pass; the smaller pipelines' in subfolders: search/,
+# generation/, generation/decode<rows>/, cuda_graph/, onnx/): removed before a compile writes there, so no dump
+# of an earlier run is read as this run's.
+DUMP_PATTERNS = ("**/[0-9][0-9]_*.txt", "report.json", "precision.png")
 
 
-def clear_dumps(folder: Path) -> None:
-    """Remove the files an earlier compile dumped in ``folder``, and only those."""
-    for pattern in DUMP_PATTERNS:
+def clear_dumps(folder: Path, patterns: tuple[str, ...] = DUMP_PATTERNS) -> None:
+    """Remove the files an earlier run dumped in ``folder`` (those ``patterns`` match), and only those."""
+    for pattern in patterns:
         for f in Path(folder).glob(pattern):
             f.unlink()

@@ -49,6 +49,7 @@ class Rule(str, enum.Enum):
     CLAMP = "clamp"  # an inserted clamp to a low dtype's range before a saturating cast (an additive mask)
     KV_CACHE = "kv cache"  # insert_kv_cache's slot bookkeeping
     DECODE_ATTENTION = "decode attention"  # a decode graph's attention, rewritten for one new token
+    DECODE_ACTIVATION = "decode activation"  # a 1-row decode graph's MLP activation, stored once
 
     def __str__(self) -> str:
         return self.value

@@ -11,16 +11,15 @@ program (``passes/insert_kv_cache.py``); :class:`Generator` runs its prefill and
 tokens as Hugging Face's ``generate`` does (greedy, or sampling with temperature, top-k and top-p) and
 returning the prompt and the new tokens, finished rows padded.
 
-On the GPU a decode step is one CUDA graph replay (:mod:`mpcompiler.cuda_graph`: Inductor's kernels
-for the fixed shapes of one new token over the cache's first rows, one graph per power-of-two batch
-size up to ``max_batch``, captured on first use; rows past the batch are idle); the prefill runs the
-step under torch.compile at its length.
+On the GPU a decode step is one CUDA graph replay (``lower_decode_step`` rewrites a copy of the step for
+it, then :mod:`mpcompiler.cuda_graph`: Inductor's kernels for the fixed shapes of one new token over the
+cache's first rows, one graph per power-of-two batch size up to ``max_batch``, captured on first use;
+rows past the batch are idle); the prefill runs the step under torch.compile at its length.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -31,13 +30,9 @@ from mpcompiler.accuracy import output_names
 from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
-from mpcompiler.ir import META_KEY, Rule, record
 from mpcompiler.pass_manager import PassManager
-from mpcompiler.passes import InsertKvCache, LowerFused
-from mpcompiler.passes.insert_kv_cache import SDPA
+from mpcompiler.passes import InsertKvCache, LowerDecodeStep, LowerFused
 from mpcompiler.samples import Sample, model_device
-
-aten = torch.ops.aten
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
 STOP_CHECK = 8  # decode steps between reads of whether every row has stopped (each read waits for the GPU)
@@ -138,10 +133,11 @@ class Generator:
     def __init__(self, graph_module: torch.fx.GraphModule, lm: LMOptions, dump_dir=None, debug=False):
         self.lm = lm
         self.step = twin(graph_module, "MpGenerationStep")
-        folder = dump_dir / "generation" if dump_dir is not None else None
+        self.dump_dir = dump_dir / "generation" if dump_dir is not None else None
+        self.debug = debug
         target = "fx-cuda" if model_device(self.step).type == "cuda" else "fx-cpu"
         passes = [InsertKvCache(**lm.__dict__), LowerFused(target=target)]
-        self.runs = PassManager(passes, dump_dir=folder, debug=debug).run(self.step)
+        self.runs = PassManager(passes, dump_dir=self.dump_dir, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
         self._graphs = {}  # rows -> the decode step's CUDA graph, captured on first use (None: it could not be)
@@ -154,18 +150,13 @@ class Generator:
         warning names why; decode steps then run the FX program, slower)."""
         rows = graph_rows(batch or self.lm.max_batch, self.lm.max_batch)
         if rows not in self._graphs:
-            step = self.decode_step(rows)
-            device = model_device(step)
-            last = self.lm.max_seq - 1  # warm-up writes there: a prefill or decode overwrites it before any read
-            example = {
-                "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
-                "attention_mask": torch.zeros(rows, self.lm.max_seq, dtype=torch.long, device=device),
-                "position_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
-                "cache_position": torch.tensor([last], device=device),
-            }
+            step, example = self.decode_step(rows)
             try:
                 with _vector_tuning(rows):
-                    self._graphs[rows] = CudaGraphModule(step, (), example | self.extra)
+                    dumps = self.dump_dir / f"decode{rows}" / "cuda_graph" if self.dump_dir is not None else None
+                    self._graphs[rows] = CudaGraphModule(
+                        step, (), example | self.extra, dump_dir=dumps, debug=self.debug
+                    )
             except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
                 warnings.warn(
                     f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "
@@ -175,23 +166,22 @@ class Generator:
                 self._graphs[rows] = None
         return self._graphs[rows]
 
-    def decode_step(self, rows: int) -> torch.fx.GraphModule:
-        """The step over the cache's first ``rows`` rows, as the decode graph compiles it: the cache's row
-        slices dropped and the step's buffers views of those rows, so that Inductor writes the cache in
-        place, as gpt-fast's; each attention as GEMMs (:func:`_attention_as_matmuls`)."""
+    def decode_step(self, rows: int) -> tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]:
+        """The step over the cache's first ``rows`` rows as the decode graph compiles it
+        (``passes/lower_decode_step.py``, dumped in the dump folder's ``generation/decode<rows>/``), and an
+        example of its inputs: one new token a row, its warm-up writes in the cache's last slot (a prefill
+        or decode step overwrites that slot before any step reads it)."""
+        device = model_device(self.step)
+        example = {
+            "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
+            "attention_mask": torch.zeros(rows, self.lm.max_seq, dtype=torch.long, device=device),
+            "position_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
+            "cache_position": torch.tensor([self.lm.max_seq - 1], device=device),
+        }
         step = twin(self.step, f"MpDecodeStep{rows}")
-        for node in list(step.graph.nodes):
-            if node.target is torch.ops.aten.slice.Tensor and record(node).rule is Rule.KV_CACHE:
-                node.replace_all_uses_with(node.args[0])
-                step.graph.erase_node(node)
-        for name, buffer in self.step.named_buffers():
-            if name.startswith("kv_cache_"):
-                step.register_buffer(name, buffer[:rows])
-        for node in [n for n in step.graph.nodes if n.target is SDPA]:
-            _attention_as_matmuls(step.graph, node)
-        step.graph.eliminate_dead_code()
-        step.recompile()
-        return step
+        folder = self.dump_dir / f"decode{rows}" if self.dump_dir is not None else None
+        PassManager([LowerDecodeStep(example=example)], dump_dir=folder, debug=self.debug).run(step)
+        return step, example
 
     def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
@@ -297,35 +287,6 @@ class Generator:
         finished = torch.stack(finished)
         steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
         return torch.cat([ids, torch.stack(new[:steps], 1)], 1)
-
-
-def _attention_as_matmuls(graph: torch.fx.Graph, attention: torch.fx.Node) -> None:
-    """A decode step's attention written as softmax(q k^T) v: two batched GEMMs, spread by cuBLAS over the
-    cache's slots, around one fused mask-and-softmax. SDPA's memory-efficient kernel runs one query block
-    per key/value head, on one SM each: 36 us a layer for 1 row x 4 heads x 576 slots on the H200
-    (2026-12-02, benchmarks/profile_llm.py), 44% of a decode step. The scale is applied to q first (the
-    fp16 scores are then the logits themselves); the softmax runs in fp32, the GEMMs in q's dtype with
-    fp32 accumulation, as the fused kernel computes."""
-    q, k, v, visible = attention.args[:4]
-    val = attention.meta["val"]
-    scale = attention.kwargs.get("scale") or val.shape[-1] ** -0.5
-
-    def call(op, *args, **kwargs):
-        node = graph.call_function(op, args, kwargs)
-        node.meta[META_KEY] = dataclasses.replace(
-            record(attention), fused="", rule=Rule.DECODE_ATTENTION,
-            reason="one new token's attention as GEMMs over the cache's slots (faster than SDPA's kernel)",
-        )  # fmt: skip
-        return node
-
-    with graph.inserting_before(attention):
-        scores = call(aten.matmul.default, call(aten.mul.Tensor, q, scale), call(aten.transpose.int, k, -2, -1))
-        scores = call(aten._to_copy.default, scores, dtype=torch.float32)
-        scores = call(aten.masked_fill.Scalar, scores, call(aten.logical_not.default, visible), float("-inf"))
-        probs = call(aten._to_copy.default, call(aten._softmax.default, scores, -1, False), dtype=val.dtype)
-        out = call(aten.matmul.default, probs, v)
-    attention.replace_all_uses_with(out)
-    graph.erase_node(attention)
 
 
 def _vector_tuning(rows: int):

@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +46,41 @@ class PassResult:
     reasons: dict[str, Counter] = field(default_factory=dict)  # per rewrite rule, why it did not fire (counts)
 
 
+def _float_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and float_dtype(n.meta.get("val")) is not None]
+
+
+# What a pass may require of the graph it is given, or ensure of the graph it leaves: each a description and
+# a check of the graph itself (not bookkeeping of which passes ran, which a copy of the graph would not carry).
+FACTS: dict[str, tuple[str, Callable[[torch.fx.GraphModule], bool]]] = {
+    "ranges": (
+        "calibrated ranges (calibrate_ranges)",
+        lambda gm: not _float_ops(gm) or any(n.meta[META_KEY].range is not None for n in _float_ops(gm)),
+    ),
+    "plan": (
+        "a precision plan: a dtype on every float op (assign_precision)",
+        lambda gm: all(n.meta[META_KEY].dtype is not None for n in _float_ops(gm)),
+    ),
+    "casts": ("the plan's casts inserted (insert_casts)", lambda gm: graph_record(gm).casts_inserted),
+    "kv_cache": (
+        "a static KV cache in its buffers (insert_kv_cache)",
+        lambda gm: any(name.startswith("kv_cache_") for name, _ in gm.named_buffers()),
+    ),
+}
+
+
 class Pass:
     """A graph rewrite. Subclasses take keyword-only options in ``__init__`` and implement ``call``;
     everyone runs a pass with :meth:`run`, which does the common ending. A pass that adds, removes or
     rewires nodes says so with ``rewrites_graph``: the ending then regenerates the module's code and re-types
-    the graph; a pass that only writes records (ranges, a plan) needs neither."""
+    the graph; a pass that only writes records (ranges, a plan) needs neither. ``requires`` and ``ensures``
+    name :data:`FACTS` of the graph before and after it: a pass manager refuses to run a pass whose
+    requirement the graph lacks (a pipeline listed in the wrong order), and in debug runs checks what it
+    ensures."""
 
     rewrites_graph = False
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError
@@ -124,14 +153,21 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             name = p.name()
             start = time.perf_counter()
+            before = ", ".join(["capture"] + [r.name for r in runs])
+            missing = [FACTS[fact][0] for fact in p.requires if not FACTS[fact][1](gm)]
+            if missing:
+                raise PassError(
+                    f"pass {index:02d} {name} needs {'; '.join(missing)}: the graph after {before} has none"
+                )
             try:
                 result = p.run(gm)
                 if self.debug:
                     check_ir(gm)
+                    for fact in p.ensures:
+                        assert FACTS[fact][1](gm), f"{name} did not leave {FACTS[fact][0]}"
             except MpCompilerError:
                 raise  # already says what is wrong with the model, the data or an option
             except Exception as exc:
-                before = ", ".join(["capture"] + [r.name for r in runs])
                 where = self._write_failed(gm, index, name)
                 raise PassError(
                     f"pass {index:02d} {name} failed (after {before}): {type(exc).__name__}: {exc}\n"

@@ -92,6 +92,9 @@ def problem(node: torch.fx.Node, dtype: torch.dtype, margin: float = RANGE_MARGI
 class AssignPrecision(Pass):
     """Give every float-valued node a dtype and a reason."""
 
+    requires = ("ranges",)
+    ensures = ("plan",)
+
     def __init__(
         self,
         *,

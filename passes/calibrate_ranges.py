@@ -286,6 +286,8 @@ def _non_finite(outputs, first: dict[str, tuple[int, torch.fx.Node]], index: int
 class CalibrateRanges(Pass):
     """Record per-value range statistics over all calibration samples (fp32, no graph change)."""
 
+    ensures = ("ranges",)
+
     def __init__(
         self, *, samples: list[Sample], device: torch.device, progress: bool = True, prior: Calibration | None = None
     ):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from mpcompiler import dtypes
 from mpcompiler.ir import planned_dtype
 from mpcompiler.ops import is_cast, written_dtype
 from mpcompiler.pass_manager import Pass, PassResult
@@ -45,7 +46,7 @@ def _exact_chain(node: torch.fx.Node) -> Match | str:
         return "input is not a cast"
     src = planned_dtype(inner.args[0])
     if written_dtype(inner) not in _EXACT.get(src, ()):
-        return f"inner cast {src} -> {written_dtype(inner)} rounds"
+        return f"inner cast {dtypes.short(src)} -> {dtypes.short(written_dtype(inner))} rounds"
     return {}
 
 
@@ -85,6 +86,7 @@ RULES = [
 class EliminateCasts(Pass):
     """Apply the cast rewrite rules to a fixed point."""
 
+    requires = ("casts",)
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:

@@ -37,6 +37,8 @@ CAST = torch.ops.aten._to_copy.default
 class InsertCasts(Pass):
     """Insert casts at precision boundaries and convert parameters once."""
 
+    requires = ("plan",)
+    ensures = ("casts",)
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -109,8 +111,10 @@ class _Rewrite:
         saturate = saturate and r is not None and r.absmax > torch.finfo(want).max
         if (value, want, saturate) not in self.casts:
             graph = value.graph
+            # a model input's casts go after the last input: the graph's inputs stay together at its top
+            where = self.last_input if value.op == "placeholder" else value
             source = value
-            with graph.inserting_after(self.last_input if value.op == "placeholder" else value):
+            with graph.inserting_after(where):
                 if saturate:
                     limit = float(torch.finfo(want).max)
                     source = graph.call_function(torch.ops.aten.clamp.default, (value, -limit, limit))
@@ -125,7 +129,7 @@ class _Rewrite:
                         range=r,
                         inserted=True,
                     )
-            with graph.inserting_after(source):
+            with graph.inserting_after(source if saturate else where):
                 name = f"{value.name}_{dtypes.short(want)}"
                 cast = graph.create_node("call_function", CAST, (source,), {"dtype": want}, name=name)
             cast.meta["val"] = val

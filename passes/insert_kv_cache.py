@@ -59,12 +59,14 @@ class InsertKvCache(Pass):
     module (``cache="buffers"``, static, for FX and CUDA graphs) or as inputs and outputs (``cache="io"``,
     the ``past_key_values.{i}.key``/``present.{i}.key`` convention of ONNX Runtime GenAI)."""
 
+    requires = ("casts",)  # it rewrites the emitted module
     rewrites_graph = True
 
     def __init__(self, *, max_batch: int, max_seq: int, cache: str = "buffers"):
         if cache not in ("buffers", "io"):
             raise ValueError(f"cache={cache!r}: 'buffers' or 'io'")
         self.max_batch, self.max_seq, self.cache = max_batch, max_seq, cache
+        self.ensures = ("kv_cache",) if cache == "buffers" else ()  # "io": the cache is the step's inputs
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph

@@ -28,6 +28,7 @@ import operator
 import torch
 import torch.fx
 
+from mpcompiler import dtypes
 from mpcompiler.fused import has_kernel, kv_attention
 from mpcompiler.ir import META_KEY, NodeRecord, attr_of, derived, graph_record, op_name, planned_dtype, record, value_of
 from mpcompiler.ops import bound_args
@@ -845,7 +846,7 @@ class LowerFused(Pass):
             m = rule.match(node)
             planned = getattr(node.meta.get(META_KEY), "dtype", None)  # None before precision work
             if not isinstance(m, str) and not has_kernel(rule.name, self.target, planned):
-                return f"{self.target} has no {rule.name} kernel for {planned}"
+                return f"{self.target} has no {rule.name} kernel" + (f" for {dtypes.short(planned)}" if planned else "")
             return m
 
         def rewrite(node: torch.fx.Node, m: Match) -> None:

@@ -64,6 +64,8 @@ Reads = dict[Node, list[tuple[Node | None, torch.dtype | None]]]
 class PlaceCasts(Pass):
     """Move free nodes across the precision boundary where that casts fewer bytes."""
 
+    requires = ("plan",)
+
     def __init__(self, *, margin: float = RANGE_MARGIN):
         self.margin = margin
 

@@ -38,7 +38,7 @@ from mpcompiler.accuracy import Metric, flat_outputs
 from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record
 from mpcompiler.ops import FOLLOW_OPS, convert_inputs
-from mpcompiler.pass_manager import Pass, PassResult, progress
+from mpcompiler.pass_manager import Pass, PassManager, PassResult, progress
 from mpcompiler.samples import Sample, to_device
 
 SENSITIVITY_SAMPLES = 4  # calibration samples the sensitivity is estimated on
@@ -186,12 +186,14 @@ def sensitivities(gm, candidates: list[torch.fx.Node], samples: Sequence[Sample]
 class SearchPrecision(Pass):
     """Keep the most sensitive nodes high until the held-out error meets the tolerance."""
 
+    requires = ("plan",)  # and what re-planning requires, which its own manager checks
+
     def __init__(
         self,
         *,
         tolerance: float,
         metric: Metric,
-        replan: Callable[[torch.fx.GraphModule], None],
+        replan: PassManager,  # assign_precision and place_casts: re-derive the plan from the records
         calib_samples: Sequence[Sample],
         val_samples: Sequence[Sample],
         val_refs: Callable[[], Sequence[Sequence]],  # the fp32 model's outputs on them, computed on demand
@@ -221,7 +223,7 @@ class SearchPrecision(Pass):
                     if i < k
                     else ""
                 )
-            self.replan(gm)
+            self.replan.run(gm)
 
         def evaluate(k: int) -> bool:
             if k not in judged:

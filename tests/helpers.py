@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 import mpcompiler
 from mpcompiler.api import Options, pipeline
 from mpcompiler.capture import capture
-from mpcompiler.pass_manager import PassManager
+from mpcompiler.pass_manager import PassManager, PassResult
+from mpcompiler.printer import format_graph
 from mpcompiler.samples import collect_samples
 
 # The rel. L2 error against fp32 a compiled model meets in these tests, by its plan's low dtype: the one
@@ -57,8 +60,9 @@ class Overflow(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(torch.tanh(self.fc0(x)))))))
 
 
-def stages(model, data, *, upto: str, **options):
-    """Capture ``model`` and run the pipeline up to and including the pass named ``upto``."""
+def run_pipeline(model, data, *, upto: str, **options) -> tuple[torch.fx.GraphModule, dict[str, PassResult]]:
+    """Capture ``model`` and run the pipeline up to and including the pass named ``upto``; the graph module
+    and each pass's result by pass name (its stats, and its rewrite rules' reasons for not firing)."""
     opts = Options.parse(
         dtype=options.pop("dtype", "float16"),
         keep_fp32=options.pop("keep_fp32", ()),
@@ -70,8 +74,38 @@ def stages(model, data, *, upto: str, **options):
     gm = capture(model, samples)
     passes = pipeline(opts, samples, torch.device("cpu"))
     names = [p.name() for p in passes]
-    PassManager(passes[: names.index(upto) + 1], debug=True).run(gm)
-    return gm
+    runs = PassManager(passes[: names.index(upto) + 1], debug=True).run(gm)
+    return gm, {r.name: r.result for r in runs}
+
+
+def stages(model, data, *, upto: str, **options):
+    """Capture ``model`` and run the pipeline up to and including the pass named ``upto``."""
+    return run_pipeline(model, data, upto=upto, **options)[0]
+
+
+def ir_lines(gm) -> list[str]:
+    """The graph as its dump prints it, less what the data decides: per node its statement and its type
+    (planned dtype and shape), and ``# f32`` where the dump gives a reason for the dtype (fp32 math inside
+    a kernel, a node kept high), without ranges, module paths or the reason's words. Export's bookkeeping
+    without a value (``_guards_fn``) is left out. A before/expected test writes the graph it expects in
+    these lines (as TVM's ToMixedPrecision tests write the expected Relay program)."""
+    lines = []
+    for row in format_graph(gm).splitlines():
+        stmt, _, notes = row.partition("  : ")
+        kind = notes.split("  ")[0]  # the type, first of the notes
+        if not notes:  # return
+            lines.append(stmt)
+        elif kind != "-":
+            note = re.search(r"# (b?f\d+): ", notes)
+            lines.append(f"{stmt.rstrip()} : {kind}" + (f"  # {note.group(1)}" if note else ""))
+    return lines
+
+
+def why_not(result: PassResult, rule: str, *, besides: str) -> dict[str, int]:
+    """How often each reason kept ``rule`` from firing in ``result``, less ``besides``: its first check's
+    ("not a layer_norm"), which every other node it was tried on gives (so its count is the graph's size).
+    A reason reworded, or ``besides`` reworded, changes the answer."""
+    return {why: n for why, n in result.reasons.get(rule, {}).items() if why != besides}
 
 
 def nodes_by_op(gm, op: str):

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import mpcompiler
-from mpcompiler.ir import OpClass, record
-from tests.helpers import TOL, Overflow, Tiny, nodes_by_op, rel_err, stages
+from mpcompiler.ir import OpClass, Rule, record
+from tests.helpers import TOL, Overflow, Tiny, ir_lines, nodes_by_op, rel_err, stages
 
 
 def _tiny_data():
@@ -68,6 +68,53 @@ def test_keep_fp32_by_module_path_and_op_name():
     assert record(fc1).dtype == torch.float16
     assert record(fc2).dtype == torch.float32 and record(fc2).reason == "keep_fp32 names 'fc2'"
     assert record(relu).dtype == torch.float32 and record(relu).rule == "keep_fp32"
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.head(self.mlp(self.embed(x))), -1)
+
+
+# keep_fp32="mlp": the plan (records only: parameters are converted later, by insert_casts) has every node of
+# the kept module in f32, its gelu included; the rest in f16, the softmax on f16 I/O with fp32 math inside.
+KEPT_MLP = """\
+%embed_weight = param embed.weight : f32[32,16]
+%embed_bias = param embed.bias : f32[32]
+%mlp_0_weight = param mlp.0.weight : f32[32,32]
+%mlp_0_bias = param mlp.0.bias : f32[32]
+%mlp_2_weight = param mlp.2.weight : f32[32,32]
+%mlp_2_bias = param mlp.2.bias : f32[32]
+%head_weight = param head.weight : f32[4,32]
+%head_bias = param head.bias : f32[4]
+%x = input : f32[s0,16]
+%linear = linear(%x, %embed_weight, %embed_bias) : f16[s0,32]
+%linear_1 = linear(%linear, %mlp_0_weight, %mlp_0_bias) : f32[s0,32]  # f32
+%gelu = gelu(%linear_1) : f32[s0,32]  # f32
+%linear_2 = linear(%gelu, %mlp_2_weight, %mlp_2_bias) : f32[s0,32]  # f32
+%linear_3 = linear(%linear_2, %head_weight, %head_bias) : f16[s0,4]
+%softmax = softmax(%linear_3, -1) : f16[s0,4]  # f32
+return (%softmax)"""
+
+
+def test_keep_fp32_module_plans_its_nodes_f32_and_the_rest_f16():
+    model, data = Blocks().eval(), [torch.randn(8, 16) for _ in range(3)]
+    gm = stages(model, data, upto="assign_precision", keep_fp32=["mlp"])
+    assert ir_lines(gm) == KEPT_MLP.splitlines()
+    kept = [n for n in gm.graph.nodes if n.op == "call_function" and record(n).module_path.startswith("mlp")]
+    assert [record(n).module_path for n in kept] == ["mlp.0", "mlp.1", "mlp.2"]
+    assert {(record(n).rule, record(n).reason) for n in kept} == {(Rule.KEEP_FP32, "keep_fp32 names 'mlp'")}
+    # the compiled graph realises the plan, and its numbers are fp32's
+    lowered = stages(model, data, upto="eliminate_casts", keep_fp32=["mlp"])
+    h, f = torch.float16, torch.float32
+    assert [n.meta["val"].dtype for n in nodes_by_op(lowered, "linear")] == [h, f, f, h]
+    x = torch.randn(32, 16)
+    assert rel_err(lowered(x), model(x)) < TOL[torch.float16]
 
 
 def test_keep_fp32_that_matches_nothing_is_an_error():

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mpcompiler
 from mpcompiler.ir import op_name
-from tests.helpers import TOL, nodes_by_op, rel_err, stages
+from tests.helpers import TOL, nodes_by_op, rel_err, run_pipeline, stages, why_not
 
 
 class Messy(nn.Module):
@@ -38,6 +39,28 @@ def test_clean_graph_rewrites_and_keeps_numbers():
     assert len(casts) == 1 and casts[0].args[0].name == "mask"  # only the int -> float conversion stays
     x, mask = _data()[0]
     assert torch.equal(gm(x, mask), model(x, mask))
+
+
+class MustStay(nn.Module):
+    """A dropout the model runs in training mode, whatever the module's mode, and casts that convert."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        return F.dropout(self.fc(x), 0.1, training=True) + mask.to(torch.float32) + x.half().float()
+
+
+def test_a_training_dropout_and_converting_casts_stay_and_say_why():
+    gm, results = run_pipeline(MustStay().eval(), _data(), upto="clean_graph")
+    result = results["clean_graph"]
+    assert result.stats["dropouts_removed"] == result.stats["noop_casts_removed"] == 0
+    assert why_not(result, "dropouts_removed", besides="not a dropout") == {"in training mode": 1}
+    # the mask int -> f32, x f32 -> f16 and back f16 -> f32: each changes its input's dtype
+    assert why_not(result, "noop_casts_removed", besides="not a cast") == {"converts": 3}
+    (dropout,) = nodes_by_op(gm, "dropout")
+    assert dropout.args[2] is True and len(nodes_by_op(gm, "to")) == 3
 
 
 class MutatesInput(nn.Module):

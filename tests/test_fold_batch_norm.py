@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from mpcompiler.passes import FoldBatchNorm
-from tests.helpers import nodes_by_op, rel_err, stages
+from tests.helpers import nodes_by_op, rel_err, run_pipeline, stages, why_not
 
 
 def _randomize(bn):
@@ -60,6 +60,32 @@ def test_leaves_batch_norm_whose_producer_is_shared_or_not_a_conv():
     gm = stages(NotFoldable().eval(), [torch.randn(2, 3, 8, 8)], upto="clean_graph")
     assert FoldBatchNorm().run(gm).stats == {"folded": 0}
     assert len(nodes_by_op(gm, "batch_norm")) == 2
+
+
+class SharedWeight(NotFoldable):
+    """NotFoldable's two, and a conv whose weight another call of it reads: folding would change that call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn3 = _randomize(nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return *super().forward(x), self.bn3(self.conv2(x)) + self.conv2(x * 2)
+
+
+def test_each_batch_norm_that_cannot_fold_says_why():
+    model = SharedWeight().eval()
+    gm, results = run_pipeline(model, [torch.randn(2, 3, 8, 8)], upto="fold_batch_norm")
+    assert not results["fold_batch_norm"].modified and len(nodes_by_op(gm, "batch_norm")) == 3
+    assert why_not(results["fold_batch_norm"], "folded", besides="not an inference batch norm") == {
+        "its conv or linear has other readers": 1,  # bn(y) + y
+        "not fed by a conv or linear": 1,  # bn2(relu(y))
+        "weight or bias read elsewhere, or not constant": 1,  # conv2's weight, read by its second call
+    }
+    x = torch.randn(2, 3, 8, 8)
+    for got, ref in zip(gm(x), model(x), strict=True):
+        assert torch.equal(got, ref)
 
 
 def test_user_model_weights_are_not_touched():

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import mpcompiler
 from mpcompiler.ir import record
-from tests.helpers import TOL, Tiny, nodes_by_op, rel_err, stages
+from tests.helpers import TOL, Tiny, ir_lines, nodes_by_op, rel_err, stages
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -22,6 +22,70 @@ def test_tiny_casts_at_boundaries_only_and_matches_fp32(dtype):
     out = gm(x)
     assert out.dtype == torch.float32
     assert rel_err(out, model(x)) < TOL[dtype]
+
+
+class LinearNormLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(self.ln(self.fc1(x)))
+
+
+# The graph insert_casts must leave (statement : planned type, ``# f32`` where the dump says why): the linears
+# in the low dtype {lo}, layer_norm on {lo} I/O with fp32 math inside (no cast island around it), one cast of
+# the input where the first linear reads it, the parameters converted in place, the output cast back to f32.
+LOW_THROUGHOUT = """\
+%fc1_weight = param fc1.weight : {lo}[32,16]
+%fc1_bias = param fc1.bias : {lo}[32]
+%ln_weight = param ln.weight : {lo}[32]
+%ln_bias = param ln.bias : {lo}[32]
+%fc2_weight = param fc2.weight : {lo}[4,32]
+%fc2_bias = param fc2.bias : {lo}[4]
+%x = input : f32[s0,16]
+%x_{lo} = cast(%x) {{to={lo}}} : {lo}[s0,16]
+%linear = linear(%x_{lo}, %fc1_weight, %fc1_bias) : {lo}[s0,32]
+%layer_norm = layer_norm(%linear, [32], %ln_weight, %ln_bias, 1e-05, False) : {lo}[s0,32]  # f32
+%linear_1 = linear(%layer_norm, %fc2_weight, %fc2_bias) : {lo}[s0,4]
+%linear_1_f32 = cast(%linear_1) {{to=f32}} : f32[s0,4]
+return (%linear_1_f32)"""
+
+# keep_fp32="ln": the norm and its parameters in f32, a cast on each side of it, each right after its value
+LN_KEPT_FP32 = """\
+%fc1_weight = param fc1.weight : f16[32,16]
+%fc1_bias = param fc1.bias : f16[32]
+%ln_weight = param ln.weight : f32[32]
+%ln_bias = param ln.bias : f32[32]
+%fc2_weight = param fc2.weight : f16[4,32]
+%fc2_bias = param fc2.bias : f16[4]
+%x = input : f32[s0,16]
+%x_f16 = cast(%x) {to=f16} : f16[s0,16]
+%linear = linear(%x_f16, %fc1_weight, %fc1_bias) : f16[s0,32]
+%linear_f32 = cast(%linear) {to=f32} : f32[s0,32]
+%layer_norm = layer_norm(%linear_f32, [32], %ln_weight, %ln_bias, 1e-05, False) : f32[s0,32]  # f32
+%layer_norm_f16 = cast(%layer_norm) {to=f16} : f16[s0,32]
+%linear_1 = linear(%layer_norm_f16, %fc2_weight, %fc2_bias) : f16[s0,4]
+%linear_1_f32 = cast(%linear_1) {to=f32} : f32[s0,4]
+return (%linear_1_f32)"""
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({}, LOW_THROUGHOUT.format(lo="f16")),
+        ({"dtype": "bfloat16"}, LOW_THROUGHOUT.format(lo="bf16")),
+        ({"keep_fp32": ["ln"]}, LN_KEPT_FP32),
+    ],
+    ids=["f16", "bf16", "ln kept fp32"],
+)
+def test_linear_norm_linear_casts_where_expected_and_matches_fp32(options, expected):
+    model = LinearNormLinear().eval()
+    gm = stages(model, [torch.randn(8, 16) for _ in range(3)], upto="insert_casts", **options)
+    assert ir_lines(gm) == expected.splitlines()
+    x = torch.randn(32, 16)
+    dtype = torch.bfloat16 if options.get("dtype") == "bfloat16" else torch.float16
+    assert rel_err(gm(x), model(x)) < TOL[dtype]
 
 
 class SharedInput(nn.Module):

@@ -12,7 +12,7 @@ import transformers
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import fused
-from mpcompiler.llm import _pad_rows, graph_rows, positions
+from mpcompiler.llm import Generator, _pad_rows, graph_rows, positions
 from tests.helpers import TOL, run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
@@ -58,7 +58,7 @@ def test_greedy_generation_matches_hugging_face(llama):
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("rows", [None, 2, 4])
+@pytest.mark.parametrize("rows", [None, 1, 2, 4])
 def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     # prefill 5 tokens, then 4 decode steps: each step's logits are the compiled whole-sequence module's.
     # With rows, the decode steps run what the GPU's decode graph compiles (under torch.compile here):
@@ -66,20 +66,42 @@ def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     model, compiled = llama
     torch.manual_seed(2)
     seq = _prompt(2, 9, pad=2)
+    if rows == 1:
+        seq = {k: v[1:] for k, v in seq.items()}
     ids, mask = seq["input_ids"], seq["attention_mask"]
     whole = compiled(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
     step = compiled.generator
-    slots = torch.zeros(2, 64, dtype=torch.long)
+    slots = torch.zeros(len(ids), 64, dtype=torch.long)
     slots[:, :5] = mask[:, :5]
     got = [step(ids[:, :5], slots, positions(mask)[:, :5], torch.arange(5))]
     if rows is not None:
-        step = _padded(torch.compile(step.decode_step(rows), backend="aot_eager", dynamic=False), rows)
+        program, _ = step.decode_step(rows)
+        stored = [n for n in program.graph.nodes if n.target is torch.ops.prims.inductor_force_stride_order.default]
+        assert len(stored) == (2 if rows == 1 else 0)  # the 1-row graph stores each MLP's SiLU x up once
+        step = _padded(torch.compile(program, backend="aot_eager", dynamic=False), rows)
     for t in range(5, 9):
         slots[:, t] = 1
         got.append(step(ids[:, t : t + 1], slots, positions(mask)[:, t : t + 1], torch.tensor([t])))
     want = whole[:, 4:]  # the last prompt position, then each decode position
     err = (torch.stack(got, 1) - want).norm() / want.norm()
     assert err < 2e-3
+
+
+def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
+    # lower_decode_step runs through a pass manager: its IR, stats and rules' reasons in generation/decode1/
+    _, compiled = llama
+    generator = Generator(compiled.graph_module, compiled.lm, dump_dir=tmp_path, debug=True)
+    program, example = generator.decode_step(1)
+    dump = (tmp_path / "generation" / "decode1" / "01_lower_decode_step.txt").read_text()
+    assert "cache_slices_dropped=" in dump and "activations_stored=2" in dump and "attention_as_matmuls=2" in dump
+    assert "activations_stored did not fire: not a linear" in dump
+    # typed at the CUDA graph's shapes (one new token a row), and the activations stored contiguous in them
+    ids = next(n for n in program.graph.nodes if n.target == "input_ids")
+    assert tuple(ids.meta["val"].shape) == tuple(example["input_ids"].shape) == (1, 1)
+    for node in program.graph.nodes:
+        if node.target is torch.ops.prims.inductor_force_stride_order.default:
+            assert tuple(node.args[1]) == torch.empty(node.meta["val"].shape).stride()
+            assert f"%{node.name} = prims.inductor_force_stride_order" in dump
 
 
 def _padded(program, rows):

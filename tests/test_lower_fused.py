@@ -22,7 +22,7 @@ from mpcompiler.fused import FUSED_OPS, has_kernel
 from mpcompiler.ir import record
 from mpcompiler.passes import LowerFused
 from mpcompiler.passes.lower_fused import RULES
-from tests.helpers import TOL, nodes_by_op, rel_err, stages
+from tests.helpers import TOL, nodes_by_op, rel_err, run_pipeline, stages, why_not
 
 transformers.logging.set_verbosity_error()
 
@@ -126,11 +126,16 @@ class AttentionVariants(nn.Module):
         return other_dim, read_twice
 
 
-def test_attention_variants_do_not_fuse():
+def test_attention_variants_do_not_fuse_and_say_why():
     x = [torch.randn(2, 4, 8, 16) for _ in range(3)]
-    gm = stages(AttentionVariants(), [tuple(x)], upto="lower_fused")
+    gm, results = run_pipeline(AttentionVariants(), [tuple(x)], upto="lower_fused")
     assert not nodes_by_op(gm, "scaled_dot_product_attention")
     assert len(nodes_by_op(gm, "softmax")) == 2
+    # the rank-4 matmuls: two of scores (q first), one of a softmax over dim 2, one of a softmax read twice
+    assert why_not(results["lower_fused"], "attention", besides="not a rank-4 matmul") == {
+        "first operand is not a softmax read only here": 3,
+        "softmax over dim 2, not the last": 1,
+    }
 
 
 def test_gpt2_tanh_gelu_formula_becomes_one_gelu_and_runs_fp16():
@@ -152,11 +157,50 @@ class GeluFormulas(nn.Module):
 
 
 def test_erf_formula_fuses_and_a_different_constant_does_not():
-    gm = stages(GeluFormulas(), [torch.randn(4, 8)], upto="lower_fused")
+    gm, results = run_pipeline(GeluFormulas(), [torch.randn(4, 8)], upto="lower_fused")
     (gelu,) = nodes_by_op(gm, "gelu")
     assert gelu.kwargs["approximate"] == "none" and len(nodes_by_op(gm, "tanh")) == 1
+    assert why_not(results["lower_fused"], "gelu", besides="not tanh or erf") == {"not x + 0.044715 * x^3": 1}
     x = torch.randn(4, 8)
     assert rel_err(gm(x)[0], GeluFormulas()(x)[0]) < 1e-6
+
+
+class NoKernelOrOtherShape(nn.Module):
+    """A linear's bias + GELU, and two residual norms SkipLayerNormalization does not take: a broadcast add, 4-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln, self.ln4 = nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8)
+        self.shift = nn.Parameter(torch.randn(8))
+
+    def forward(self, x, y):
+        return self.ln(F.gelu(self.fc(x)) + self.shift), self.ln4(self.fc(y) + y)
+
+
+def test_on_a_planned_graph_the_target_table_and_the_shapes_say_why_a_rule_did_not_fire():
+    model = NoKernelOrOtherShape().eval()
+    data = [(torch.randn(4, 8), torch.randn(2, 2, 3, 8)) for _ in range(2)]
+    planned = stages(model, data, upto="eliminate_casts")
+    (gelu,) = nodes_by_op(planned, "gelu")
+    assert record(gelu).dtype == torch.float16
+    lowered = {target: twin(planned, "Lowered") for target in ("ort-cpu", "ort-cuda")}
+    runs = {target: LowerFused(target=target).run(gm) for target, gm in lowered.items()}
+    # ONNX Runtime's CPU provider has BiasGelu in fp32 only, its CUDA provider in f16 too (mpcompiler.fused.KERNELS)
+    assert why_not(runs["ort-cpu"], "bias_gelu", besides="not a gelu") == {"ort-cpu has no bias_gelu kernel for f16": 1}
+    assert runs["ort-cuda"].stats["bias_gelu"] == 1
+    assert why_not(runs["ort-cuda"], "bias_gelu", besides="not a gelu") == {}
+    for result in runs.values():
+        assert result.stats["skip_layer_norm"] == 0
+        assert why_not(result, "skip_layer_norm", besides="not a layer_norm") == {
+            "add of differently shaped values (a broadcast)": 1,  # gelu [B, 8] + shift [8]
+            "SkipLayerNormalization takes 2-D or 3-D input": 1,  # [B, 2, 3, 8]
+        }
+    assert not runs["ort-cpu"].modified
+    x, y = torch.randn(3, 8), torch.randn(3, 2, 3, 8)
+    for got, was in zip(lowered["ort-cpu"](x, y), planned(x, y), strict=True):
+        assert torch.equal(got, was)
+    for got, ref in zip(lowered["ort-cuda"](x, y), model(x, y), strict=True):
+        assert rel_err(got, ref) < TOL[torch.float16]
 
 
 def test_resnet_has_nothing_to_fuse_before_planning():
@@ -497,8 +541,8 @@ def test_segment_ids_broadcast_over_the_batch_keep_the_plain_embeddings(tmp_path
 
 def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_rotating_itself():
     from mpcompiler.accuracy import flat_outputs
-    from mpcompiler.emit_onnx import _empty_pasts
     from mpcompiler.fused import kv_attention
+    from mpcompiler.onnx_io import empty_pasts
     from mpcompiler.passes import InsertKvCache
     from mpcompiler.passes.lower_fused import _match_rotary_group_query_attention
     from tests.test_llm import _llama, _prompt
@@ -514,7 +558,7 @@ def test_llama_attention_becomes_group_query_attention_on_the_packed_projection_
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0  # right padding: the cache layout's
     feed = {"input_ids": torch.randint(3, 100, (2, 7)), "attention_mask": mask, "use_cache": False}
-    feed |= {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} | _empty_pasts(ref, 2)
+    feed |= {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} | empty_pasts(ref, 2)
     with torch.no_grad():
         (want, *want_cache), (got, *got_cache) = flat_outputs(ref(**feed)), flat_outputs(gm(**feed))
     real = mask.bool()  # a padding token's position differs (its logits and cache slot are never read)

@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 import transformers
 
 import mpcompiler
+from mpcompiler.emit_fx import twin
+from mpcompiler.pass_manager import PassManager
+from mpcompiler.passes import ChannelsLast
 from tests.helpers import TOL, rel_err
 
 transformers.logging.set_verbosity_error()
@@ -62,6 +66,23 @@ def test_resnet18():
     _assert_compute_ops_low(compiled)
     _assert_placement_casts_no_more(compiled)
     assert compiled.report.casts() == 2  # the input and the output; batch norm keeps fp16 I/O
+
+
+def test_cuda_graph_lowering_converts_its_own_copy_to_channels_last():
+    # the CUDA-graph mode's channels_last pass runs on a twin of the graph: the module the user holds keeps
+    # its NCHW weights (cuda_graph() used to convert them in place), and the twin computes the same
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    compiled = mpcompiler.compile(cnn, [torch.randn(2, 3, 16, 16) for _ in range(2)])
+    copy = twin(compiled.graph_module, "Twin")
+    (run,) = PassManager([ChannelsLast()], debug=True).run(copy)
+    assert run.result.stats == {"weights": 2}  # the two convolutions' weights (batch norm folded into the first)
+    nhwc = [w for w in copy.parameters() if w.dim() == 4]
+    assert len(nhwc) == 2 and all(w.is_contiguous(memory_format=torch.channels_last) for w in nhwc)
+    assert all(w.is_contiguous() for w in compiled.graph_module.parameters())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(copy(x.to(memory_format=torch.channels_last)), cnn(x)) < TOL[torch.float16]
 
 
 def test_gpt2_two_layers():
@@ -148,3 +169,5 @@ def test_cuda_graph_replays_the_compiled_module(bert):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(compiled.cuda_graph(x)(x.cuda()).cpu(), cnn(x)) < TOL[torch.float16]
+        assert all(w.is_contiguous() for w in compiled.graph_module.parameters())  # its copy went NHWC, not it
+        assert rel_err(compiled(x.cuda()).cpu(), cnn(x)) < TOL[torch.float16]

@@ -151,6 +151,23 @@ def test_fp16_io(bert, tmp_path):
         compiled.export_onnx(tmp_path / "x.onnx", io_dtype="bfloat16")
 
 
+def test_the_onnx_lowering_dumps_its_passes_in_the_onnx_folder(tmp_path):
+    # export_onnx rewrites a copy of the compiled graph through the pass manager: with compile()'s dump_dir,
+    # a dump per pass in <dump_dir>/onnx/ (every pass in debug runs), the last export's alone
+    data = [torch.randn(4, 16) for _ in range(2)]
+    compiled = mpcompiler.compile(Tiny().eval(), data, dump_dir=tmp_path / "dumps", debug=True)
+    compiled.export_onnx(tmp_path / "t.onnx", io_dtype="float16", verify="off")
+    folder = tmp_path / "dumps" / "onnx"
+    names = ["00_capture.txt", "01_low_precision_io.txt", "02_eliminate_casts.txt", "03_lower_fused.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    header = (folder / "01_low_precision_io.txt").read_text().splitlines()[0]
+    assert header.startswith("// after 01 low_precision_io (changed; inputs_cast=1; outputs_cast=1; ")
+    compiled.export_onnx(tmp_path / "t.onnx", verify="off")  # no I/O rewrite: the first export's dumps go
+    assert sorted(p.name for p in folder.iterdir()) == ["00_capture.txt", "01_lower_fused.txt"]
+    mpcompiler.compile(Tiny().eval(), data, dump_dir=tmp_path / "dumps")  # a compile removes the export's
+    assert list(folder.iterdir()) == []
+
+
 def test_external_data_when_over_the_limit(resnet, tmp_path, monkeypatch):
     _, compiled = resnet
     monkeypatch.setattr(mpcompiler.emit_onnx, "EXTERNAL_DATA_LIMIT", 1024)

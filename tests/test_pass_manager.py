@@ -8,6 +8,7 @@ import torch
 import mpcompiler
 from mpcompiler.ir import record
 from mpcompiler.pass_manager import Pass, PassManager, PassResult
+from mpcompiler.passes import AssignPrecision, EliminateCasts
 from tests.helpers import Tiny, nodes_by_op, stages
 
 
@@ -43,6 +44,21 @@ def test_names_are_one_spelling():
     assert sorted(c.name() for c in classes) == files
     for cls in classes:
         assert issubclass(cls, Pass) and cls.__module__ == f"mpcompiler.passes.{cls.name()}"
+
+
+def test_a_pass_whose_requirement_the_graph_lacks_is_refused():
+    # a pipeline in the wrong order: planning before calibration, casts removed before any were inserted
+    gm = stages(Tiny().eval(), [torch.randn(4, 16)], upto="lower_fused")
+    with pytest.raises(mpcompiler.PassError, match=r"pass 02 assign_precision needs calibrated ranges "
+                       r"\(calibrate_ranges\): the graph after capture, no_op has none"):  # fmt: skip
+        PassManager([NoOp(), AssignPrecision(dtype=torch.float16)]).run(gm)
+    with pytest.raises(mpcompiler.PassError, match=r"eliminate_casts needs the plan's casts inserted"):
+        PassManager([EliminateCasts()]).run(_lowered_before_casts())
+    assert PassManager([EliminateCasts()]).run(_lowered())[0].name == "eliminate_casts"  # casts there: it runs
+
+
+def _lowered_before_casts():
+    return stages(Tiny().eval(), [torch.randn(4, 16)], upto="place_casts")
 
 
 def test_failing_pass_names_itself_and_its_predecessors_and_writes_its_ir(tmp_path):

@@ -180,6 +180,10 @@ def test_report_plot_and_json(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["kept_high"] == compiled.report.search["kept_high"] > 0
     assert any(n["sensitivity"] for n in saved["nodes"])
+    # the re-plan is a pipeline of its own, dumped in search/: the plan the search chose, as the main dump shows it
+    replanned = (tmp_path / "search" / "02_place_casts.txt").read_text().split("\n", 1)[1]
+    chosen = next(tmp_path.glob("??_search_precision.txt")).read_text().split("\n", 1)[1]
+    assert "kept high by the tolerance search" in replanned and replanned == chosen
 
 
 def _flops_low_and_met(model, calib, val, call):
