@@ -1,59 +1,21 @@
-"""Fused ops, defined once: a torch.library custom op each (CPU and CUDA, composed of ATen ops), its
-ONNX translation (an ONNX Runtime contrib op), and the table of targets that have a kernel for it.
+"""Fused ops, defined once: a torch.library custom op each (CPU and CUDA, composed of ATen ops) and its
+ONNX translation (an ONNX Runtime contrib op), and :data:`FUSED_OPS`, one row per fused op: the targets
+with a kernel for it and in which dtypes, the op ``lower_fused``'s rule of the same name emits, its
+translation, the contrib schemas that writes and the opset it needs (each row's comment says what the
+op is and why its targets are what they are). :data:`KERNELS`, :func:`has_kernel`, :data:`OPSET_23_OPS`
+and :func:`onnx_translations` are read from it.
 
-``lower_fused`` consults :data:`KERNELS` so that nothing is emitted that the target cannot run fused:
+``lower_fused`` consults the kernels so that nothing is emitted that the target cannot run fused.
 
-- ``attention``: ATen's scaled_dot_product_attention. FX on CUDA and CPU runs it fused; torch.onnx
-  writes it as ONNX ``Attention`` from opset 23, which ONNX Runtime's CUDA provider runs fused
-  (measured: docs/perf.md). Eager attention (matmul, scale, mask, softmax, matmul) is rewritten to it.
-- ``gelu``: a GELU written out as a formula (GPT-2's tanh form, the erf form) -> one ``aten.gelu``.
-- ``skip_layer_norm``: residual add + layer_norm -> ``com.microsoft.SkipLayerNormalization``
-  (fp32 statistics inside, fp16 I/O). For FX it would be two kernels either way: not emitted.
-- ``bias_gelu``: linear's bias + GELU -> ``com.microsoft.BiasGelu`` (erf) / ``FastGelu`` (tanh).
-  ONNX Runtime's CPU provider has them in fp32 only: not emitted for an fp16 CPU artifact.
-- ``conv_bias_relu``: relu(conv2d + bias [+ residual]) -> one cuDNN convolution with the bias,
-  the residual add and the ReLU in its epilogue (``aten.cudnn_convolution_relu``/``_add_relu``), for
-  ``compiled.cuda_graph()``: one kernel instead of the convolution and an elementwise pass over its
-  output (1.4-2.5x faster on ResNet-50's layers, H100, docs/perf.md), and the sum rounded once.
-  Conv + BatchNorm is folded at compile time (``fold_batch_norm``). ONNX Runtime's ``FusedConv``
-  (conv + bias + activation) has no fp16 CUDA kernel, so the ONNX artifact leaves convs to ORT.
-- ``permuted_linear``: not a fused op but a layout ONNX Runtime needs: ``linear(permute(x))`` with
-  the last dim in place is written ``permute(linear(x))``. ONNX Runtime 1.30-1.32's CPU provider
-  crashes the process (SIGSEGV, in its MatmulTransposeFusion at the default optimization level)
-  creating a session for an fp16 ``Transpose(perm=[1, 0, 2])`` feeding a ``MatMul`` with an fp16
-  weight: ``nn.MultiheadAttention(batch_first=True)``'s input projection.
-- ``group_query_attention``: a causal LM's attention over its past keys and values (the ONNX artifact's
-  :func:`kv_attention`) -> ``com.microsoft.GroupQueryAttention``, ONNX Runtime's fused attention with a
-  KV cache (grouped heads read in place, flash kernels on CUDA). Its cache layout is its own: each row's
-  tokens packed at the front, lengths from ``attention_mask`` (prompts right-padded). fp16/bf16 on CUDA;
-  fp16/fp32 on the CPU. ``attention_bias`` has no CUDA kernel, hence that layout and not a mask.
-- ``qkv_attention``: self-attention whose q, k and v are linears of one input, heads split and merged
-  around SDPA -> ``com.microsoft.Attention``: one GEMM on the packed q/k/v weight, the bias add and
-  the heads' layout in one kernel. The mask goes in as its additive ``attention_bias`` (exact for any
-  mask, but ONNX Runtime 1.31's CUDA provider then runs attention unfused: two GEMMs and a softmax,
-  profiled in docs/perf.md), or, exported with ``padding="right"``, as its 1-D mask index (each row's
-  key count, the contract of ONNX Runtime's own optimized BERT), with which it runs cuDNN's fused
-  attention. Written the way ONNX Runtime's transformer optimizer writes BERT's attention.
-- ``rotary_group_query_attention``: the same attention when its q, k and v are the heads of linears of
-  one input and q and k are rotated as Llama-family models rotate them (``q * cos + rotate_half(q) *
-  sin``, cos and sin computed from the positions alone) -> GroupQueryAttention on the packed q/k/v
-  projection (one GEMM instead of three) with its own rotary (``do_rotary``; cos/sin tables: the model's
-  own rotary math at every slot of the cache, constants), where the plain form runs ~12 ops a layer for it.
-- ``rms_norm``: RMSNorm as Llama-family models write it (fp32 statistics, ``x * rsqrt(mean(x^2) + eps)``
-  times a weight) -> ``SimplifiedLayerNormalization``, one kernel with fp32 statistics inside.
-- ``skip_rms_norm``: the residual add feeding an RMSNorm -> ``SkipSimplifiedLayerNormalization``, which
-  returns the sum too (a pre-norm block's residual stream reads it again).
-- ``embed_layer_norm``: BERT's embeddings, ``layer_norm(word[ids] + position[0:S] [+ segment[...]])``
-  with the positions 0..S-1 and the segments an input or all zeros -> ONNX Runtime's
-  ``EmbedLayerNormalization``, one kernel for the three gathers, the adds and the norm (all-zero segments:
-  their one row folded into the position table).
-- ``shared_input_linears``: linears reading one input in one planned dtype (attention's q, k and v,
-  a gated MLP's gate and up) -> one linear on their weights stacked, and a split: one GEMM reading
-  the weights in one pass where a decode step's small GEMMs are each bound by launch and tail
-  (FX generation steps; after precision planning, so each projection's precision is its own).
+Adding a fused op: its custom op (with a fake) and translation here, its row in :data:`FUSED_OPS`, and
+the rule that writes it (a match and a rewrite) in ``passes/lower_fused.py``'s ``RULES``, by the row's
+name; tests/test_lower_fused.py checks that rows and rules agree.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
@@ -62,35 +24,6 @@ import onnxscript.onnx_opset
 import torch
 import torch.nn.functional as F
 from onnx.defs import OpSchema
-
-H, B, S = torch.float16, torch.bfloat16, torch.float32
-ALL = frozenset({H, B, S})
-TARGETS = ("fx-cuda", "fx-cpu", "ort-cuda", "ort-cpu")
-
-# fused op -> target -> dtypes with a fused kernel there
-KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {
-    "attention": dict.fromkeys(TARGETS, ALL),
-    "gelu": dict.fromkeys(TARGETS, ALL),
-    "skip_layer_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
-    "bias_gelu": {"ort-cuda": ALL, "ort-cpu": frozenset({S})},
-    "conv_bias_relu": {"fx-cuda": frozenset({H, B})},  # lowered on the planned graph by cuda_graph()
-    "permuted_linear": {"ort-cuda": ALL, "ort-cpu": ALL},
-    "shared_input_linears": {"fx-cuda": ALL, "fx-cpu": ALL},  # planned graphs only (its match says why)
-    "group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
-    "rotary_group_query_attention": {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
-    "qkv_attention": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
-    "rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
-    "skip_rms_norm": {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
-    "embed_layer_norm": {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
-}
-
-
-def has_kernel(op: str, target: str, dtype: torch.dtype | None) -> bool:
-    """Whether ``target`` runs fused op ``op`` in ``dtype`` (None: a graph of several dtypes)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; targets are {TARGETS}")
-    dtypes = KERNELS[op].get(target, frozenset())
-    return dtype in dtypes if dtype is not None else dtypes == ALL
 
 
 @torch.library.custom_op("mpcompiler::skip_layer_norm", mutates_args=())
@@ -324,8 +257,9 @@ def _(x, skip, weight, eps):
     return torch.empty_like(total), torch.empty_like(total)
 
 
-# ONNX Runtime's contrib schemas (github.com/microsoft/onnxruntime, docs/ContribOperators.md), which
-# onnxscript needs to build the nodes and onnx.checker to check them.
+# ONNX Runtime's contrib schemas (github.com/microsoft/onnxruntime, docs/ContribOperators.md), by name,
+# which onnxscript needs to build the nodes and onnx.checker to check them; registered for the rows that
+# write them.
 _T = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")
 
 
@@ -341,129 +275,134 @@ def _int32(name: str) -> OpSchema.FormalParameter:
     return OpSchema.FormalParameter(name, "M", "")
 
 
-_SCHEMAS = [
-    OpSchema(
-        "Attention",
-        "com.microsoft",
-        1,
-        inputs=[
-            _param("input"),
-            _param("weights"),
-            _param("bias", True),
-            OpSchema.FormalParameter("mask_index", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
-            _param("past", True),
-            _param("attention_bias", True),
-            OpSchema.FormalParameter(
-                "past_sequence_length", "M", "", param_option=OpSchema.FormalParameterOption.Optional
-            ),
-        ],
-        outputs=[_param("output"), _param("present", True)],
-        type_constraints=[_T, _M],
-        attributes=[
-            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
-            OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "", required=False),
-            OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
-        ],
-    ),
-    OpSchema(
-        "GroupQueryAttention",
-        "com.microsoft",
-        1,
-        inputs=[
-            _param("query"),
-            _param("key", True),
-            _param("value", True),
-            _param("past_key", True),
-            _param("past_value", True),
-            _int32("seqlens_k"),
-            _int32("total_sequence_length"),
-            _param("cos_cache", True),
-            _param("sin_cache", True),
-        ],
-        outputs=[_param("output"), _param("present_key", True), _param("present_value", True)],
-        type_constraints=[_T, _M],
-        attributes=[
-            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
-            OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, "", required=False),
-            OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "", required=False),
-        ],
-    ),
-    OpSchema(
-        "SkipSimplifiedLayerNormalization",
-        "com.microsoft",
-        1,
-        inputs=[_param("input"), _param("skip"), _param("gamma"), _param("bias", True)],
-        outputs=[
-            _param("output"),
-            OpSchema.FormalParameter("mean", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
-            OpSchema.FormalParameter("inv_std_var", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
-            _param("input_skip_bias_sum", True),
-        ],
-        type_constraints=[_T, ("U", ["tensor(float)"], "")],
-        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
-    ),
-    OpSchema(  # ONNX Runtime registers it in the ONNX domain
-        "SimplifiedLayerNormalization",
-        "",
-        1,
-        inputs=[_param("X"), _param("scale")],
-        outputs=[_param("Y")],
-        type_constraints=[_T],
-        attributes=[
-            OpSchema.Attribute("axis", OpSchema.AttrType.INT, "", required=False),
-            OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
-            OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False),
-        ],
-    ),
-    OpSchema(
-        "SkipLayerNormalization",
-        "com.microsoft",
-        1,
-        inputs=[_param("input"), _param("skip"), _param("gamma"), _param("beta", True), _param("bias", True)],
-        outputs=[_param("output")],
-        type_constraints=[_T],
-        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
-    ),
-    OpSchema(
-        "EmbedLayerNormalization",
-        "com.microsoft",
-        1,
-        inputs=[
-            _int32("input_ids"),
-            OpSchema.FormalParameter("segment_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
-            _param("word_embedding"),
-            _param("position_embedding"),
-            _param("segment_embedding", True),
-            _param("gamma"),
-            _param("beta", True),
-            OpSchema.FormalParameter("mask", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
-            OpSchema.FormalParameter("position_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
-        ],
-        outputs=[_param("output"), _int32("mask_index"), _param("embedding_sum", True)],  # mask_index: required
-        type_constraints=[_T, _M],
-        attributes=[
-            OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
-            OpSchema.Attribute("mask_index_type", OpSchema.AttrType.INT, "", required=False),
-        ],
-    ),
-    OpSchema(
-        "BiasGelu", "com.microsoft", 1, inputs=[_param("A"), _param("B")], outputs=[_param("C")], type_constraints=[_T]
-    ),
-    OpSchema(
-        "FastGelu",
-        "com.microsoft",
-        1,
-        inputs=[_param("X"), _param("bias", True)],
-        outputs=[_param("Y")],
-        type_constraints=[_T],
-    ),
-]
-for _schema in _SCHEMAS:
-    if not onnx.defs.has(_schema.name, _schema.domain):
-        onnx.defs.register_schema(_schema)
+_SCHEMAS = {
+    schema.name: schema
+    for schema in [
+        OpSchema(
+            "Attention",
+            "com.microsoft",
+            1,
+            inputs=[
+                _param("input"),
+                _param("weights"),
+                _param("bias", True),
+                OpSchema.FormalParameter("mask_index", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+                _param("past", True),
+                _param("attention_bias", True),
+                OpSchema.FormalParameter(
+                    "past_sequence_length", "M", "", param_option=OpSchema.FormalParameterOption.Optional
+                ),
+            ],
+            outputs=[_param("output"), _param("present", True)],
+            type_constraints=[_T, _M],
+            attributes=[
+                OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "", required=False),
+                OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
+            ],
+        ),
+        OpSchema(
+            "GroupQueryAttention",
+            "com.microsoft",
+            1,
+            inputs=[
+                _param("query"),
+                _param("key", True),
+                _param("value", True),
+                _param("past_key", True),
+                _param("past_value", True),
+                _int32("seqlens_k"),
+                _int32("total_sequence_length"),
+                _param("cos_cache", True),
+                _param("sin_cache", True),
+            ],
+            outputs=[_param("output"), _param("present_key", True), _param("present_value", True)],
+            type_constraints=[_T, _M],
+            attributes=[
+                OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, "", required=False),
+                OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "", required=False),
+            ],
+        ),
+        OpSchema(
+            "SkipSimplifiedLayerNormalization",
+            "com.microsoft",
+            1,
+            inputs=[_param("input"), _param("skip"), _param("gamma"), _param("bias", True)],
+            outputs=[
+                _param("output"),
+                OpSchema.FormalParameter("mean", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
+                OpSchema.FormalParameter("inv_std_var", "U", "", param_option=OpSchema.FormalParameterOption.Optional),
+                _param("input_skip_bias_sum", True),
+            ],
+            type_constraints=[_T, ("U", ["tensor(float)"], "")],
+            attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
+        ),
+        OpSchema(  # ONNX Runtime registers it in the ONNX domain
+            "SimplifiedLayerNormalization",
+            "",
+            1,
+            inputs=[_param("X"), _param("scale")],
+            outputs=[_param("Y")],
+            type_constraints=[_T],
+            attributes=[
+                OpSchema.Attribute("axis", OpSchema.AttrType.INT, "", required=False),
+                OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+                OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False),
+            ],
+        ),
+        OpSchema(
+            "SkipLayerNormalization",
+            "com.microsoft",
+            1,
+            inputs=[_param("input"), _param("skip"), _param("gamma"), _param("beta", True), _param("bias", True)],
+            outputs=[_param("output")],
+            type_constraints=[_T],
+            attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False)],
+        ),
+        OpSchema(
+            "EmbedLayerNormalization",
+            "com.microsoft",
+            1,
+            inputs=[
+                _int32("input_ids"),
+                OpSchema.FormalParameter("segment_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+                _param("word_embedding"),
+                _param("position_embedding"),
+                _param("segment_embedding", True),
+                _param("gamma"),
+                _param("beta", True),
+                OpSchema.FormalParameter("mask", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+                OpSchema.FormalParameter("position_ids", "M", "", param_option=OpSchema.FormalParameterOption.Optional),
+            ],
+            outputs=[_param("output"), _int32("mask_index"), _param("embedding_sum", True)],  # mask_index: required
+            type_constraints=[_T, _M],
+            attributes=[
+                OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+                OpSchema.Attribute("mask_index_type", OpSchema.AttrType.INT, "", required=False),
+            ],
+        ),
+        OpSchema(
+            "BiasGelu",
+            "com.microsoft",
+            1,
+            inputs=[_param("A"), _param("B")],
+            outputs=[_param("C")],
+            type_constraints=[_T],
+        ),
+        OpSchema(
+            "FastGelu",
+            "com.microsoft",
+            1,
+            inputs=[_param("X"), _param("bias", True)],
+            outputs=[_param("Y")],
+            type_constraints=[_T],
+        ),
+    ]
+}
 
 _MSFT = onnxscript.values.Opset("com.microsoft", 1)
 _OP = onnxscript.onnx_opset.opset23
@@ -597,32 +536,158 @@ def _repeat_heads(x, heads: int):
 
 MASKED = -10000.0  # what a bool mask's False becomes: exp(-10000) is 0 in every float dtype, fp16 holds it
 
-ONNX_TRANSLATIONS = {
-    torch.ops.mpcompiler.skip_layer_norm.default: _skip_layer_norm_onnx,
-    torch.ops.mpcompiler.bias_gelu.default: _bias_gelu_onnx,
-    torch.ops.mpcompiler.group_query_attention.default: _group_query_attention_onnx,
-    torch.ops.mpcompiler.rotary_group_query_attention.default: _rotary_group_query_attention_onnx,
-    torch.ops.mpcompiler.qkv_attention.default: _qkv_attention_onnx,
-    torch.ops.mpcompiler.rms_norm.default: _rms_norm_onnx,
-    torch.ops.mpcompiler.embed_layer_norm.default: _embed_layer_norm_onnx,
-    torch.ops.mpcompiler.skip_rms_norm.default: _skip_rms_norm_onnx,
+# ---- the table: one row per fused op
+
+H, B, S = torch.float16, torch.bfloat16, torch.float32
+ALL = frozenset({H, B, S})
+TARGETS = ("fx-cuda", "fx-cpu", "ort-cuda", "ort-cpu")
+
+
+@dataclass(frozen=True)
+class FusedOp:
+    """One fused op: where it has a kernel, what lower_fused's rule of its name emits, and its ONNX form."""
+
+    kernels: dict[str, frozenset[torch.dtype]]  # target -> dtypes with a fused kernel there (absent: none)
+    op: torch._ops.OpOverload | None = None  # what the rule emits (None: plain ATen ops, each as it was)
+    onnx: Callable | None = None  # its torch.onnx translation (None: torch.onnx's own, or not exported fused)
+    schemas: tuple[OpSchema, ...] = ()  # the contrib ops the translation writes
+    opset: int = 1  # the ONNX opset the export writes where the op is in the graph (OPSET_23_OPS)
+
+
+FUSED_OPS: dict[str, FusedOp] = {
+    # ATen's scaled_dot_product_attention. FX on CUDA and CPU runs it fused; the export writes it as ONNX
+    # ``Attention`` from opset 23, which ONNX Runtime's CUDA provider runs fused (measured: docs/perf.md).
+    # Eager attention (matmul, scale, mask, softmax, matmul) is rewritten to it.
+    "attention": FusedOp(
+        dict.fromkeys(TARGETS, ALL), torch.ops.aten.scaled_dot_product_attention.default, _attention_onnx, opset=23
+    ),
+    # a GELU written out as a formula (GPT-2's tanh form, the erf form) -> one aten.gelu
+    "gelu": FusedOp(dict.fromkeys(TARGETS, ALL), torch.ops.aten.gelu.default),
+    # residual add + layer_norm -> SkipLayerNormalization (fp32 statistics inside, fp16 I/O). For FX it
+    # would be two kernels either way: not emitted.
+    "skip_layer_norm": FusedOp(
+        {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.skip_layer_norm.default,
+        _skip_layer_norm_onnx,
+        (_SCHEMAS["SkipLayerNormalization"],),
+    ),
+    # linear's bias + GELU -> BiasGelu (erf) / FastGelu (tanh). ONNX Runtime's CPU provider has them in
+    # fp32 only: not emitted for an fp16 CPU artifact.
+    "bias_gelu": FusedOp(
+        {"ort-cuda": ALL, "ort-cpu": frozenset({S})},
+        torch.ops.mpcompiler.bias_gelu.default,
+        _bias_gelu_onnx,
+        (_SCHEMAS["BiasGelu"], _SCHEMAS["FastGelu"]),
+    ),
+    # relu(conv2d + bias [+ residual]) -> one cuDNN convolution with the bias, the residual add and the
+    # ReLU in its epilogue (aten.cudnn_convolution_relu/_add_relu), for compiled.cuda_graph(), which lowers
+    # it on the planned graph: one kernel instead of the convolution and an elementwise pass over its output
+    # (1.4-2.5x faster on ResNet-50's layers, H100, docs/perf.md), and the sum rounded once. Conv +
+    # BatchNorm is folded at compile time (fold_batch_norm). ONNX Runtime's FusedConv (conv + bias +
+    # activation) has no fp16 CUDA kernel, so the ONNX artifact leaves convs to ORT.
+    "conv_bias_relu": FusedOp({"fx-cuda": frozenset({H, B})}, torch.ops.mpcompiler.conv_bias_relu.default),
+    # not a fused op but a layout ONNX Runtime needs: linear(permute(x)) with the last dim in place is
+    # written permute(linear(x)). ONNX Runtime 1.30-1.32's CPU provider crashes the process (SIGSEGV, in
+    # its MatmulTransposeFusion at the default optimization level) creating a session for an fp16
+    # Transpose(perm=[1, 0, 2]) feeding a MatMul with an fp16 weight: nn.MultiheadAttention(batch_first=
+    # True)'s input projection.
+    "permuted_linear": FusedOp({"ort-cuda": ALL, "ort-cpu": ALL}),
+    # linears reading one input in one planned dtype (attention's q, k and v, a gated MLP's gate and up) ->
+    # one linear on their weights stacked, and a split: one GEMM reading the weights in one pass where a
+    # decode step's small GEMMs are each bound by launch and tail (FX generation steps; planned graphs
+    # only, so each projection's precision is its own: its match says why).
+    "shared_input_linears": FusedOp({"fx-cuda": ALL, "fx-cpu": ALL}),
+    # a causal LM's attention over its past keys and values (the ONNX artifact's kv_attention) ->
+    # GroupQueryAttention, ONNX Runtime's fused attention with a KV cache (grouped heads read in place,
+    # flash kernels on CUDA). Its cache layout is its own: each row's tokens packed at the front, lengths
+    # from attention_mask (prompts right-padded). fp16/bf16 on CUDA; fp16/fp32 on the CPU. attention_bias
+    # has no CUDA kernel, hence that layout and not a mask.
+    "group_query_attention": FusedOp(
+        {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.group_query_attention.default,
+        _group_query_attention_onnx,
+        (_SCHEMAS["GroupQueryAttention"],),
+        opset=23,
+    ),
+    # the same attention when its q, k and v are the heads of linears of one input and q and k are rotated
+    # as Llama-family models rotate them (q * cos + rotate_half(q) * sin, cos and sin computed from the
+    # positions alone) -> GroupQueryAttention on the packed q/k/v projection (one GEMM instead of three)
+    # with its own rotary (do_rotary; cos/sin tables: the model's own rotary math at every slot of the
+    # cache, constants), where the plain form runs ~12 ops a layer for it.
+    "rotary_group_query_attention": FusedOp(
+        {"ort-cuda": frozenset({H, B}), "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.rotary_group_query_attention.default,
+        _rotary_group_query_attention_onnx,
+        (_SCHEMAS["GroupQueryAttention"],),
+        opset=23,
+    ),
+    # self-attention whose q, k and v are linears of one input, heads split and merged around SDPA ->
+    # com.microsoft.Attention: one GEMM on the packed q/k/v weight, the bias add and the heads' layout in
+    # one kernel. The mask goes in as its additive attention_bias (exact for any mask, but ONNX Runtime
+    # 1.31's CUDA provider then runs attention unfused: two GEMMs and a softmax, profiled in docs/perf.md),
+    # or, exported with padding="right", as its 1-D mask index (each row's key count, the contract of ONNX
+    # Runtime's own optimized BERT), with which it runs cuDNN's fused attention. Written the way ONNX
+    # Runtime's transformer optimizer writes BERT's attention.
+    "qkv_attention": FusedOp(
+        {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.qkv_attention.default,
+        _qkv_attention_onnx,
+        (_SCHEMAS["Attention"],),
+    ),
+    # RMSNorm as Llama-family models write it (fp32 statistics, x * rsqrt(mean(x^2) + eps) times a weight)
+    # -> SimplifiedLayerNormalization, one kernel with fp32 statistics inside
+    "rms_norm": FusedOp(
+        {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.rms_norm.default,
+        _rms_norm_onnx,
+        (_SCHEMAS["SimplifiedLayerNormalization"],),
+        opset=23,
+    ),
+    # the residual add feeding an RMSNorm -> SkipSimplifiedLayerNormalization, which returns the sum too (a
+    # pre-norm block's residual stream reads it again)
+    "skip_rms_norm": FusedOp(
+        {"ort-cuda": ALL, "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.skip_rms_norm.default,
+        _skip_rms_norm_onnx,
+        (_SCHEMAS["SkipSimplifiedLayerNormalization"],),
+    ),
+    # BERT's embeddings, layer_norm(word[ids] + position[0:S] [+ segment[...]]) with the positions 0..S-1
+    # and the segments an input or all zeros -> EmbedLayerNormalization, one kernel for the three gathers,
+    # the adds and the norm (all-zero segments: their one row folded into the position table)
+    "embed_layer_norm": FusedOp(
+        {"ort-cuda": frozenset({H, S}), "ort-cpu": frozenset({H, S})},
+        torch.ops.mpcompiler.embed_layer_norm.default,
+        _embed_layer_norm_onnx,
+        (_SCHEMAS["EmbedLayerNormalization"],),
+    ),
 }
 
+for _schema in {schema.name: schema for row in FUSED_OPS.values() for schema in row.schemas}.values():
+    if not onnx.defs.has(_schema.name, _schema.domain):
+        onnx.defs.register_schema(_schema)
+
+# fused op -> target -> dtypes with a fused kernel there
+KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {name: row.kernels for name, row in FUSED_OPS.items()}
 
 # ops whose ONNX translation is written with opset-23 ops (SDPA: ``Attention``); the contrib-op-only
 # ones (SkipLayerNormalization, BiasGelu/FastGelu, SkipSimplifiedLayerNormalization) run at any opset
-OPSET_23_OPS = frozenset(
-    {
-        torch.ops.aten.scaled_dot_product_attention.default,
-        torch.ops.mpcompiler.group_query_attention.default,
-        torch.ops.mpcompiler.rotary_group_query_attention.default,
-        torch.ops.mpcompiler.rms_norm.default,
-    }
-)
+OPSET_23_OPS = frozenset(row.op for row in FUSED_OPS.values() if row.opset >= 23)
+
+
+def has_kernel(op: str, target: str, dtype: torch.dtype | None) -> bool:
+    """Whether ``target`` runs fused op ``op`` in ``dtype`` (None: a graph of several dtypes)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets are {TARGETS}")
+    dtypes = KERNELS[op].get(target, frozenset())
+    return dtype in dtypes if dtype is not None else dtypes == ALL
 
 
 def onnx_translations(opset: int) -> dict:
-    """The custom translations torch.onnx.export takes at ``opset``: the fused ops', and from opset 23
-    (the first with ``Attention``) SDPA's."""
-    attention = {torch.ops.aten.scaled_dot_product_attention.default: _attention_onnx} if opset >= 23 else {}
-    return ONNX_TRANSLATIONS | attention
+    """The custom translations torch.onnx.export takes at ``opset``: each custom op's, and an ATen op's
+    (SDPA's) from the opset its translation needs on (below it, torch.onnx's own: ``Attention`` is
+    opset 23's)."""
+    return {
+        row.op: row.onnx
+        for row in FUSED_OPS.values()
+        if row.onnx is not None and (row.op.namespace != "aten" or opset >= row.opset)
+    }

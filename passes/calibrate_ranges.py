@@ -5,8 +5,8 @@ share of nonzero values below fp16's smallest normal. Parameters get the same st
 It also records, for norms, reductions and matmuls, the peak of what the op computes inside its
 kernel (:class:`mpcompiler.ir.InnerRange`): the squared deviations of a variance, the running sum of
 a sum or mean, the partial sums of a matmul. Those can pass fp16's range while the op's inputs and
-output do not. Convolutions are not measured (their accumulation would need a second convolution of
-|x| with |w| per sample; left for later).
+output do not. Each op's row in the op table (``mpcompiler.ops.OPS``) says what to measure, or why
+nothing is (convolutions: a second convolution of |x| with |w| per sample; left for later).
 
 The percentile comes from a histogram of log2|x| (4 bins per octave, mergeable across samples), so
 it is exact to within 19%; min/max/absmax are exact.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.fx._pytree as fx_pytree
 from mpcompiler.errors import CalibrationError
 from mpcompiler.files import write_atomic
 from mpcompiler.ir import FP16_TINY, InnerRange, RangeStats, attr_of, graph_record, module_path, op_name, record
-from mpcompiler.ops import SAME_VALUES, positional_names
+from mpcompiler.ops import SAME_VALUES, inner_peak
 from mpcompiler.pass_manager import Pass, PassResult, progress
 from mpcompiler.samples import Sample, to_device
 
@@ -206,99 +205,6 @@ def _check_same_graph(mine: dict, theirs: dict, what: str) -> None:
                 f"{ours or 'absent'} here. Calibrate the same model, with samples of the same structure, the "
                 "same dynamic dims (mpcompiler.calibrate's dynamic=), torch and mpcompiler"
             )
-
-
-def _dims(x: torch.Tensor, dim) -> tuple[int, ...]:
-    """A reduction's dims, non-negative; None or [] means all."""
-    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
-        return tuple(range(x.dim()))
-    return tuple(d % max(x.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim))
-
-
-def _count(x: torch.Tensor, dims: tuple[int, ...]) -> int:
-    return math.prod(x.shape[d] for d in dims) if x.dim() else 1
-
-
-def _squared_deviations(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[float, str]:
-    # the largest square is the square of the largest deviation: no squares are formed here
-    dev = (x - x.mean(dims, keepdim=True)).abs().amax()
-    return float(dev) ** 2, f"squared deviations over {_count(x, dims)} elements"
-
-
-def _squares(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[float, str]:
-    return float(x.abs().amax()) ** 2, f"squares over {_count(x, dims)} elements"
-
-
-def _running_sum(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[float, str]:
-    if len(dims) == 1:  # one reduced dim: the partial sums in order, exactly
-        peak = x.cumsum(dims[0]).abs().amax()
-    else:  # several: a kernel may add in any order; every partial sum is bounded by the sum of |x|
-        peak = x.abs().sum(dims).amax()
-    return float(peak), f"running sum over {_count(x, dims)} elements"
-
-
-def _accumulation(a: torch.Tensor, b: torch.Tensor, alpha=1) -> tuple[float, str]:
-    # |A| @ |B| bounds every partial sum of A @ B, in whatever order the kernel adds
-    peak = torch.matmul(a.abs(), b.abs()).amax() * abs(alpha)
-    return float(peak), f"accumulation over K={a.shape[-1]}"
-
-
-def _group_deviations(x: torch.Tensor, groups: int) -> tuple[float, str]:
-    return _squared_deviations(x.reshape(x.shape[0], groups, -1), (2,))
-
-
-def _vector_norm(x: torch.Tensor, p, dim) -> tuple[float, str] | None:
-    # only the 2-norm squares its input; other orders are left unmeasured
-    return _squares(x, _dims(x, dim)) if p in (None, 2, 2.0) else None
-
-
-def _batch_norm(x: torch.Tensor, training: bool) -> tuple[float, str] | None:
-    # inference batch norm uses stored statistics: nothing is squared inside
-    return _squared_deviations(x, (0, *range(2, x.dim()))) if training else None
-
-
-# op name -> (its arguments by schema name -> (peak, what), or None where nothing is measured)
-_INNER: dict[str, Callable[[dict], tuple[float, str] | None]] = {
-    "layer_norm": lambda a: _squared_deviations(
-        a["input"], tuple(range(a["input"].dim() - len(a["normalized_shape"]), a["input"].dim()))
-    ),
-    "group_norm": lambda a: _group_deviations(a["input"], a["num_groups"]),
-    "native_group_norm": lambda a: _group_deviations(a["input"], a["group"]),
-    "rms_norm": lambda a: _squares(a["input"], tuple(range(-len(a["normalized_shape"]), 0))),
-    "var": lambda a: _squared_deviations(a["self"], _dims(a["self"], a.get("dim"))),
-    "batch_norm": lambda a: _batch_norm(a["input"], a.get("training", False)),
-    "linalg_vector_norm": lambda a: _vector_norm(a["self"], a.get("ord"), a.get("dim")),
-    "norm": lambda a: _vector_norm(a["self"], a.get("p"), a.get("dim")),
-    "sum": lambda a: _running_sum(a["self"], _dims(a["self"], a.get("dim"))),
-    "cumsum": lambda a: _running_sum(a["self"], _dims(a["self"], a["dim"])),
-    "linear": lambda a: _accumulation(a["input"], a["weight"].t()),
-    "matmul": lambda a: _accumulation(a["self"], a["other"]),
-    "mm": lambda a: _accumulation(a["self"], a["mat2"]),
-    "addmm": lambda a: _accumulation(a["mat1"], a["mat2"], a.get("alpha", 1)),
-    "baddbmm": lambda a: _accumulation(a["batch1"], a["batch2"], a.get("alpha", 1)),
-}
-_INNER.update(
-    native_layer_norm=_INNER["layer_norm"],
-    _fused_rms_norm=_INNER["rms_norm"],
-    std=_INNER["var"],
-    var_mean=_INNER["var"],
-    std_mean=_INNER["var"],
-    mean=_INNER["sum"],
-    bmm=_INNER["mm"],
-)
-
-
-def inner_peak(node: torch.fx.Node, args: tuple, kwargs: dict) -> tuple[float, str] | None:
-    """The peak of what ``node``'s op computes inside, on these argument values (None: not measured)."""
-    measure = _INNER.get(op_name(node))
-    if measure is None:
-        return None
-    bound = dict(zip(positional_names(node), args, strict=False))
-    bound.update(kwargs)
-    x = bound.get("input", bound.get("self", bound.get("mat1", bound.get("batch1"))))
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
-        return None
-    return measure(bound)
 
 
 def _float_tensors(val):

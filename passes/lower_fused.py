@@ -1,6 +1,6 @@
 """lower_fused: rewrite op patterns into fused ops the target runs as one kernel.
 
-Runs with the target it lowers for (see ``mpcompiler.fused.KERNELS``):
+Runs with the target it lowers for (each rule writes the fused op of its name: ``mpcompiler.fused.FUSED_OPS``):
 
 - in the pipeline, before precision work, for the FX artifact (``fx-cuda``/``fx-cpu``): eager
   attention -> scaled_dot_product_attention, a GELU written as a formula -> ``aten.gelu``; fragile

@@ -1,7 +1,9 @@
 """lower_fused: each fusion fires on real model graphs, not where the pattern differs, keeps the
 numbers, and emits only what the target table says the target runs."""
 
+import inspect
 import math
+import re
 from collections import Counter
 
 import onnx
@@ -14,13 +16,60 @@ import torchvision
 import transformers
 
 import mpcompiler
+from mpcompiler import fused
 from mpcompiler.emit_fx import twin
-from mpcompiler.fused import has_kernel
+from mpcompiler.fused import FUSED_OPS, has_kernel
 from mpcompiler.ir import record
 from mpcompiler.passes import LowerFused
+from mpcompiler.passes.lower_fused import RULES
 from tests.helpers import TOL, nodes_by_op, rel_err, run_pipeline, stages, why_not
 
 transformers.logging.set_verbosity_error()
+
+
+# -- the fused-op table (mpcompiler.fused.FUSED_OPS): one row per op, and what each row must say
+
+
+def test_each_rule_writes_one_fused_op_of_the_table():
+    # has_kernel looks the rule's name up; a row no rule writes would be dead
+    assert sorted(rule.name for rule in RULES) == sorted(FUSED_OPS)
+
+
+def test_each_fused_op_row_has_kernels_a_translation_and_the_schemas_it_writes():
+    custom = {v._opoverload for v in vars(fused).values() if isinstance(v, torch._library.custom_ops.CustomOpDef)}
+    assert custom <= {row.op for row in FUSED_OPS.values()}  # a custom op with no row is never emitted
+    for name, row in FUSED_OPS.items():
+        assert row.kernels and all(
+            target in fused.TARGETS and dtypes and dtypes <= fused.ALL for target, dtypes in row.kernels.items()
+        ), name
+        if row.op in custom and {"ort-cuda", "ort-cpu"} & row.kernels.keys():
+            assert row.onnx is not None, f"{name} is emitted for ONNX Runtime but torch.onnx cannot write it"
+        if row.onnx is None:
+            assert not row.schemas, name
+            continue
+        # the contrib ops its translation writes are the schemas the row registers
+        source = inspect.getsource(row.onnx)
+        written = set(re.findall(r"_MSFT\.(\w+)", source))
+        listed = {schema.name for schema in row.schemas}
+        assert written <= listed <= written | set(re.findall(r"_OP\.(\w+)", source)), name
+        assert all(onnx.defs.has(schema.name, schema.domain) for schema in row.schemas), name
+
+
+def test_the_kernel_table_opset_23_ops_and_translations_are_read_from_the_rows():
+    assert fused.KERNELS == {name: row.kernels for name, row in FUSED_OPS.items()}
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert fused.OPSET_23_OPS == {
+        sdpa,
+        torch.ops.mpcompiler.group_query_attention.default,
+        torch.ops.mpcompiler.rotary_group_query_attention.default,
+        torch.ops.mpcompiler.rms_norm.default,
+    }
+    # the custom ops' translations at every opset (torch.onnx has none of its own); SDPA's from opset 23 only
+    custom = {row.op for row in FUSED_OPS.values() if row.onnx is not None and row.op is not sdpa}
+    assert set(fused.onnx_translations(20)) == custom and set(fused.onnx_translations(23)) == custom | {sdpa}
+    assert not has_kernel("bias_gelu", "ort-cpu", torch.float16) and has_kernel("gelu", "fx-cpu", None)
+    with pytest.raises(ValueError, match="unknown target"):
+        has_kernel("gelu", "trt", None)
 
 
 def _bert(impl="sdpa", layers=2):
