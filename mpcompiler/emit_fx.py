@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.fx
 
-from mpcompiler.ir import META_KEY
+from mpcompiler.ir import META_KEY, replace_attr
 
 
 def emit_fx(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -25,13 +25,7 @@ def emit_fx(gm: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphM
             list(vars(module).items()) + list(module._parameters.items()) + list(module._buffers.items())
         ):
             if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in shared:
-                copy = value.detach().clone()
-                if name in module._parameters:
-                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
-                elif name in module._buffers:
-                    module._buffers[name] = copy
-                else:
-                    setattr(module, name, copy)
+                replace_attr(module, name, value.detach().clone())
     out = torch.fx.GraphModule(gm, gm.graph, class_name="MpCompiledModule")
     out.meta[META_KEY] = gm.meta[META_KEY]
     out.eval()

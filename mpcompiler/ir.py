@@ -171,6 +171,17 @@ def attr_of(gm: torch.nn.Module, target: str):
     return getattr(gm.get_submodule(owner), name)
 
 
+def replace_attr(owner: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """``owner.name`` replaced by ``value`` in the same kind of slot: a frozen parameter, a buffer, or a plain
+    attribute (a constant torch.export lifted)."""
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
 def module_path(node: torch.fx.Node) -> str:
     """Innermost module path from torch.export's ``nn_module_stack`` (``encoder.layer.0.attention``)."""
     stack = node.meta.get("nn_module_stack")

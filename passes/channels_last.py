@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from mpcompiler.ir import attr_of
+from mpcompiler.ir import attr_of, replace_attr
 from mpcompiler.pass_manager import Pass, PassResult
 
 _CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
@@ -36,13 +36,6 @@ class ChannelsLast(Pass):
             value = attr_of(gm, target)
             if isinstance(value, torch.Tensor) and value.dim() == 4:
                 prefix, _, name = target.rpartition(".")
-                owner = gm.get_submodule(prefix)
-                nhwc = value.detach().to(memory_format=torch.channels_last)
-                if name in owner._parameters:
-                    owner._parameters[name] = torch.nn.Parameter(nhwc, requires_grad=False)
-                elif name in owner._buffers:
-                    owner._buffers[name] = nhwc
-                else:
-                    setattr(owner, name, nhwc)
+                replace_attr(gm.get_submodule(prefix), name, value.detach().to(memory_format=torch.channels_last))
                 converted += 1
         return PassResult(modified=converted > 0, stats={"weights": converted})
