@@ -22,7 +22,7 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-the 1-row graph with its MLP activations recomputed, a wider coordinate descent for the 1-row graph, Inductor's C++
+decode attention as reductions, a wider coordinate descent for the 1-row graph, Inductor's C++
 wrapper), each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
 the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -52,6 +53,7 @@ import transformers
 import mpcompiler
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
+from mpcompiler.ir import META_KEY, derived, record
 from mpcompiler.llm import Generator
 from mpcompiler.passes import lower_decode_step
 from tests.helpers import run_handoff_snippet
@@ -117,12 +119,49 @@ def patched(target, name: str, value):
     return lambda: unittest.mock.patch.object(target, name, value)
 
 
+def _attention_as_reductions(attention: torch.fx.Node, m) -> None:
+    """lower_decode_step's attention rewrite, written for Inductor's reductions instead of cuBLAS's GEMMs: the
+    scores a sum over the head dim of q x k, the output a sum over the slots of p x v, all in fp32. One new
+    token's attention is three kernels a layer as GEMMs (2.9 + 2.3 + 1.9 us, run X); as reductions Inductor
+    may join the softmax to either sum."""
+    graph, aten = attention.graph, torch.ops.aten
+    q, k, v, visible = attention.args[:4]
+    val = attention.meta["val"]
+    scale = attention.kwargs.get("scale") or val.shape[-1] ** -0.5
+
+    def call(op, *args, **kwargs):
+        node = graph.call_function(op, args, kwargs)
+        node.meta[META_KEY] = derived(record(attention), dtype=torch.float32, range=None, inner=None, fused="")
+        return node
+
+    def f32(x):
+        return call(aten._to_copy.default, x, dtype=torch.float32)
+
+    with graph.inserting_before(attention):
+        q32 = call(aten.mul.Tensor, f32(q), scale)  # [B, Hkv, G, D]
+        scores = call(aten.sum.dim_IntList, call(aten.mul.Tensor, call(aten.unsqueeze.default, q32, -2),
+                                                 call(aten.unsqueeze.default, f32(k), -3)), [-1])  # fmt: skip
+        scores = call(aten.masked_fill.Scalar, scores, call(aten.logical_not.default, visible), float("-inf"))
+        probs = call(aten._softmax.default, scores, -1, False)  # [B, Hkv, G, S]
+        out = call(aten.sum.dim_IntList, call(aten.mul.Tensor, call(aten.unsqueeze.default, probs, -1),
+                                              call(aten.unsqueeze.default, f32(v), -3)), [-2])  # fmt: skip
+        out = call(aten._to_copy.default, out, dtype=val.dtype)
+    record(out).dtype = val.dtype
+    attention.replace_all_uses_with(out)
+    graph.erase_node(attention)
+
+
+_REDUCTIONS = [
+    dataclasses.replace(rule, rewrite=_attention_as_reductions) if rule.name == "attention_as_matmuls" else rule
+    for rule in lower_decode_step.RULES
+]
+
 # decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
 EXPERIMENTS = {
-    # the 1-row graph as compiled before its MLP activations were stored once (lower_decode_step): run X
-    # measured the stored form's down projection 12.7 -> 9.2 us a layer (docs/llm.md)
-    "1-row decode, activations recomputed": (patched(lower_decode_step, "ONE_ROW_RULES", []), True),
+    # a decode graph's attention as two reductions around the softmax, not cuBLAS's two GEMMs (run Y stored the
+    # MLP activations once; run X measured the GEMM form's three kernels at 7.1 us a layer)
+    "decode attention as reductions": (patched(lower_decode_step, "RULES", _REDUCTIONS), True),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
