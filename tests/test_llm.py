@@ -364,7 +364,7 @@ def test_generation_on_cuda_matches_hugging_face():
     assert sorted(compiled.generator._graphs) == [1, 2] and (alone[0, 7:] == ref[1, 7:]).float().mean() >= 0.9
     # the step's attention runs a fused kernel with its mask, for a prompt and a decode step off the CUDA
     # graph alike: not cuDNN's alone, and not the math fallback (fp32 over a repeated cache, 2x slower a
-    # step on the H200); the decode graphs write theirs as fp16 GEMMs (llm._attention_as_matmuls)
+    # step on the H200); the decode graphs write theirs as fp16 GEMMs (lower_decode_step's attention_as_matmuls)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     slots = torch.zeros(2, 64, dtype=torch.long, device="cuda")
