@@ -77,6 +77,17 @@ class RangeStats:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def clamped(self, limit: float) -> RangeStats:
+        """The range of the value clamped to [-limit, limit] (an additive mask cast to fp16 saturates)."""
+        return dataclasses.replace(
+            self,
+            min=max(self.min, -limit),
+            max=min(self.max, limit),
+            absmax=min(self.absmax, limit),
+            p9999=min(self.p9999, limit),
+            inf=0,
+        )
+
 
 @dataclass(frozen=True)
 class InnerRange:

@@ -117,6 +117,7 @@ class _Rewrite:
             with graph.inserting_after(where):
                 if saturate:
                     limit = float(torch.finfo(want).max)
+                    r = r.clamped(limit)  # the clamp's and the cast's values: what the low dtype holds
                     source = graph.call_function(torch.ops.aten.clamp.default, (value, -limit, limit))
                     source.meta["val"] = val
                     source.meta[META_KEY] = NodeRecord(
@@ -139,7 +140,7 @@ class _Rewrite:
                 dtype=want,
                 rule=Rule.CAST,
                 reason=f"%{value.name} is {dtypes.short(have)}; %{consumer.name} reads it as {dtypes.short(want)}",
-                range=record(value).range,
+                range=r,
                 inserted=True,
             )
             self.casts[value, want, saturate] = cast

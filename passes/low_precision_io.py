@@ -12,6 +12,8 @@ A plain walk over the inputs and the outputs, not rewrite rules: there is no pat
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx
 
@@ -41,6 +43,7 @@ class LowPrecisionIo(Pass):
                 back = graph.call_function(CAST, (p,), {"dtype": val.dtype})
             p.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
             p.meta["val"] = val.to(self.dtype)
+            p.meta[META_KEY] = dataclasses.replace(p.meta[META_KEY], dtype=self.dtype)  # eliminate_casts reads it
             back.meta[META_KEY] = NodeRecord(dtype=val.dtype, rule=Rule.CAST, inserted=True)
             inputs += 1
         output = graph.output_node()

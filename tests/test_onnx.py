@@ -162,6 +162,8 @@ def test_the_onnx_lowering_dumps_its_passes_in_the_onnx_folder(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == names
     header = (folder / "01_low_precision_io.txt").read_text().splitlines()[0]
     assert header.startswith("// after 01 low_precision_io (changed; inputs_cast=1; outputs_cast=1; ")
+    # the input's record says f16 too, so eliminate_casts folds its cast pair: fc1 reads the f16 input itself
+    assert "%linear = linear(%x, %fc1_weight, %fc1_bias)" in (folder / "02_eliminate_casts.txt").read_text()
     compiled.export_onnx(tmp_path / "t.onnx", verify="off")  # no I/O rewrite: the first export's dumps go
     assert sorted(p.name for p in folder.iterdir()) == ["00_capture.txt", "01_lower_fused.txt"]
     mpcompiler.compile(Tiny().eval(), data, dump_dir=tmp_path / "dumps")  # a compile removes the export's
