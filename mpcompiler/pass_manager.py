@@ -55,11 +55,11 @@ def _float_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 FACTS: dict[str, tuple[str, Callable[[torch.fx.GraphModule], bool]]] = {
     "ranges": (
         "calibrated ranges (calibrate_ranges)",
-        lambda gm: not _float_ops(gm) or any(n.meta[META_KEY].range is not None for n in _float_ops(gm)),
+        lambda gm: not _float_ops(gm) or any(getattr(n.meta.get(META_KEY), "range", None) for n in _float_ops(gm)),
     ),
     "plan": (
         "a precision plan: a dtype on every float op (assign_precision)",
-        lambda gm: all(n.meta[META_KEY].dtype is not None for n in _float_ops(gm)),
+        lambda gm: all(getattr(n.meta.get(META_KEY), "dtype", None) is not None for n in _float_ops(gm)),
     ),
     "casts": ("the plan's casts inserted (insert_casts)", lambda gm: graph_record(gm).casts_inserted),
     "kv_cache": (
@@ -164,7 +164,8 @@ class PassManager:
                 if self.debug:
                     check_ir(gm)
                     for fact in p.ensures:
-                        assert FACTS[fact][1](gm), f"{name} did not leave {FACTS[fact][0]}"
+                        if not FACTS[fact][1](gm):
+                            raise AssertionError(f"{name} did not leave {FACTS[fact][0]}")
             except MpCompilerError:
                 raise  # already says what is wrong with the model, the data or an option
             except Exception as exc:
