@@ -97,6 +97,12 @@ def _accumulation(a: torch.Tensor, b: torch.Tensor, alpha=1) -> tuple[float, str
     return float(peak), f"accumulation over K={a.shape[-1]}"
 
 
+def _batch_accumulation(a: torch.Tensor, b: torch.Tensor, alpha=1) -> tuple[float, str]:
+    # addbmm sums the batch's products too: |A| @ |B| summed over the batch bounds every partial sum
+    peak = torch.matmul(a.abs(), b.abs()).sum(0).amax() * abs(alpha)
+    return float(peak), f"accumulation over K={a.shape[0]}x{a.shape[-1]}"
+
+
 def _last_dims_deviations(x: torch.Tensor, normalized_shape) -> tuple[float, str]:
     return _squared_deviations(x, tuple(range(x.dim() - len(normalized_shape), x.dim())))
 
@@ -142,7 +148,7 @@ def _table(*groups: dict[str, OpRule]) -> dict[str, OpRule]:
     return table
 
 
-_LATER = "not measured (|A| @ |B| would bound it, as for mm; left for later)"
+_LATER = "not measured (the contraction's |A| x |B| would bound it, as for mm; left for later)"
 _ATTENTION = "not measured: its matmuls are inside one kernel"
 _SOFTMAX = "not measured: exp(x - max) <= 1, so its sum is at most the count, and the kernel sums in fp32"
 _POOL = "not measured: the kernel sums each window in fp32"
@@ -157,7 +163,12 @@ OPS: dict[str, OpRule] = _table(
     _rows("mm bmm", OpClass.LOW, inside=lambda a: _accumulation(a["self"], a["mat2"])),
     _rows("addmm", OpClass.LOW, inside=lambda a: _accumulation(a["mat1"], a["mat2"], a.get("alpha", 1))),
     _rows("baddbmm", OpClass.LOW, inside=lambda a: _accumulation(a["batch1"], a["batch2"], a.get("alpha", 1))),
-    _rows("addbmm addmv mv dot vdot einsum bilinear tensordot", OpClass.LOW, inside=_LATER),
+    _rows("mv", OpClass.LOW, inside=lambda a: _accumulation(a["self"], a["vec"])),
+    _rows("addmv", OpClass.LOW, inside=lambda a: _accumulation(a["mat"], a["vec"], a.get("alpha", 1))),
+    _rows("dot", OpClass.LOW, inside=lambda a: _accumulation(a["self"], a["tensor"])),
+    _rows("vdot", OpClass.LOW, inside=lambda a: _accumulation(a["self"], a["other"])),
+    _rows("addbmm", OpClass.LOW, inside=lambda a: _batch_accumulation(a["batch1"], a["batch2"], a.get("alpha", 1))),
+    _rows("einsum bilinear tensordot", OpClass.LOW, inside=_LATER),
     _rows(
         "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution _convolution",
         OpClass.LOW,

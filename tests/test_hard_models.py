@@ -204,6 +204,26 @@ def test_inner_ranges_of_norm_reduction_and_matmul():
     assert inner["matmul"].absmax == pytest.approx(32) and inner["matmul"].what == "accumulation over K=4"
 
 
+class Products(nn.Module):
+    """The matrix-vector, dot and batch-summed products, whose accumulations calibration measures as mm's."""
+
+    def forward(self, x, b):
+        v = torch.tensor([3.0, -4.0, 0.5, 0.0])
+        return torch.mv(x, v), torch.dot(x[1], v), torch.addmv(x[:, 0], x, v, alpha=2), torch.addbmm(x[:, :2], b, b)
+
+
+def test_inner_ranges_of_matrix_vector_dot_and_batch_summed_products():
+    x = torch.tensor([[1.0, 2.0, 3.0, 10.0], [5.0, -3.0, 10.0, -20.0]])
+    b = torch.tensor([[[1.0, -2.0], [3.0, 4.0]], [[-1.0, 0.5], [2.0, -3.0]]])  # two 2x2 matrices
+    gm = stages(Products().eval(), [(x, b)], upto="calibrate_ranges")
+    inner = {op: record(nodes_by_op(gm, op)[0]).inner for op in ("mv", "dot", "addmv", "addbmm")}
+    # |x| @ |v|: row 2 gives 15 + 12 + 5 = 32 (x @ v there is -8); addmv's alpha doubles it
+    assert inner["mv"].absmax == pytest.approx(32) and inner["mv"].what == "accumulation over K=4"
+    assert inner["dot"].absmax == pytest.approx(32) and inner["addmv"].absmax == pytest.approx(64)
+    # |b_i| @ |b_i| summed over the 2 matrices: [[7, 10], [15, 22]] + [[2, 2], [8, 10]] -> 32 at [1, 1]
+    assert inner["addbmm"].absmax == pytest.approx(32) and inner["addbmm"].what == "accumulation over K=2x2"
+
+
 def test_onnx_export_of_a_plan_with_bf16_nodes_names_them_on_the_cpu_provider(tmp_path):
     pytest.importorskip("onnxruntime")
     model = Overflow().eval()
