@@ -22,9 +22,10 @@ replay, each step's greedy token chosen on the device; llm.json then also holds 
 generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
 artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
 eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-decode attention as reductions, a wider coordinate descent for the 1-row graph, Inductor's C++
-wrapper), each with the share of its tokens equal to the default path's and one generation's kernels in llm.json;
-the bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
+decode attention as reductions, a wider coordinate descent for the 1-row graph, programmatic dependent
+launch, combo kernels, Inductor's C++ wrapper), each with the share of its tokens equal to the default
+path's and one generation's kernels in llm.json; the bandwidth floor (fp16 weight bytes over the
+device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
@@ -38,6 +39,7 @@ and DIR/llm.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -156,6 +158,15 @@ _REDUCTIONS = [
     for rule in lower_decode_step.RULES
 ]
 
+
+def _stacked(*contexts):
+    """One context entering ``contexts`` in order."""
+    stack = contextlib.ExitStack()
+    for context in contexts:
+        stack.enter_context(context)
+    return stack
+
+
 # decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
 # step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
 EXPERIMENTS = {
@@ -168,6 +179,20 @@ EXPERIMENTS = {
     "1-row decode, wider coordinate descent": (
         lambda: torch._inductor.config.patch(
             coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
+        ),
+        True,
+    ),
+    # Hopper's programmatic dependent launch between Inductor's kernels (each waits for its predecessor's
+    # writes inside the kernel, not at its launch): a token's ~300 kernels, most a few microseconds, are bound
+    # by launch and tail, not bytes (run Y: 1.09 ms of kernels a token against a 0.54 ms floor, H200)
+    "decode kernels with PDL": (lambda: torch._inductor.config.patch({"triton.enable_pdl": True}), True),
+    # Inductor's combo kernels: independent kernels of a step (q's rotary, k's rotary and cache write, v's cache
+    # write: three kernels a layer, 3.5 us, run Y) launched as one
+    "decode combo kernels": (lambda: torch._inductor.config.patch(combo_kernels=True), True),
+    "decode attention as reductions, PDL, combo kernels": (
+        lambda: _stacked(
+            patched(lower_decode_step, "RULES", _REDUCTIONS)(),
+            torch._inductor.config.patch({"triton.enable_pdl": True, "combo_kernels": True}),
         ),
         True,
     ),
