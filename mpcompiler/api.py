@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from mpcompiler import dtypes
+from mpcompiler import dtypes, fp8
 from mpcompiler.accuracy import METRICS, Metric, measure, output_names, references
 from mpcompiler.capture import InputCheck, capture
 from mpcompiler.cuda_graph import CudaGraphModule
@@ -27,12 +27,14 @@ from mpcompiler.files import clear_dumps
 from mpcompiler.llm import CALIB_NEW_TOKENS, SEQ_INPUTS, Generator, LMOptions, capture_example, sequences
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
+    AssignFp8,
     AssignPrecision,
     CalibrateRanges,
     CleanGraph,
     EliminateCasts,
     FoldBatchNorm,
     InsertCasts,
+    LowerFp8,
     LowerFused,
     PlaceCasts,
     SearchPrecision,
@@ -55,6 +57,7 @@ class Options:
 
     dtype: torch.dtype = torch.float16
     fallback: torch.dtype | None = None  # dtype="auto": bf16, where the device has bf16 kernels
+    fp8: bool = False  # dtype="fp8": e4m3 linears where the plan (and the tolerance) allows, fp16 elsewhere
     keep_fp32: tuple[str, ...] = ()
     dump_dir: Path | None = None
     device: torch.device | None = None
@@ -67,8 +70,11 @@ class Options:
         cls, *, dtype, keep_fp32, dump_dir, device, debug, tolerance=None, metric=None, language_model=False
     ) -> Options:
         auto = isinstance(dtype, str) and dtype == AUTO
-        if not auto and dtypes.parse(dtype) is None:
-            raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16' or 'auto'")
+        fp8 = isinstance(dtype, (str, torch.dtype)) and dtype in dtypes.FP8_SPELLINGS
+        if fp8 and language_model:
+            raise OptionError("dtype='fp8' with max_seq is not built yet: compile the LM without max_seq (its forward)")
+        if not (auto or fp8) and dtypes.parse(dtype) is None:
+            raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16', 'auto' or 'fp8'")
         if isinstance(keep_fp32, str):
             keep_fp32 = (keep_fp32,)
         if not isinstance(keep_fp32, Sequence) or not all(isinstance(k, str) and k for k in keep_fp32):
@@ -102,8 +108,9 @@ class Options:
         return cls(
             tolerance=None if tolerance is None else float(tolerance),
             metric=metric,
-            dtype=torch.float16 if auto else dtypes.parse(dtype),
+            dtype=torch.float16 if auto or fp8 else dtypes.parse(dtype),
             fallback=torch.bfloat16 if auto else None,
+            fp8=fp8,
             keep_fp32=tuple(keep_fp32),
             dump_dir=_writable_dir(dump_dir) if dump_dir is not None else None,
             device=device,
@@ -153,9 +160,10 @@ def pipeline(
         keep_fp32=options.keep_fp32,
     )
     place = PlaceCasts()
-    # each plan the search tries is re-derived by these two; the dumps are of the plan it chose (the last run)
+    plan_fp8 = [AssignFp8()] if options.fp8 else []
+    # each plan the search tries is re-derived by these; the dumps are of the plan it chose (the last run)
     replan = PassManager(
-        [assign, place],
+        [assign, *plan_fp8, place],
         dump_dir=options.dump_dir / "search" if options.dump_dir is not None else None,
         debug=options.debug,
     )
@@ -174,10 +182,12 @@ def pipeline(
         LowerFused(target="fx-cuda" if device.type == "cuda" else "fx-cpu"),
         CalibrateRanges(samples=samples, device=device, prior=calibration),
         assign,
+        *plan_fp8,
         place,
         *([search] if options.tolerance is not None else []),
         InsertCasts(),
         EliminateCasts(),
+        *([LowerFp8()] if options.fp8 else []),
     ]
 
 
@@ -376,6 +386,8 @@ def compile(
         val = samples[len(samples) - count :] if held else samples[:MAX_HELD_OUT]
         samples = samples[: len(samples) - count]
     target_device = options.device or model_device(model)
+    if options.fp8 and fp8.supported(target_device) is not None:
+        raise OptionError(f"dtype='fp8' needs e4m3 GEMMs: {fp8.supported(target_device)}")
     with on_device(model, target_device):
         if lm is not None:  # calibration prompts continued by the fp32 model; held-out text as it is
             samples = sequences(model, samples, CALIB_NEW_TOKENS, lm.max_seq)
@@ -444,6 +456,8 @@ def calibrate(
     options = Options.parse(dtype="float16", keep_fp32=(), dump_dir=None, device=device, debug=None)
     samples = collect_samples(calib_data)
     target_device = options.device or model_device(model)
+    if options.fp8 and fp8.supported(target_device) is not None:
+        raise OptionError(f"dtype='fp8' needs e4m3 GEMMs: {fp8.supported(target_device)}")
     with on_device(model, target_device):
         gm = capture(model, samples, dynamic)
         passes = pipeline(options, samples, target_device)

@@ -107,9 +107,10 @@ example:
     compile_.add_argument(
         "--dtype",
         default="float16",
-        choices=["float16", "bfloat16", "auto"],
+        choices=["float16", "bfloat16", "auto", "fp8"],
         help="the low-precision dtype ops may run in; auto: fp16 where safe, bf16 where fp16 would "
-        "overflow or underflow (default: %(default)s)",
+        "overflow or underflow; fp8: fp16, and e4m3 GEMMs for the linears where the plan and --tolerance "
+        "allow (a GPU of compute capability 8.9+) (default: %(default)s)",
     )
     compile_.add_argument(
         "--tolerance",
@@ -383,7 +384,7 @@ def _report(args: argparse.Namespace) -> int:
             _cell(n.module_path),
             _cell(n.dtype),
             _cell(n.rule),
-            _cell(n.reason),
+            _cell(n.reason + (f"; {n.fp8_reason}" if n.fp8_reason else "")),  # a linear's e4m3 level, or why not
         ]
         for n in report.nodes
     ]

@@ -19,7 +19,12 @@ SPELLINGS = {
     torch.bfloat16: torch.bfloat16,
 }
 
+# compile(dtype="fp8"): e4m3 GEMMs where the tolerance allows, fp16 elsewhere (not a dtype of values: a level
+# of the linears' inputs, mpcompiler.fp8)
+FP8_SPELLINGS = ("fp8", "e4m3", "float8_e4m3fn", torch.float8_e4m3fn)
+
 SHORT = {
+    torch.float8_e4m3fn: "f8",
     torch.float32: "f32",
     torch.float16: "f16",
     torch.bfloat16: "bf16",

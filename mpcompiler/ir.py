@@ -105,6 +105,18 @@ class InnerRange:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class Fp8Scales:
+    """A linear's e4m3 inputs (``compile(dtype="fp8")``, :mod:`mpcompiler.fp8`): x / x_scale and w / w_scale in
+    float8_e4m3fn, static per-tensor scales from the calibrated absmax of each."""
+
+    x_scale: float
+    w_scale: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class NodeRecord:
     """mpcompiler's facts and decisions for one FX node."""
@@ -124,6 +136,10 @@ class NodeRecord:
     local_error: float | None = None  # rel. L2 error of this node's own output in low precision on fp32 inputs
     flops: int | None = None  # matmul/conv/attention FLOPs per call, on the calibration samples
     promoted: str = ""  # why the search keeps this node high ("" if it does not)
+    # compile(dtype="fp8"), a linear's level below its dtype: set by assign_fp8
+    fp8: Fp8Scales | None = None  # its GEMM reads e4m3 inputs with these scales
+    fp8_reason: str = ""  # why it does, or why a linear in a low dtype does not
+    fp8_promoted: str = ""  # why the search keeps it out of fp8 ("" if it does not)
 
 
 @dataclass
@@ -137,9 +153,14 @@ class SearchLog:
     sensitivity_passes: int = 0  # forward + backward passes spent estimating sensitivity
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (k kept high, metric on held-out)
     wall_s: float = 0.0
+    # compile(dtype="fp8"): the first stage, e4m3 linears kept in the low dtype, most sensitive first
+    fp8_candidates: int = 0
+    fp8_kept: int = 0
+    fp8_evaluations: list[tuple[int, float]] = field(default_factory=list)  # (k kept out of fp8, metric)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "evaluations": [list(e) for e in self.evaluations]}
+        return {**self.__dict__, "evaluations": [list(e) for e in self.evaluations],
+                "fp8_evaluations": [list(e) for e in self.fp8_evaluations]}  # fmt: skip
 
 
 @dataclass
@@ -148,6 +169,7 @@ class GraphRecord:
 
     dtype: torch.dtype  # the low-precision dtype asked for
     fallback: torch.dtype | None = None  # dtype="auto": bf16 where the target's range is too small
+    fp8: bool = False  # dtype="fp8": linears may read e4m3 inputs (NodeRecord.fp8), the rest as ``dtype``
     dynamic_shapes: dict | None = None  # torch.export's spec at capture, by forward() argument name
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)  # dims past the batch's, as capture's dynamic=
     output_dtypes: tuple[torch.dtype | None, ...] = ()  # the model's own output dtypes, kept at emit

@@ -94,6 +94,8 @@ def format_node(node: torch.fx.Node, syms: _Symbols) -> tuple[str, str]:
             notes.append(f"# fused: {rec.fused}")
         if rec.op_class is OpClass.FP32 or rec.rule in KEPT_HIGH:
             notes.append(f"# {dtypes.short(rec.math_dtype or rec.dtype)}: {rec.reason}")
+        if rec.fp8_reason:  # compile(dtype="fp8"): a linear's level below its dtype, or why not
+            notes.append(f"# {rec.fp8_reason}")
     return stmt, "  ".join(notes)
 
 

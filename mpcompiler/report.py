@@ -38,6 +38,8 @@ class NodeDecision:
     local_error: float | None  # its own output's rel. error in low precision on fp32 inputs
     flops: int | None  # matmul/conv/attention FLOPs per call
     inserted: bool | None = None  # mpcompiler added it (a cast, a clamp); None in reports written before 2026-12-06
+    fp8: dict | None = None  # compile(dtype="fp8"): its GEMM's e4m3 scales (Fp8Scales), if it has one
+    fp8_reason: str | None = None  # why it is an e4m3 GEMM, or why a linear in a low dtype is not
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Report:
     accuracy: Accuracy | None = None  # the compiled module vs fp32 on held-out samples
     search: dict | None = None  # what the tolerance search did (SearchLog), if it ran
     fallback: str | None = None  # dtype="auto": the dtype nodes past the low dtype's range run in (bfloat16)
+    fp8: bool = False  # dtype="fp8": linears may run as e4m3 GEMMs (NodeDecision.fp8)
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule, runs: list[PassRun], accuracy: Accuracy | None = None) -> Report:
@@ -77,6 +80,8 @@ class Report:
                     sensitivity=rec.sensitivity,
                     local_error=rec.local_error,
                     flops=rec.flops,
+                    fp8=rec.fp8.to_dict() if rec.fp8 else None,
+                    fp8_reason=rec.fp8_reason or None,
                 )
             )
         g = graph_record(gm)
@@ -92,6 +97,7 @@ class Report:
             accuracy=accuracy,
             search=g.search.to_dict() if g.search else None,
             fallback=dtypes.name(g.fallback),
+            fp8=g.fp8,
         )
 
     def ops(self) -> list[NodeDecision]:
@@ -169,6 +175,7 @@ class Report:
         return {
             "dtype": self.dtype,
             "fallback": self.fallback,
+            "fp8": self.fp8,
             "calib_samples": self.calib_samples,
             "counts": self.counts(),
             "casts": self.casts(),
@@ -203,6 +210,7 @@ class Report:
             accuracy=accuracy or None,
             search=data.get("search"),
             fallback=data.get("fallback"),
+            fp8=bool(data.get("fp8")),
         )
 
     def summary(self) -> list[str]:
@@ -215,6 +223,9 @@ class Report:
             + f", {self.calib_samples} calibration samples",
             f"  ops per dtype: {counts}; compute-bound ops: {low}; casts inserted: {self.casts()}",
         ]
+        if self.fp8:
+            gemms = [n for n in self.ops() if n.fp8_reason]  # the linears a level below their dtype could go
+            lines.append(f"  fp8 (e4m3) GEMMs: {sum(n.fp8 is not None for n in gemms)} of {len(gemms)} linears")
         if self.accuracy is not None:
             lines.append(f"  {self.accuracy}")
         if self.search is not None:
@@ -224,6 +235,9 @@ class Report:
                 f"{len(s['evaluations'])} whole-model evaluations + {s['sensitivity_passes']} sensitivity passes, "
                 f"{s['wall_s']:.1f} s; FLOPs in low precision: {self.low_flop_share():.1%}"
             )
+            if s.get("fp8_candidates"):
+                lines.append(f"  tolerance search, first: {s['fp8_kept']} of {s['fp8_candidates']} fp8 linears kept "
+                             f"in {self.dtype}, {len(s['fp8_evaluations'])} whole-model evaluations")  # fmt: skip
         return lines
 
     def __str__(self) -> str:

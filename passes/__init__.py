@@ -2,6 +2,7 @@
 re-plan, ``export_onnx`` (the ONNX lowering), ``cuda_graph()`` and ``mpcompiler.llm.Generator`` (the generation
 and decode steps) run small lists of their own."""
 
+from mpcompiler.passes.assign_fp8 import AssignFp8
 from mpcompiler.passes.assign_precision import AssignPrecision
 from mpcompiler.passes.calibrate_ranges import CalibrateRanges
 from mpcompiler.passes.channels_last import ChannelsLast
@@ -12,11 +13,13 @@ from mpcompiler.passes.insert_casts import InsertCasts
 from mpcompiler.passes.insert_kv_cache import InsertKvCache
 from mpcompiler.passes.low_precision_io import LowPrecisionIo
 from mpcompiler.passes.lower_decode_step import LowerDecodeStep
+from mpcompiler.passes.lower_fp8 import LowerFp8
 from mpcompiler.passes.lower_fused import LowerFused
 from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
 
 __all__ = [
+    "AssignFp8",
     "AssignPrecision",
     "CalibrateRanges",
     "ChannelsLast",
@@ -27,6 +30,7 @@ __all__ = [
     "InsertKvCache",
     "LowPrecisionIo",
     "LowerDecodeStep",
+    "LowerFp8",
     "LowerFused",
     "PlaceCasts",
     "SearchPrecision",

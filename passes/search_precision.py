@@ -33,7 +33,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpcompiler import dtypes
+from mpcompiler import dtypes, fp8
 from mpcompiler.accuracy import Metric, flat_outputs
 from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record
@@ -56,13 +56,19 @@ def _cast(value, dtype: torch.dtype, saturate: bool):
 
 
 def planned_call(node: torch.fx.Node, args: tuple, kwargs: dict):
-    """Run ``node``'s op with its float inputs converted as insert_casts will convert them."""
+    """Run ``node``'s op with its float inputs converted as insert_casts will convert them (and an fp8
+    linear's GEMM as lower_fp8 writes it)."""
     rec = record(node)
     if rec.dtype is None or rec.op_class is OpClass.FIXED:
         return node.target(*args, **kwargs)
     args, kwargs = convert_inputs(
         node, args, kwargs, rec.dtype, lambda v, want, sat: pytree.tree_map(lambda t: _cast(t, want, sat), v)
     )
+    if rec.fp8 is not None:
+        x, weight, bias = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("bias"))
+        scales = [torch.tensor(s, dtype=torch.float32, device=x.device) for s in (rec.fp8.x_scale, rec.fp8.w_scale)]
+        x8, w8 = fp8.quantize(x, rec.fp8.x_scale), fp8.quantize(weight, rec.fp8.w_scale)
+        return fp8.linear(x8, w8, *scales, bias, rec.dtype)
     return node.target(*args, **kwargs)
 
 
@@ -206,43 +212,18 @@ class SearchPrecision(Pass):
         start = time.perf_counter()
         refs = self.val_refs()
         log = SearchLog(tolerance=self.tolerance, metric=self.metric.name)
-        candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in dtypes.LOW]
-        low = {n: record(n).dtype for n in candidates}
         samples = self.calib[:SENSITIVITY_SAMPLES]
         for n, count in flops(gm, samples, self.device).items():
             record(n).flops = count
-        ranked: list[torch.fx.Node] = []  # most sensitive first, once measured
-        sens: dict[torch.fx.Node, tuple[float, float]] = {}
-        judged: dict[int, bool] = {}
-
-        def apply(k: int) -> None:  # the plan that keeps the k most sensitive high
-            for i, n in enumerate(ranked or candidates):
-                record(n).promoted = (
-                    f"kept high by the tolerance search: alone in {dtypes.short(low[n])} it would "
-                    f"cost ~{sens[n][0]:.2g} rel. L2 at the outputs (rank {i + 1} of {len(ranked)})"
-                    if i < k
-                    else ""
-                )
-            self.replan.run(gm)
-
-        def evaluate(k: int) -> bool:
-            if k not in judged:
-                apply(k)
-                outs = _run_samples(gm, self.val, self.device, f"tolerance search, {k} of {len(candidates)} kept high")
-                value = self.metric(outs, refs, self.val)
-                log.evaluations.append((k, value))
-                judged[k] = self.metric.meets(value, self.tolerance)
-            return judged[k]
-
-        if not evaluate(0) and candidates:  # the all-low plan misses: rank the candidates by what each costs
-            sens.update(sensitivities(gm, candidates, samples, self.device, _ref_norms(refs)))
-            log.sensitivity_passes = len(samples) * (1 + PROJECTIONS)
-            for n, (share, local) in sens.items():
-                record(n).sensitivity, record(n).local_error = share, local
-            ranked.extend(sorted(candidates, key=lambda n: -sens[n][0]))
-        k = _smallest_passing(evaluate, len(ranked))
-        if k is not None and log.evaluations[-1][0] != k:
-            apply(k)  # leave the records at the plan chosen
+        k = None
+        fp8_nodes = [n for n in gm.graph.nodes if record(n).fp8 is not None]
+        if fp8_nodes:  # first stage: e4m3 linears back to the low dtype, most sensitive first
+            k8 = self._stage(gm, fp8_nodes, refs, samples, log, log.fp8_evaluations, fp8=True)
+            log.fp8_candidates, log.fp8_kept = len(fp8_nodes), len(fp8_nodes) if k8 is None else k8
+            k = 0 if k8 is not None else None
+        candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in dtypes.LOW]
+        if k is None:  # then low-precision ops to fp32
+            k = self._stage(gm, candidates, refs, samples, log, log.evaluations, fp8=False)
         all_high = not any(record(n).dtype in dtypes.LOW for n in gm.graph.nodes if n.op == "call_function")
         if k is None or (k > 0 and all_high):
             tried = ", ".join(f"{kk} high: {v:.3g}" for kk, v in sorted(log.evaluations))
@@ -257,9 +238,54 @@ class SearchPrecision(Pass):
         log.wall_s = time.perf_counter() - start
         graph_record(gm).search = log
         return PassResult(
-            modified=k > 0,
-            stats={"candidates": len(candidates), "kept_high": k, "evaluations": len(log.evaluations)},
+            modified=k > 0 or log.fp8_kept > 0,
+            stats={"candidates": len(candidates), "kept_high": k, "evaluations": len(log.evaluations)}
+            | ({"fp8_candidates": len(fp8_nodes), "fp8_kept": log.fp8_kept} if fp8_nodes else {}),
         )
+
+    def _stage(self, gm, candidates, refs, samples, log: SearchLog, evaluations: list, *, fp8: bool) -> int | None:
+        """The smallest k such that the plan that keeps the k most sensitive ``candidates`` one level up
+        (out of fp8, or out of the low dtype into fp32) meets the tolerance; None if keeping all misses.
+        The records are left at the plan of that k (of all, if None)."""
+        level = {n: "fp8" if fp8 else dtypes.short(record(n).dtype) for n in candidates}
+        kept = "kept out of fp8" if fp8 else "kept high"
+        ranked: list[torch.fx.Node] = []  # most sensitive first, once measured
+        sens: dict[torch.fx.Node, tuple[float, float]] = {}
+        judged: dict[int, bool] = {}
+
+        def apply(k: int) -> None:  # the plan that keeps the k most sensitive a level up
+            for i, n in enumerate(ranked or candidates):
+                why = (
+                    f"{kept} by the tolerance search: alone in {level[n]} it would cost ~{sens[n][0]:.2g} rel. L2 "
+                    f"at the outputs (rank {i + 1} of {len(ranked)})"
+                    if i < k
+                    else ""
+                )
+                if fp8:
+                    record(n).fp8_promoted = why
+                else:
+                    record(n).promoted = why
+            self.replan.run(gm)
+
+        def evaluate(k: int) -> bool:
+            if k not in judged:
+                apply(k)
+                what = f"tolerance search, {k} of {len(candidates)} {kept}"
+                value = self.metric(_run_samples(gm, self.val, self.device, what), refs, self.val)
+                evaluations.append((k, value))
+                judged[k] = self.metric.meets(value, self.tolerance)
+            return judged[k]
+
+        if not evaluate(0) and candidates:  # the plan with all of them low misses: rank them by what each costs
+            sens.update(sensitivities(gm, candidates, samples, self.device, _ref_norms(refs)))
+            log.sensitivity_passes += len(samples) * (1 + PROJECTIONS)
+            for n, (share, local) in sens.items():
+                record(n).sensitivity, record(n).local_error = share, local
+            ranked.extend(sorted(candidates, key=lambda n: -sens[n][0]))
+        k = _smallest_passing(evaluate, len(ranked))
+        if evaluations[-1][0] != (len(ranked) if k is None else k):
+            apply(len(ranked) if k is None else k)  # leave the records at the plan chosen
+        return k
 
 
 def _ref_norms(refs: Sequence[Sequence]) -> list[float]:

@@ -17,7 +17,7 @@ def _data():
     "options,match",
     [
         ({"dtype": "int8"}, "dtype='int8' is not supported"),
-        ({"dtype": "float8"}, "dtype='float8' is not supported; use 'float16', 'bfloat16' or 'auto'"),
+        ({"dtype": "float8"}, "dtype='float8' is not supported; use 'float16', 'bfloat16', 'auto' or 'fp8'"),
         ({"keep_fp32": [3]}, "keep_fp32 must be a module path or op name"),
         ({"keep_fp32": [""]}, "keep_fp32 must be"),
         ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
@@ -63,9 +63,16 @@ def test_unwritable_dump_dir_is_an_option_error_before_any_work(tmp_path):
 def test_dtype_spellings(spelling, dtype):
     options = mpcompiler.Options.parse(dtype=spelling, keep_fp32="fc1", dump_dir=None, device=None, debug=False)
     assert options.dtype == dtype and options.fallback is None and options.keep_fp32 == ("fc1",)
+    assert not options.fp8
 
 
-@pytest.mark.parametrize("spelling", ["float32", torch.float32, "f16", "fp8", ["float16"]])
+@pytest.mark.parametrize("spelling", ["fp8", "e4m3", "float8_e4m3fn", torch.float8_e4m3fn])
+def test_fp8_spellings_plan_fp16_with_e4m3_gemms(spelling):
+    options = mpcompiler.Options.parse(dtype=spelling, keep_fp32=(), dump_dir=None, device=None, debug=False)
+    assert options.fp8 and options.dtype == torch.float16 and options.fallback is None
+
+
+@pytest.mark.parametrize("spelling", ["float32", torch.float32, "f16", "float8", torch.float8_e5m2, ["float16"]])
 def test_a_dtype_that_is_not_low_is_refused(spelling):
     with pytest.raises(mpcompiler.OptionError, match="dtype=.* is not supported"):
         mpcompiler.Options.parse(dtype=spelling, keep_fp32=(), dump_dir=None, device=None, debug=False)

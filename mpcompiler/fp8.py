@@ -1,0 +1,70 @@
+"""e4m3 GEMMs: the one place their arithmetic is written (``compile(dtype="fp8")``, issue #13).
+
+A linear planned in fp8 reads its input and its weight in float8_e4m3fn with static per-tensor scales, both
+from calibration: ``x_scale = absmax(x) / 448`` over the calibration samples (so nothing clips on them; a
+held-out value past that absmax saturates at +-448), ``w_scale = absmax(w) / 448``. The product is
+``torch._scaled_mm`` (fp32 accumulation, the low dtype out, the bias added in its epilogue): cuBLASLt's fp8
+tensor-core GEMM on a GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which
+rounds exactly as the GPU does (run there for tests and for the tolerance search; it is not fast).
+
+Per-tensor scales: on the H100 (2026-12-06, docs/precision.md) they were the fastest of _scaled_mm's
+scalings and no less accurate than row-wise ones (3.7% rel. L2 a GEMM either way: e4m3's 3 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import onnxscript.onnx_opset
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+SCALED_MM = torch.ops.aten._scaled_mm.default
+ALIGN = 16  # _scaled_mm needs K and N (and the row strides) multiples of 16
+
+
+def scale(absmax: float) -> float:
+    """The per-tensor scale that maps ``absmax`` to e4m3's largest value."""
+    return absmax / E4M3_MAX
+
+
+def quantize(x: torch.Tensor, x_scale: float) -> torch.Tensor:
+    """``x / x_scale`` in e4m3, saturating (computed in fp32)."""
+    return (x.float() * (1.0 / x_scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def linear(x8: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype):
+    """``linear(x, w, bias)`` from e4m3 ``x8`` [..., K] and ``w8`` [N, K] (row-major), scales as 0-d fp32
+    tensors: what an fp8 node computes, in the emitted graph (as these ATen ops) and in the search's runs."""
+    flat = x8.reshape(-1, x8.shape[-1])
+    out = torch._scaled_mm(flat, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype)
+    return out.reshape(*x8.shape[:-1], w8.shape[0])
+
+
+def supported(device: torch.device) -> str | None:
+    """Why ``device`` cannot run e4m3 GEMMs, or None if it can (the CPU runs torch's reference kernel)."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"{device.type} has no e4m3 GEMM in torch"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (
+            f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no fp8 "
+            "tensor cores; torch._scaled_mm needs 8.9 or more (Ada, Hopper, Blackwell)"
+        )
+    return None
+
+
+_OP = onnxscript.onnx_opset.opset20
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def scaled_mm_onnx(self, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
+    """torch.onnx's translation of the GEMM above (plans of ``dtype="fp8"`` are fp16 elsewhere): each e4m3
+    operand dequantized to fp16 (``DequantizeLinear`` with its scale in fp16: an e4m3 value times it rounds
+    by at most 2^-11, against e4m3's own 2^-4), then an fp16 ``MatMul`` and the bias. ONNX Runtime runs it
+    as an fp16 GEMM: the artifact carries e4m3 weights (half the bytes), not fp8 speed."""
+    a = _OP.DequantizeLinear(self, _OP.Cast(scale_a, to=_FLOAT16))
+    b = _OP.DequantizeLinear(mat2, _OP.Cast(scale_b, to=_FLOAT16))
+    out = _OP.MatMul(a, b)
+    return out if bias is None else _OP.Add(out, bias)

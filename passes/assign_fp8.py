@@ -1,0 +1,76 @@
+"""assign_fp8: which linears read e4m3 inputs (``compile(dtype="fp8")``), and why or why not.
+
+The precision lattice's lowest level, below assign_precision's low dtype: a linear the plan puts in fp16
+whose weight is a parameter and whose dims suit ``torch._scaled_mm`` reads its input and its weight in
+float8_e4m3fn, with static per-tensor scales from calibration (:mod:`mpcompiler.fp8`); its output stays
+in the low dtype. A linear stays out of fp8, with the reason in its record (``fp8_reason``), when:
+
+- the plan keeps it out of the low dtype (a range rule, keep_fp32, the search);
+- its weight is not a parameter (a product of two activations has no static weight scale);
+- its input or output dims are not multiples of 16 (``_scaled_mm``'s alignment);
+- calibration saw no finite, nonzero magnitude of its input (no scale);
+- the tolerance search keeps it in the low dtype (``fp8_promoted``, search_precision's first stage).
+
+Runs after assign_precision, in the pipeline and in the search's re-plan; lower_fp8 writes the GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+
+from mpcompiler import dtypes, fp8
+from mpcompiler.ir import Fp8Scales, attr_of, graph_record, record
+from mpcompiler.pass_manager import Pass, PassResult
+
+aten = torch.ops.aten
+
+
+def fp8_problem(node: torch.fx.Node) -> str | None:
+    """Why the linear ``node`` cannot read e4m3 inputs under its plan; None if it can."""
+    rec = record(node)
+    x, weight = node.args[0], node.args[1]
+    if rec.dtype not in dtypes.LOW:
+        return f"its plan keeps it in {dtypes.short(rec.dtype)}"
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return "its weight is not a parameter"
+    n, k = weight.meta["val"].shape if weight.meta["val"].dim() == 2 else (0, 0)
+    if n % fp8.ALIGN or k % fp8.ALIGN:
+        return f"its weight is {n} x {k}; torch._scaled_mm needs both dims multiples of {fp8.ALIGN}"
+    r = record(x).range if isinstance(x, torch.fx.Node) else None
+    if r is None or not math.isfinite(r.absmax) or r.absmax <= 0 or r.nan or r.inf:
+        return "calibration saw no finite, nonzero magnitude of its input to scale it by"
+    return None
+
+
+class AssignFp8(Pass):
+    """Mark the linears that run as e4m3 GEMMs, with their scales."""
+
+    requires = ("plan",)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph_record(gm).fp8 = True
+        counts = {"fp8": 0, "low": 0}
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target is not aten.linear.default:
+                continue
+            rec = record(node)
+            rec.fp8, rec.fp8_reason = None, ""
+            if rec.dtype not in dtypes.LOW:
+                continue  # not a level below its dtype: its dtype's reason says why
+            problem = rec.fp8_promoted or fp8_problem(node)
+            if problem:
+                rec.fp8_reason = f"not fp8: {problem}"
+                counts["low"] += 1
+                continue
+            x_absmax = record(node.args[0]).range.absmax
+            w_absmax = float(attr_of(gm, node.args[1].target).detach().abs().max())
+            rec.fp8 = Fp8Scales(x_scale=fp8.scale(x_absmax), w_scale=fp8.scale(w_absmax or 1.0))
+            rec.fp8_reason = (
+                f"fp8: x / {rec.fp8.x_scale:.3g} (calibrated absmax {x_absmax:.4g} -> 448, past it saturates), "
+                f"w / {rec.fp8.w_scale:.3g}"
+            )
+            counts["fp8"] += 1
+        return PassResult(modified=True, stats=counts)
