@@ -297,6 +297,16 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
         right = compiled.export_onnx(tmp / f"{kind}_right.onnx", providers=["CUDAExecutionProvider"], padding="right")
         artifacts["mpcompiler ONNX padding='right'"] = str(right.path)
     bench.meta["mpcompiler_report"] = str(compiled.report)
+    fp8_plans = {}
+
+    def fp8_plan(tolerance):  # compiled on first use: a run whose --only leaves the fp8 rows out pays nothing
+        if tolerance not in fp8_plans:
+            val = [workloads[next(iter(workloads))]]
+            plan = mpcompiler.compile(model, calib, val_data=val, device="cuda", dtype="fp8", tolerance=tolerance)
+            fp8_plans[tolerance] = plan
+            bench.meta[f"mpcompiler_fp8_report{f'_tolerance_{tolerance:g}' if tolerance else ''}"] = str(plan.report)
+        return fp8_plans[tolerance]
+
     half = copy.deepcopy(model).half()
     half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last) if cnn else half
     gm_fast = compiled.graph_module
@@ -351,6 +361,10 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                     xg, batch,  # a copy: it turns CNN weights NHWC
                     build=lambda xg=xg, a=autotune: copy.deepcopy(compiled).cuda_graph(xg, autotune=a),
                 )  # fmt: skip
+            for tolerance in (None, 1e-2) if not cnn else ():  # issue #13: e4m3 GEMMs, all / where 1e-2 allows
+                label = f"mpcompiler FX fp8{f' tolerance={tolerance:g}' if tolerance else ''}, compiled.cuda_graph()"
+                torch_row(bench, w, label, None, xg, batch,
+                          build=lambda xg=xg, t=tolerance: fp8_plan(t).cuda_graph(xg))  # fmt: skip
             for name, onnx_path in artifacts.items():
                 for graph in (False, True):
                     tag = " ".join(t for t in ("CUDA graph" if graph else "", "NHWC" if cnn else "") if t)

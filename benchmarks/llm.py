@@ -281,6 +281,16 @@ def hf_prefill(model, ids, max_seq: int, compiled: bool):
     return step
 
 
+def forward_graph(fp32, calib, ids, dtype: str, meta: dict, name: str):
+    """The model's forward (no KV cache) compiled in ``dtype`` and captured as a CUDA graph for ``ids``; its
+    report (the plan, its error against fp32 on a held-out prompt) goes into ``meta``."""
+    samples = [{"input_ids": c, "use_cache": False} for c in calib]
+    compiled = mpcompiler.compile(fp32, samples, dtype=dtype, device="cuda")
+    meta[f"{name}_forward_{dtype}_report"] = str(compiled.report)
+    fast = compiled.cuda_graph({"input_ids": ids, "use_cache": False})
+    return lambda: fast(input_ids=ids, use_cache=False)
+
+
 def build_model(name: str):
     """The workload's fp32 model (what mpcompiler compiles) and its fp16 copy (what the peers run)."""
     if name == "tinyllama":
@@ -317,6 +327,10 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     positions = torch.arange(args.prefill, device="cuda")
     row(name, "mpcompiler prompt step", 1, lambda: lambda: ours.generator(long, ones, positions[None], positions),
         kind="prefill", tokens=args.prefill)  # fmt: skip
+    for dtype in ("float16", "fp8"):  # issue #13: the forward's GEMMs in e4m3 against its fp16 plan, no KV cache
+        row(name, f"mpcompiler forward dtype={dtype!r}, cuda_graph() (no KV cache, every position's logits)", 1,
+            lambda dtype=dtype: forward_graph(fp32, calib, long, dtype, meta, name), kind="prefill",
+            tokens=args.prefill)  # fmt: skip
     if args.onnx:
         artifact, path = {}, args.out / name / "llm.onnx"
         for b in batches:
