@@ -230,14 +230,17 @@ class Report:
             lines.append(f"  {self.accuracy}")
         if self.search is not None:
             s = self.search
+            stages = []  # dtype="fp8": its first stage; the second runs only where the first cannot meet it
+            if s.get("fp8_candidates"):
+                stages.append(f"{s['fp8_kept']} of {s['fp8_candidates']} fp8 linears kept in {self.dtype} "
+                              f"({len(s['fp8_evaluations'])} whole-model evaluations)")  # fmt: skip
+            if s["evaluations"]:
+                stages.append(f"{s['kept_high']} of {s['candidates']} low-precision ops kept high "
+                              f"({len(s['evaluations'])} whole-model evaluations)")  # fmt: skip
             lines.append(
-                f"  tolerance search: {s['kept_high']} of {s['candidates']} low-precision ops kept high, "
-                f"{len(s['evaluations'])} whole-model evaluations + {s['sensitivity_passes']} sensitivity passes, "
+                f"  tolerance search: {', then '.join(stages)}; {s['sensitivity_passes']} sensitivity passes, "
                 f"{s['wall_s']:.1f} s; FLOPs in low precision: {self.low_flop_share():.1%}"
             )
-            if s.get("fp8_candidates"):
-                lines.append(f"  tolerance search, first: {s['fp8_kept']} of {s['fp8_candidates']} fp8 linears kept "
-                             f"in {self.dtype}, {len(s['fp8_evaluations'])} whole-model evaluations")  # fmt: skip
         return lines
 
     def __str__(self) -> str:

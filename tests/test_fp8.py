@@ -105,6 +105,9 @@ def test_search_keeps_gemms_out_of_fp8_by_sensitivity_monotonically():
         search = compiled.report.search
         assert search["fp8_candidates"] == 3
         kept.append(_fp8_paths(compiled.report))
+        # the fp8 stage met it: the fp16 -> fp32 stage did not run, and the summary says only the first
+        line = next(x for x in compiled.report.summary() if x.startswith("  tolerance search:"))
+        assert f"{search['fp8_kept']} of 3 fp8 linears kept in float16" in line and "kept high" not in line
         # the error on the samples the search judged the plan on: within the tolerance
         judged = dict(search["fp8_evaluations"]).get(search["fp8_kept"])
         judged = judged if judged is not None else dict(search["evaluations"])[search["kept_high"]]
