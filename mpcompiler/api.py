@@ -386,8 +386,9 @@ def compile(
         val = samples[len(samples) - count :] if held else samples[:MAX_HELD_OUT]
         samples = samples[: len(samples) - count]
     target_device = options.device or model_device(model)
-    if options.fp8 and fp8.supported(target_device) is not None:
-        raise OptionError(f"dtype='fp8' needs e4m3 GEMMs: {fp8.supported(target_device)}")
+    why_not = fp8.supported(target_device) if options.fp8 else None
+    if why_not is not None:
+        raise OptionError(f"dtype='fp8' needs e4m3 GEMMs: {why_not}")
     with on_device(model, target_device):
         if lm is not None:  # calibration prompts continued by the fp32 model; held-out text as it is
             samples = sequences(model, samples, CALIB_NEW_TOKENS, lm.max_seq)
@@ -456,8 +457,6 @@ def calibrate(
     options = Options.parse(dtype="float16", keep_fp32=(), dump_dir=None, device=device, debug=None)
     samples = collect_samples(calib_data)
     target_device = options.device or model_device(model)
-    if options.fp8 and fp8.supported(target_device) is not None:
-        raise OptionError(f"dtype='fp8' needs e4m3 GEMMs: {fp8.supported(target_device)}")
     with on_device(model, target_device):
         gm = capture(model, samples, dynamic)
         passes = pipeline(options, samples, target_device)

@@ -5,7 +5,7 @@ whose weight is a parameter and whose dims suit ``torch._scaled_mm`` reads its i
 float8_e4m3fn, with static per-tensor scales from calibration (:mod:`mpcompiler.fp8`); its output stays
 in the low dtype. A linear stays out of fp8, with the reason in its record (``fp8_reason``), when:
 
-- the plan keeps it out of the low dtype (a range rule, keep_fp32, the search);
+- the plan keeps it out of the low dtype (a range rule, keep_fp32, the search: its dtype's reason says so);
 - its weight is not a parameter (a product of two activations has no static weight scale);
 - its input or output dims are not multiples of 16 (``_scaled_mm``'s alignment);
 - calibration saw no finite, nonzero magnitude of its input (no scale);
@@ -28,12 +28,9 @@ from mpcompiler.pass_manager import Pass, PassResult
 aten = torch.ops.aten
 
 
-def fp8_problem(node: torch.fx.Node) -> str | None:
-    """Why the linear ``node`` cannot read e4m3 inputs under its plan; None if it can."""
-    rec = record(node)
+def _problem(node: torch.fx.Node) -> str | None:
+    """Why the linear ``node``, planned in a low dtype, cannot read e4m3 inputs; None if it can."""
     x, weight = node.args[0], node.args[1]
-    if rec.dtype not in dtypes.LOW:
-        return f"its plan keeps it in {dtypes.short(rec.dtype)}"
     if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
         return "its weight is not a parameter"
     n, k = weight.meta["val"].shape if weight.meta["val"].dim() == 2 else (0, 0)
@@ -60,7 +57,7 @@ class AssignFp8(Pass):
             rec.fp8, rec.fp8_reason = None, ""
             if rec.dtype not in dtypes.LOW:
                 continue  # not a level below its dtype: its dtype's reason says why
-            problem = rec.fp8_promoted or fp8_problem(node)
+            problem = rec.fp8_promoted or _problem(node)
             if problem:
                 rec.fp8_reason = f"not fp8: {problem}"
                 counts["low"] += 1
