@@ -71,8 +71,6 @@ class Options:
     ) -> Options:
         auto = isinstance(dtype, str) and dtype == AUTO
         fp8 = isinstance(dtype, (str, torch.dtype)) and dtype in dtypes.FP8_SPELLINGS
-        if fp8 and language_model:
-            raise OptionError("dtype='fp8' with max_seq is not built yet: compile the LM without max_seq (its forward)")
         if not (auto or fp8) and dtypes.parse(dtype) is None:
             raise OptionError(f"dtype={dtype!r} is not supported; use 'float16', 'bfloat16', 'auto' or 'fp8'")
         if isinstance(keep_fp32, str):

@@ -14,15 +14,22 @@ Runs on a copy of the generation program (``insert_kv_cache``'s step) for the CU
   Inductor writes the down projection as a matrix-vector reduction and, left alone, recomputes SiLU x up
   from gate and up in each of its programs (512 for TinyLlama's shapes: 22 KB of reads each beside 45 KB
   of weights); stored (Inductor's force-stride-order prim realizes a buffer), the kernel reads 11 KB of it
-  instead: 12.7 -> 9.2 us a layer, with one 1.2 us kernel added (H100, 2026-12-06, docs/llm.md run X).
+  instead: 12.7 -> 9.2 us a layer, with one 1.2 us kernel added (H100, 2026-12-06, docs/llm.md run X);
+- at one row, each e4m3 GEMM of a ``dtype="fp8"`` plan (lower_fp8) reads its input in the low dtype and its
+  stored e4m3 weight dequantized (e4m3 x its scale, in the low dtype) inside Inductor's matrix-vector
+  reduction: a decode step is bound by the bytes of its weights, which e4m3 halves, and quantizing one row
+  to e4m3 buys nothing there. The prompt step and the decode graphs of more rows keep the e4m3 GEMMs.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from mpcompiler import fp8
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 from mpcompiler.passes.insert_kv_cache import SDPA
@@ -77,15 +84,50 @@ def _as_matmuls(attention: torch.fx.Node, m: Match) -> None:
     graph.erase_node(attention)
 
 
+def _fp8_gemm(node: torch.fx.Node) -> Match | str:
+    if node.target is not fp8.SCALED_MM:
+        return "not an e4m3 GEMM"
+    chain, x = [aten._to_copy.default, aten.clamp.default, aten.mul.Tensor, aten._to_copy.default], node.args[0]
+    for op in chain:  # lower_fp8's quantization of the input, back to the value it quantizes
+        if getattr(x, "target", None) is not op:
+            return "its input is not lower_fp8's quantization"
+        x = x.args[0]
+    w8 = node.args[1].args[0] if getattr(node.args[1], "target", None) is aten.t.default else None
+    if w8 is None or w8.op != "get_attr":
+        return "its weight is not a stored e4m3 tensor"
+    return {"x": x, "w8": w8, "w_scale": node.args[3], "bias": node.args[4] if len(node.args) > 4 else None}
+
+
+def _weights_only(gemm: torch.fx.Node, m: Match) -> None:
+    graph, rec = gemm.graph, record(gemm)
+
+    def call(planned, op, *args, **kwargs):  # planned: the new node's dtype in the plan
+        node = graph.call_function(op, args, kwargs)
+        node.meta[META_KEY] = derived(rec, dtype=planned, range=None, inner=None, flops=None)
+        node.meta[META_KEY].inserted = True  # the weight's dequantization: mpcompiler's, not the model's op
+        return node
+
+    with graph.inserting_before(gemm):  # Inductor inlines these into the reduction's loads of the e4m3 weight
+        w = call(torch.float32, aten._to_copy.default, m["w8"], dtype=torch.float32)
+        w = call(rec.dtype, aten._to_copy.default, call(torch.float32, aten.mul.Tensor, w, m["w_scale"]),
+                 dtype=rec.dtype)  # fmt: skip
+        out = graph.call_function(aten.linear.default, (m["x"], w, m["bias"]))
+    out.meta[META_KEY] = derived(rec, fused=FP8_WEIGHTS)
+    gemm.replace_all_uses_with(out)
+    graph.erase_node(gemm)
+
+
 def _gated_activation(node: torch.fx.Node) -> Match | str:
     if node.target is not aten.linear.default:
         return "not a linear"
-    act = node.args[0]
+    reader, act = node, node.args[0]
+    if getattr(act, "target", None) is aten.reshape.default:  # an fp8 plan's linear reads it flattened
+        reader, act = act, act.args[0]
     if getattr(act, "target", None) is not aten.mul.Tensor:
         return "its input is not a product"
     if not any(getattr(a, "target", None) is aten.silu.default for a in act.args):
         return "its input is not SiLU(gate) x up"
-    return {"act": act}
+    return {"act": act, "reader": reader}
 
 
 def _store(linear: torch.fx.Node, m: Match) -> None:
@@ -94,24 +136,29 @@ def _store(linear: torch.fx.Node, m: Match) -> None:
     act = m["act"]
     shape = act.meta["val"].shape
     strides = [int(torch.Size(shape[i + 1 :]).numel()) for i in range(len(shape))]  # contiguous
-    with linear.graph.inserting_before(linear):
+    with linear.graph.inserting_before(m["reader"]):
         stored = linear.graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (act, strides))
     stored.meta.update(act.meta)
     stored.meta[META_KEY] = derived(
         record(act), rule=Rule.DECODE_ACTIVATION, reason="stored once for the down projection's kernel"
     )
-    linear.replace_input_with(act, stored)
+    m["reader"].replace_input_with(act, stored)
 
 
 RULES = [
     RewriteRule("cache_slices_dropped", _cache_slice, _drop, "the cache's row slice -> the cache's row view"),
     RewriteRule("attention_as_matmuls", _attention, _as_matmuls, "attention over the cache -> 2 GEMMs + softmax"),
 ]
-# at one row only: with more rows the down projection is cuBLAS's GEMM, into which Inductor fuses nothing, so
-# SiLU x up is stored anyway
-ONE_ROW_RULES = [
-    RewriteRule("activations_stored", _gated_activation, _store, "SiLU(gate) x up -> stored once"),
+# at one row only, in two rounds (the second sees the linears the first wrote): one row's matmuls are
+# Inductor's matrix-vector reductions, which read a stored e4m3 weight at half fp16's bytes, where cuBLASLt's
+# fp8 GEMM runs a 1-row product 14% slower than fp16's (docs/precision.md); then the down projection's
+# activation. With more rows the down projection is cuBLAS's GEMM, into which Inductor fuses nothing, so SiLU x
+# up is stored anyway, and the e4m3 GEMMs stay.
+ONE_ROW_ROUNDS = [
+    [RewriteRule("fp8_weights_only", _fp8_gemm, _weights_only, "e4m3 GEMM -> low-dtype input x dequantized weight")],
+    [RewriteRule("activations_stored", _gated_activation, _store, "SiLU(gate) x up -> stored once")],
 ]
+FP8_WEIGHTS = "e4m3 weight, low-dtype input (lower_decode_step)"
 
 
 class LowerDecodeStep(Pass):
@@ -135,9 +182,11 @@ class LowerDecodeStep(Pass):
             if node.op == "placeholder" and node.target in self.example:
                 node.meta["val"] = static.from_tensor(self.example[node.target])
         retype(gm)  # the rules read the graph's own shapes, not the step's dynamic ones
-        rules = RULES + (ONE_ROW_RULES if self.rows == 1 else [])
+        rounds = [RULES + ONE_ROW_ROUNDS[0], *ONE_ROW_ROUNDS[1:]] if self.rows == 1 else [RULES]
         reasons: dict = {}
-        fired = apply([n for n in gm.graph.nodes if n.op == "call_function"], rules, reasons)
+        fired = Counter()
+        for rules in rounds:
+            fired += apply([n for n in gm.graph.nodes if n.op == "call_function"], rules, reasons)
         gm.graph.eliminate_dead_code()
-        stats = {"rows": self.rows} | {rule.name: fired[rule.name] for rule in rules}
+        stats = {"rows": self.rows} | {rule.name: fired[rule.name] for rules in rounds for rule in rules}
         return PassResult(modified=True, stats=stats, reasons=reasons)

@@ -4,6 +4,7 @@ On the CPU the GEMMs run torch's reference ``_scaled_mm``, which rounds as cuBLA
 (docs/precision.md: the two agree to 2.4e-4); the GPU tests run the same models there.
 """
 
+import copy
 import json
 
 import pytest
@@ -172,8 +173,6 @@ def test_report_and_dump_say_why_each_linear_got_its_level(tmp_path):
 
 def test_fp8_errors_name_the_cause(monkeypatch):
     model, calib = Mlp().eval(), _data()
-    with pytest.raises(OptionError, match="fp8' with max_seq is not built yet"):
-        mpcompiler.compile(model, calib, dtype="fp8", max_seq=64)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     assert "A100 (compute capability 8.0) has no fp8 tensor cores" in fp8.supported(torch.device("cuda"))
@@ -190,6 +189,43 @@ def test_an_fp8_plan_exports_e4m3_weights_to_onnx(tmp_path):
     model = onnx.load(tmp_path / "fp8.onnx")
     e4m3 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
     assert len(e4m3) == 3 and sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 6
+
+
+def test_fp8_generation_decodes_one_row_with_e4m3_weights():
+    # compile(max_seq=..., dtype="fp8"): the prompt step's linears are e4m3 GEMMs (judged by perplexity on the
+    # held-out text); the 1-row decode graph reads the same e4m3 weights dequantized, with fp16 inputs
+    from mpcompiler.llm import positions
+    from tests.test_llm import _llama, _padded, _prompt
+
+    model = _llama()
+    prompts = [_prompt(2, 6, 2), _prompt(2, 9), _prompt(1, 7), _prompt(3, 5, 1), _prompt(2, 8, 3)]
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=2, dtype="fp8", tolerance=0.05)
+    assert compiled.report.accuracy.metric == "perplexity" and compiled.report.accuracy.met
+    assert "fp8 (e4m3) GEMMs: 14 of 15 linears" in str(compiled.report)  # the LM head's 1000 rows: not 16's
+    one, _ = compiled.generator.decode_step(1)
+    two, _ = compiled.generator.decode_step(2)
+    assert sum(n.target is fp8.SCALED_MM for n in two.graph.nodes) == 14  # more rows: cuBLASLt's e4m3 GEMMs
+    assert not any(n.target is fp8.SCALED_MM for n in one.graph.nodes)
+    weights = [n.args[1] for n in one.graph.nodes if n.target is torch.ops.aten.linear.default]
+    e4m3 = [w for w in weights if w.op != "get_attr"]  # e4m3 x scale, in fp16: no fp16 copy of them is stored
+    assert len(e4m3) == 14 and len(weights) == 15
+    # the e4m3 weights' own model in fp32: each linear's weight its e4m3 values times its scale
+    dequantized, buffers = copy.deepcopy(model), dict(compiled.graph_module.named_buffers())
+    for name, module in dequantized.named_modules():
+        if f"{name}.weight_e4m3" in buffers:
+            module.weight.data = buffers[f"{name}.weight_e4m3"].float() * buffers[f"{name}.weight_e4m3_scale"]
+    seq = {k: v[1:] for k, v in _prompt(2, 9, pad=2).items()}
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    with torch.no_grad():
+        want = dequantized(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    step, slots, got = _padded(torch.compile(one, backend="aot_eager", dynamic=False), 1), torch.zeros(1, 64), []
+    for t in range(9):  # every token through the 1-row graph: fp16 activations, e4m3 weights, fp16 math
+        slots[:, t] = mask[:, t]
+        got.append(step(ids[:, t : t + 1], slots.long(), positions(mask)[:, t : t + 1], torch.tensor([t])))
+    got = torch.stack(got, 1)
+    assert rel_err(got[:, 2:], want[:, 2:]) < 2e-3  # fp16's rounding only
+    assert 1e-2 < rel_err(got[:, 2:], ref[:, 2:]) < 0.1  # e4m3's, against fp32's weights
 
 
 @pytest.mark.gpu
