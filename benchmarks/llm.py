@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -291,6 +292,17 @@ def forward_graph(fp32, calib, ids, dtype: str, meta: dict, name: str):
     return lambda: fast(input_ids=ids, use_cache=False)
 
 
+def fp8_generation(ours8, ours, prompt, new: int, meta: dict, key: str):
+    """``ours8``'s generation from ``prompt``; records in ``meta`` its plan and the share of its tokens equal
+    to the fp16 plan's (``ours``)."""
+    tokens = ours8.generate(prompt, max_new_tokens=new)
+    meta[f"{key} token agreement with fp16"] = round(
+        float((tokens == ours.generate(prompt, max_new_tokens=new)).float().mean()), 4
+    )
+    meta[f"{key} report"] = str(ours8.report).split("\n  ")[:4]
+    return functools.partial(ours8.generate, prompt, max_new_tokens=new)
+
+
 def build_model(name: str):
     """The workload's fp32 model (what mpcompiler compiles) and its fp16 copy (what the peers run)."""
     if name == "tinyllama":
@@ -327,6 +339,17 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     positions = torch.arange(args.prefill, device="cuda")
     row(name, "mpcompiler prompt step", 1, lambda: lambda: ours.generator(long, ones, positions[None], positions),
         kind="prefill", tokens=args.prefill)  # fmt: skip
+    # issue #13: the generation program with dtype="fp8" (e4m3 GEMMs in the prompt step and the decode graphs of
+    # 2+ rows, e4m3 weights read by the 1-row graph's reductions), compiled on first use
+    ours8 = functools.cache(
+        lambda: mpcompiler.compile(fp32, calib, max_seq=max_seq, max_batch=max(batches), dtype="fp8")
+    )
+    for b in batches:
+        row(name, "mpcompiler generate dtype='fp8' (CUDA graph decode)", b,
+            lambda b=b: fp8_generation(ours8(), ours, prompts[b], args.new, meta, f"{name} fp8 b{b}"))  # fmt: skip
+    row(name, "mpcompiler prompt step dtype='fp8'", 1,
+        lambda: functools.partial(ours8().generator, long, ones, positions[None], positions), kind="prefill",
+        tokens=args.prefill)  # fmt: skip
     for dtype in ("float16", "fp8"):  # issue #13: the forward's GEMMs in e4m3 against its fp16 plan, no KV cache
         row(name, f"mpcompiler forward dtype={dtype!r}, cuda_graph() (no KV cache, every position's logits)", 1,
             lambda dtype=dtype: forward_graph(fp32, calib, long, dtype, meta, name), kind="prefill",

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 import mpcompiler
 from mpcompiler import fp8
-from mpcompiler.errors import OptionError
 from tests.helpers import TOL, rel_err
 
 
@@ -172,7 +171,6 @@ def test_report_and_dump_say_why_each_linear_got_its_level(tmp_path):
 
 
 def test_fp8_errors_name_the_cause(monkeypatch):
-    model, calib = Mlp().eval(), _data()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     assert "A100 (compute capability 8.0) has no fp8 tensor cores" in fp8.supported(torch.device("cuda"))
