@@ -190,7 +190,7 @@ EXPERIMENTS = {
     # Inductor's combo kernels: independent kernels of a step (q's rotary, k's rotary and cache write, v's cache
     # write: three kernels a layer, 3.5 us, run Y) launched as one
     "decode combo kernels": (lambda: torch._inductor.config.patch(combo_kernels=True), True),
-    "decode attention as reductions, PDL, combo kernels": (
+    "decode attention as reductions + PDL + combo kernels": (
         lambda: _stacked(
             patched(lower_decode_step, "RULES", _REDUCTIONS)(),
             torch._inductor.config.patch({"triton.enable_pdl": True, "combo_kernels": True}),

@@ -189,10 +189,41 @@ def test_an_fp8_plan_exports_e4m3_weights_to_onnx(tmp_path):
     assert len(e4m3) == 3 and sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 6
 
 
+def _e4m3_weights_model(model, compiled):
+    """``model`` in fp32 with each fp8 linear's weight its e4m3 values times its scale: what a decode graph
+    of e4m3 weights and fp16 inputs computes, but for fp16's rounding."""
+    dequantized, buffers = copy.deepcopy(model), dict(compiled.graph_module.named_buffers())
+    for name, module in dequantized.named_modules():
+        if f"{name}.weight_e4m3" in buffers:
+            module.weight.data = (buffers[f"{name}.weight_e4m3"].float() * buffers[f"{name}.weight_e4m3_scale"]).to(
+                module.weight.device
+            )
+    return dequantized
+
+
+def _token_by_token(step, seq, max_seq=64):
+    """``step``'s logits for each token of ``seq`` fed one at a time (an empty cache first), [B, T, vocab]."""
+    from mpcompiler.llm import positions
+
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    slots, got = torch.zeros(ids.shape[0], max_seq, dtype=torch.long, device=ids.device), []
+    for t in range(ids.shape[1]):
+        slots[:, t] = mask[:, t]
+        got.append(step(ids[:, t : t + 1], slots, positions(mask)[:, t : t + 1], torch.tensor([t], device=ids.device)))
+    return torch.stack(got, 1)
+
+
+def _lm_logits(model, seq):
+    from mpcompiler.llm import positions
+
+    with torch.no_grad():
+        return model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                     position_ids=positions(seq["attention_mask"])).logits  # fmt: skip
+
+
 def test_fp8_generation_decodes_one_row_with_e4m3_weights():
     # compile(max_seq=..., dtype="fp8"): the prompt step's linears are e4m3 GEMMs (judged by perplexity on the
     # held-out text); the 1-row decode graph reads the same e4m3 weights dequantized, with fp16 inputs
-    from mpcompiler.llm import positions
     from tests.test_llm import _llama, _padded, _prompt
 
     model = _llama()
@@ -207,23 +238,11 @@ def test_fp8_generation_decodes_one_row_with_e4m3_weights():
     weights = [n.args[1] for n in one.graph.nodes if n.target is torch.ops.aten.linear.default]
     e4m3 = [w for w in weights if w.op != "get_attr"]  # e4m3 x scale, in fp16: no fp16 copy of them is stored
     assert len(e4m3) == 14 and len(weights) == 15
-    # the e4m3 weights' own model in fp32: each linear's weight its e4m3 values times its scale
-    dequantized, buffers = copy.deepcopy(model), dict(compiled.graph_module.named_buffers())
-    for name, module in dequantized.named_modules():
-        if f"{name}.weight_e4m3" in buffers:
-            module.weight.data = buffers[f"{name}.weight_e4m3"].float() * buffers[f"{name}.weight_e4m3_scale"]
-    seq = {k: v[1:] for k, v in _prompt(2, 9, pad=2).items()}
-    ids, mask = seq["input_ids"], seq["attention_mask"]
-    with torch.no_grad():
-        want = dequantized(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    step, slots, got = _padded(torch.compile(one, backend="aot_eager", dynamic=False), 1), torch.zeros(1, 64), []
-    for t in range(9):  # every token through the 1-row graph: fp16 activations, e4m3 weights, fp16 math
-        slots[:, t] = mask[:, t]
-        got.append(step(ids[:, t : t + 1], slots.long(), positions(mask)[:, t : t + 1], torch.tensor([t])))
-    got = torch.stack(got, 1)
-    assert rel_err(got[:, 2:], want[:, 2:]) < 2e-3  # fp16's rounding only
-    assert 1e-2 < rel_err(got[:, 2:], ref[:, 2:]) < 0.1  # e4m3's, against fp32's weights
+    seq = {k: v[1:] for k, v in _prompt(2, 9, pad=2).items()}  # every token through the 1-row graph
+    got = _token_by_token(_padded(torch.compile(one, backend="aot_eager", dynamic=False), 1), seq)
+    want, ref = _lm_logits(_e4m3_weights_model(model, compiled), seq), _lm_logits(model, seq)
+    assert rel_err(got, want) < 2e-3  # fp16's rounding only
+    assert 1e-2 < rel_err(got, ref) < 0.1  # e4m3's, against fp32's weights
 
 
 @pytest.mark.gpu
@@ -239,3 +258,22 @@ def test_fp8_gemms_on_the_gpu_compute_what_the_cpu_reference_does():
         fast = gpu.cuda_graph(x)  # Inductor: the inputs' quantization fused into their producers' kernels
         assert rel_err(fast(x.cuda()).cpu(), want) < 5e-3
         assert 5e-3 < rel_err(fast(x.cuda()).cpu(), ref) < 0.1
+
+
+@pytest.mark.gpu
+def test_fp8_generation_on_the_gpu_decodes_with_e4m3_weights():
+    # the decode CUDA graphs on the GPU: 1 row Inductor's reductions over e4m3 weights, 2 rows cuBLASLt's GEMMs
+    from tests.test_llm import _llama, _prompt
+
+    model = _llama("cuda")
+    prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=2, dtype="fp8")
+    seq = {k: v[1:].cuda() for k, v in _prompt(2, 9, pad=2).items()}
+    with torch.no_grad():
+        got = _token_by_token(compiled.generator, seq)  # each step a replay of the 1-row CUDA graph
+    assert compiled.generator._graphs.get(1) is not None
+    want, ref = _lm_logits(_e4m3_weights_model(model, compiled), seq), _lm_logits(model, seq)
+    assert rel_err(got, want) < 2e-3 and 1e-2 < rel_err(got, ref) < 0.1
+    pair = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
+    out = compiled.generate(**pair, max_new_tokens=8)  # the prompt step's e4m3 GEMMs, then the 2-row graph
+    assert compiled.generator._graphs.get(2) is not None and out.shape == (2, 15)
