@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mpcompiler import fp8
+from mpcompiler import dtypes, fp8
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 from mpcompiler.passes.insert_kv_cache import SDPA
@@ -103,7 +103,8 @@ def _weights_only(gemm: torch.fx.Node, m: Match) -> None:
 
     def call(planned, op, *args, **kwargs):  # planned: the new node's dtype in the plan
         node = graph.call_function(op, args, kwargs)
-        node.meta[META_KEY] = derived(rec, dtype=planned, range=None, inner=None, flops=None)
+        node.meta[META_KEY] = derived(rec, dtype=planned, fused=FP8_WEIGHTS, fp8=None, fp8_reason="", range=None,
+                                      inner=None, flops=None)  # fmt: skip
         node.meta[META_KEY].inserted = True  # the weight's dequantization: mpcompiler's, not the model's op
         return node
 
@@ -112,7 +113,8 @@ def _weights_only(gemm: torch.fx.Node, m: Match) -> None:
         w = call(rec.dtype, aten._to_copy.default, call(torch.float32, aten.mul.Tensor, w, m["w_scale"]),
                  dtype=rec.dtype)  # fmt: skip
         out = graph.call_function(aten.linear.default, (m["x"], w, m["bias"]))
-    out.meta[META_KEY] = derived(rec, fused=FP8_WEIGHTS)
+    why = f"fp8 weight only: w / {rec.fp8.w_scale:.4g} in e4m3, its input in {dtypes.short(rec.dtype)} (one row)"
+    out.meta[META_KEY] = derived(rec, fused=FP8_WEIGHTS, fp8_reason=why)
     gemm.replace_all_uses_with(out)
     graph.erase_node(gemm)
 

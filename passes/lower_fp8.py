@@ -59,7 +59,9 @@ def _as_gemm(linear: torch.fx.Node, m: Match) -> None:
 
     def node(planned, op, *args, **kwargs):  # planned: the new node's dtype in the plan
         n = graph.get_attr(args[0]) if op == "get_attr" else graph.call_function(op, args, kwargs)
-        n.meta[META_KEY] = derived(rec, dtype=planned, fused=FUSED, fp8=None, range=None, inner=None, flops=None)
+        n.meta[META_KEY] = derived(
+            rec, dtype=planned, fused=FUSED, fp8=None, fp8_reason="", range=None, inner=None, flops=None
+        )
         n.meta[META_KEY].inserted = True  # the quantization's steps: mpcompiler's, not the model's ops
         return n
 
