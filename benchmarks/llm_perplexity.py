@@ -57,9 +57,9 @@ def main():
     rows["compiled, dtype='fp8', the rules alone"] = ppl(mpcompiler.compile(model, calib, dtype="fp8", **example))
     judged = dict(example, val_data=texts["prose 1-1,024"])
     for tolerance in (1e-2, 5e-3):
-        rows[f"compiled, dtype='fp8', perplexity tolerance {tolerance:g}"] = ppl(
-            mpcompiler.compile(model, calib, dtype="fp8", tolerance=tolerance, **judged)
-        )
+        compiled = mpcompiler.compile(model, calib, dtype="fp8", tolerance=tolerance, **judged)
+        print(f"dtype='fp8', tolerance {tolerance:g}:", *str(compiled.report).splitlines()[1:5], sep="\n")
+        rows[f"compiled, dtype='fp8', perplexity tolerance {tolerance:g}"] = ppl(compiled)
     print(f"| model | {' | '.join(texts)} |\n| --- |{' ---: |' * len(texts)}")
     for name, values in rows.items():
         cells = [f"{v:.4f} ({(v / f - 1) * 100:+.3f}%)" for v, f in zip(values, rows["fp32"], strict=True)]
