@@ -239,7 +239,7 @@ def test_fp8_generation_decodes_one_row_with_e4m3_weights():
     e4m3 = [w for w in weights if w.op != "get_attr"]  # e4m3 x scale, in fp16: no fp16 copy of them is stored
     assert len(e4m3) == 14 and len(weights) == 15
     seq = {k: v[1:] for k, v in _prompt(2, 9, pad=2).items()}  # every token through the 1-row graph
-    got = _token_by_token(_padded(torch.compile(one, backend="aot_eager", dynamic=False), 1), seq)
+    got = _token_by_token(_padded(one, 1), seq)
     want, ref = _lm_logits(_e4m3_weights_model(model, compiled), seq), _lm_logits(model, seq)
     assert rel_err(got, want) < 2e-3  # fp16's rounding only
     assert 1e-2 < rel_err(got, ref) < 0.1  # e4m3's, against fp32's weights
