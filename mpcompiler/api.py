@@ -312,7 +312,9 @@ def compile(
             arguments, or a dict of keyword arguments each. The first is the example for capture.
         dtype: the low-precision dtype, ``"float16"`` or ``"bfloat16"``; or ``"auto"``: fp16 where
             it is safe, bf16 for the nodes where fp16 would overflow or underflow (if the device has
-            bf16 kernels), fp32 where bf16 would overflow too.
+            bf16 kernels), fp32 where bf16 would overflow too; or ``"fp8"``: fp16, and e4m3 GEMMs (static
+            scales from calibration) for the linears the plan and the tolerance allow, on a GPU of compute
+            capability 8.9+ (with ``max_seq``, the 1-row decode graph reads their e4m3 weights with fp16 inputs).
         keep_fp32: module paths (``"encoder.layer.3.attention"``, matching that module and all
             inside it) and op names (``"softmax"``) to keep in fp32.
         val_data: samples to measure the error vs fp32 on (``report.accuracy``). Default: the last
