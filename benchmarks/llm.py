@@ -10,22 +10,22 @@ weights cast with ``.to(torch.float16)``).
 
 Decode: a --prompt-token prompt (random ids), --new new tokens, greedy, batch 1 and 8; wall time of a whole
 generation (prefill included) after one warm-up generation, CUDA synchronized, median of 3 (1 for HF eager);
-tokens/s = batch x new tokens / time. Rows, in this order (a row that fails is recorded and the next runs;
-past --deadline seconds the rest are skipped), per batch size: mpcompiler (compiled on the GPU with max_seq
-and max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay), then a
-gpt-fast-style loop (HF model with a StaticCache, eager prefill, each decode step under
-torch.compile(mode="reduce-overhead", fullgraph=True), Inductor's coordinate-descent tuning on as gpt-fast's
-generate.py sets it); the prefill rows (below); with --onnx, mpcompiler's ONNX artifact (exported and verified
-in ONNX Runtime, in DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider,
-io_binding, one KV buffer per layer bound as past and present, each decode step one ONNX Runtime CUDA graph
-replay, each step's greedy token chosen on the device; llm.json then also holds the CUDA kernels of one
-generation of the FX path and of the handoff loop at each batch size, from a CUPTI trace: what bounds the
-artifact); HF generate with cache_implementation="static" (HF compiles the decode step); HF generate fp16
-eager (dynamic cache); with --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``:
-decode attention as reductions, a wider coordinate descent for the 1-row graph, programmatic dependent
-launch, combo kernels, Inductor's C++ wrapper), each with the share of its tokens equal to the default
-path's and one generation's kernels in llm.json; the bandwidth floor (fp16 weight bytes over the
-device-to-device copy bandwidth measured here).
+tokens/s = batch x new tokens / time. Rows, in this order (a row that fails is recorded and the next runs; past
+--deadline seconds the rest are skipped), per batch size: mpcompiler (compiled on the GPU with max_seq and
+max_batch; prompt steps under torch.compile, each decode step one CUDA graph replay), then a gpt-fast-style loop (HF
+model with a StaticCache, eager prefill, each decode step under torch.compile(mode="reduce-overhead",
+fullgraph=True), Inductor's coordinate-descent tuning on as gpt-fast's generate.py sets it); the prefill rows
+(below); mpcompiler compiled with dtype="fp8" (issue #13), each batch size (its token agreement with the fp16 plan's
+in llm.json) and its prompt step; with --onnx, mpcompiler's ONNX artifact (exported and verified in ONNX Runtime, in
+DIR/<model>/) run by its handoff file's generation loop (ONNX Runtime's CUDA provider, io_binding, one KV buffer per
+layer bound as past and present, each decode step one ONNX Runtime CUDA graph replay, each step's greedy token
+chosen on the device; llm.json then also holds the CUDA kernels of one generation of the FX path and of the handoff
+loop at each batch size, from a CUPTI trace: what bounds the artifact); HF generate with
+cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic cache); with
+--experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``: decode attention as reductions, a
+wider coordinate descent for the 1-row graph, programmatic dependent launch, combo kernels, Inductor's C++ wrapper),
+each with the share of its tokens equal to the default path's and one generation's kernels in llm.json; the
+bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
