@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import mpcompiler
 from mpcompiler import fp8
+from mpcompiler.llm import positions
 from tests.helpers import TOL, rel_err
 
 
@@ -203,8 +204,6 @@ def _e4m3_weights_model(model, compiled):
 
 def _token_by_token(step, seq, max_seq=64):
     """``step``'s logits for each token of ``seq`` fed one at a time (an empty cache first), [B, T, vocab]."""
-    from mpcompiler.llm import positions
-
     ids, mask = seq["input_ids"], seq["attention_mask"]
     slots, got = torch.zeros(ids.shape[0], max_seq, dtype=torch.long, device=ids.device), []
     for t in range(ids.shape[1]):
@@ -214,8 +213,6 @@ def _token_by_token(step, seq, max_seq=64):
 
 
 def _lm_logits(model, seq):
-    from mpcompiler.llm import positions
-
     with torch.no_grad():
         return model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
                      position_ids=positions(seq["attention_mask"])).logits  # fmt: skip
