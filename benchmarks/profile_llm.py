@@ -1,9 +1,9 @@
 """Where a TinyLlama-shaped generation spends its GPU time: one decode-graph replay per batch size and the
 512-token prompt step, each as a kernel table (torch.profiler), with the HF prefill peers beside them.
 
-    python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--variants default,...] [--hf]   (needs a GPU)
+    python -m benchmarks.profile_llm --out DIR [--rows 1,8] [--variants default,...] [--hf] [--dtype fp8]   (a GPU)
 
-Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off), then for each variant
+Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off; in --dtype), then for each variant
 (``default``: the compiled model's own generator; or a key of benchmarks.llm's EXPERIMENTS: a generator
 whose steps are compiled under that context, its tokens compared with the default's) and batch size: the
 replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels by time;
@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--rows", default="1,8", help="decode graphs' batch sizes")
     parser.add_argument("--variants", default="default", help=f"comma-separated: default, {', '.join(EXPERIMENTS)}")
     parser.add_argument("--hf", action="store_true", help="HF's eager and compiled prefill too")
+    parser.add_argument("--dtype", default="float16", help="compile's dtype (issue #13: fp8)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.enable_cudnn_sdp(False)  # as benchmarks/llm.py runs every row
@@ -72,9 +73,10 @@ def main():
     torch.manual_seed(0)
     fp32 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES)).eval().cuda()
     calib = [torch.randint(3, 32000, (2, 32 + 8 * i), device="cuda") for i in range(5)]
-    compiled = mpcompiler.compile(fp32, calib, max_seq=MAX_SEQ, max_batch=MAX_BATCH)
+    compiled = mpcompiler.compile(fp32, calib, max_seq=MAX_SEQ, max_batch=MAX_BATCH, dtype=args.dtype)
+    result["dtype"] = args.dtype
     with torch.no_grad():
-        prompts = {int(r): torch.randint(3, 32000, (int(r), 128), device="cuda") for r in args.rows.split(",")}
+        prompts = {int(r): torch.randint(3, 32000, (int(r), 128), device="cuda") for r in args.rows.split(",") if r}
         # the default's tokens, before any variant's context: its graphs compile as the default compiles them
         reference = {rows: compiled.generate(ids, max_new_tokens=128) for rows, ids in prompts.items()}
         for variant in args.variants.split(","):
@@ -84,7 +86,7 @@ def main():
                 generator, context = Generator(compiled.graph_module, compiled.lm), EXPERIMENTS[variant]
                 tag = f"{variant}: "
             with context():  # the decode graphs and the prompt step compile on their first call, here
-                for rows in (int(r) for r in args.rows.split(",")):
+                for rows in prompts:
                     graph = generator.decode_graph(rows)
                     label = f"{tag}decode {rows} rows"
                     result[label] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
