@@ -92,7 +92,8 @@ def export_onnx(
         verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32 and
             the FX module: ``"error"`` (default) raises past ``tolerance``, ``"warn"`` warns, ``"off"``
             skips.
-        tolerance: the relative L2 error accepted vs the FX module, and vs fp32 beyond the FX module's own.
+        tolerance: the relative L2 error accepted vs the FX module, and vs fp32 beyond the FX module's own
+            (a plan with e4m3 GEMMs: vs the FX module, up to the FX module's own error vs fp32).
         providers: ONNX Runtime providers to verify with (default: CUDA if present, else CPU).
     """
     if verify not in ("error", "warn", "off"):
@@ -147,7 +148,7 @@ def export_onnx(
             provider, errors_fp32, errors_fx = None, {}, {}
             if verify != "off":
                 provider, errors_fp32, errors_fx = verify_artifact(
-                    compiled, program, tmp / path.name, io, providers, tolerance, verify, padding
+                    compiled, program, tmp / path.name, io, providers, tolerance, verify, padding, name=path
                 )
             for f in reversed(files):  # the weights first, the model that points at them last
                 f.replace(path.parent / f.name)

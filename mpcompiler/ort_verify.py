@@ -1,6 +1,13 @@
 """Verify an ONNX artifact in ONNX Runtime: run it on the held-out samples in a child process (ort_child)
 and compare its outputs with the fp32 model's and the FX module's; a causal LM's also decodes the FX
 module's greedy tokens. Past the tolerance, an ExportError or a warning.
+
+A plan with e4m3 GEMMs is held to the FX module's own error, not to its numbers: e4m3's rounding steps
+(values an eighth apart) turn the artifact's fp16 rounding differences upstream of an activation's
+quantization into differences as large as the plan's error itself (the test Llama's fp8 logits move 1.3e-2
+when each weight scale moves by fp16's rounding, 2^-11; docs/precision.md). So it must be as accurate
+against fp32 as the FX module (within ``tolerance``), differ from it by no more than the FX module differs
+from fp32, and a causal LM must still choose the FX module's greedy tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
 
-from mpcompiler import ort_child
+from mpcompiler import fp8, ort_child
 from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
 from mpcompiler.errors import ExportError
 from mpcompiler.ir import META_KEY, graph_record
@@ -62,10 +69,11 @@ def check_bf16_nodes(gm: torch.fx.GraphModule, providers: list[str] | None) -> N
     )
 
 
-def verify_artifact(compiled, program, path, io, providers, tolerance, mode, padding):
+def verify_artifact(compiled, program, path, io, providers, tolerance, mode, padding, name=None):
     """Run the artifact in ONNX Runtime on the held-out samples, in a child process (ort_child.py);
     compare with fp32 and the FX module. A causal LM runs each held-out text as a prefill with an empty
-    cache, and then decodes greedy tokens from the first, compared with the FX module's generate()."""
+    cache, and then decodes greedy tokens from the first, compared with the FX module's generate().
+    ``name``: the artifact's path in messages (``path`` may be where it waits to be moved there)."""
     import_onnxruntime()  # a clear error if it is not installed
     gm = compiled.graph_module
     providers = _providers(providers)
@@ -115,11 +123,14 @@ def verify_artifact(compiled, program, path, io, providers, tolerance, mode, pad
     greedy = None
     if steps:  # each step's argmax in ONNX Runtime vs the token the FX module chose there
         greedy = float((torch.from_numpy(outs[0][-1]) == fx_tokens).float().mean())
-    past = [v - fx_vs_fp32.get(k, 0.0) for k, v in vs_fp32.items()] + list(vs_fx.values())
-    if not max(past, default=0.0) <= tolerance or (greedy is not None and greedy < GREEDY_AGREEMENT):
+    e4m3 = any(n.target is fp8.SCALED_MM for n in gm.graph.nodes)  # held to the FX module's error (above)
+    bounds = [(v, fx_vs_fp32.get(k, 0.0) + tolerance) for k, v in vs_fp32.items()]
+    bounds += [(v, max(tolerance, fx_vs_fp32.get(k, 0.0)) if e4m3 else tolerance) for k, v in vs_fx.items()]
+    if not all(v <= bound for v, bound in bounds) or (greedy is not None and greedy < GREEDY_AGREEMENT):
         msg = (
-            f"the ONNX artifact {path} misses the tolerance {tolerance:g} in ONNX Runtime "
+            f"the ONNX artifact {name or path} misses the tolerance {tolerance:g} in ONNX Runtime "
             f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
+            + (f" (the FX module's own vs fp32: {fx_vs_fp32}; its e4m3 GEMMs)" if e4m3 else "")
             + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
             + (
                 "; exported with padding='right', its attention reads each row's length only: a held-out "

@@ -242,6 +242,36 @@ def test_fp8_generation_decodes_one_row_with_e4m3_weights():
     assert 1e-2 < rel_err(got, ref) < 0.1  # e4m3's, against fp32's weights
 
 
+def test_an_fp8_language_model_artifact_is_held_to_the_fx_modules_own_error(tmp_path, monkeypatch):
+    # e4m3's rounding steps turn fp16 rounding differences into percents: the artifact must be as accurate
+    # as the FX module against fp32 and choose its greedy tokens, not equal its numbers to 5e-3
+    pytest.importorskip("onnxruntime")
+    from tests.test_llm import _llama, _prompt
+
+    prompts = [_prompt(2, 6, 2), _prompt(2, 9), _prompt(1, 7), _prompt(3, 5, 1), _prompt(2, 8, 3)]
+    compiled = mpcompiler.compile(_llama(), prompts, max_seq=64, max_batch=2, dtype="fp8")
+    nudged = copy.deepcopy(compiled.graph_module)  # each weight scale as fp16 rounds it (2^-11): 1e-2 apart
+    for scale in (b for name, b in nudged.named_buffers() if name.endswith("e4m3_scale")):
+        scale.mul_(1 + 2**-11)
+    args, kwargs = compiled.val_samples[0]
+    with torch.no_grad():
+        assert rel_err(nudged(*args, **kwargs).logits, compiled.graph_module(*args, **kwargs).logits) > 5e-3
+    artifact = compiled.export_onnx(tmp_path / "llm8.onnx")  # verify="error": it passed
+    # further from the FX module than the former check's 5e-3, nearer than either is to fp32
+    assert 5e-3 < artifact.error_vs_fx["logits"] < artifact.error_vs_fp32["logits"]
+    assert artifact.error_vs_fx["greedy_agreement"] >= 0.85
+    # an artifact whose GEMMs forget the weights' scales fails, named by its own path (not its temporary one)
+    right = fp8.scaled_mm_onnx
+
+    def unscaled(self, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
+        return right(self, mat2, scale_a, scale_a, bias)
+
+    monkeypatch.setattr(fp8, "scaled_mm_onnx", unscaled)
+    with pytest.raises(mpcompiler.ExportError, match=f"the ONNX artifact {tmp_path / 'bad.onnx'} misses"):
+        compiled.export_onnx(tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 @pytest.mark.gpu
 def test_fp8_gemms_on_the_gpu_compute_what_the_cpu_reference_does():
     model, calib = Mlp().eval(), _data()
