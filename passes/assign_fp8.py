@@ -11,11 +11,17 @@ in the low dtype. A linear stays out of fp8, with the reason in its record (``fp
 - calibration saw no finite, nonzero magnitude of its input (no scale);
 - the tolerance search keeps it in the low dtype (``fp8_promoted``, search_precision's first stage).
 
+The fp8 linears of one input (a layer's q, k and v; gate and up) share one weight scale, their largest: lower_fp8
+joins them into one GEMM over their stacked weights, as lower_fused joins fp16 ones (one quantization of the
+input, one GEMM of the summed width: fewer, larger kernels). e4m3 is a float, so a larger scale costs only
+weights below 2^-6 of it, which turn subnormal; the search's runs (planned_call) use the shared scale too.
+
 Runs after assign_precision, in the pipeline and in the search's re-plan; lower_fp8 writes the GEMMs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -42,6 +48,11 @@ def _problem(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _short(node: torch.fx.Node) -> str:
+    """A linear's name in a reason: its module's (``k_proj``), else its node's."""
+    return (record(node).module_path or node.name).rpartition(".")[2]
+
+
 class AssignFp8(Pass):
     """Mark the linears that run as e4m3 GEMMs, with their scales."""
 
@@ -50,6 +61,7 @@ class AssignFp8(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph_record(gm).fp8 = True
         counts = {"fp8": 0, "low": 0}
+        groups: dict[tuple, list[torch.fx.Node]] = {}  # (input, dtype, bias or not) -> its fp8 linears
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target is not aten.linear.default:
                 continue
@@ -65,9 +77,17 @@ class AssignFp8(Pass):
             x_absmax = record(node.args[0]).range.absmax
             w_absmax = float(attr_of(gm, node.args[1].target).detach().abs().max())
             rec.fp8 = Fp8Scales(x_scale=fp8.scale(x_absmax), w_scale=fp8.scale(w_absmax or 1.0))
-            rec.fp8_reason = (
-                f"fp8: x / {rec.fp8.x_scale:.3g} (calibrated absmax {x_absmax:.4g} -> 448, past it saturates), "
-                f"w / {rec.fp8.w_scale:.3g}"
-            )
+            bias = len(node.args) > 2 and node.args[2] is not None
+            groups.setdefault((node.args[0], rec.dtype, bias), []).append(node)
             counts["fp8"] += 1
+        for (x, *_), group in groups.items():  # linears of one input: one weight scale, the largest (see above)
+            w_scale = max(record(n).fp8.w_scale for n in group)
+            for node in group:
+                rec = record(node)
+                rec.fp8 = dataclasses.replace(rec.fp8, w_scale=w_scale)
+                others = [_short(n) for n in group if n is not node]
+                rec.fp8_reason = (
+                    f"fp8: x / {rec.fp8.x_scale:.3g} (calibrated absmax {record(x).range.absmax:.4g} -> 448, past it "
+                    f"saturates), w / {w_scale:.3g}" + (f" (one GEMM with {', '.join(others)})" if others else "")
+                )
         return PassResult(modified=True, stats=counts)

@@ -9,6 +9,11 @@ After insert_casts (the linear's input, weight and bias are then in its low dtyp
 ``w8`` (the weight quantized once, from the planned dtype's copy that insert_casts made) and the two 0-d
 fp32 scales become buffers beside the weight, which goes when nothing else reads it. Inductor fuses the
 input's quantization into the kernel that produces it; ``_scaled_mm`` is cuBLASLt's fp8 GEMM.
+
+First, the fp8 linears of one input (which assign_fp8 gave one weight scale) are joined as lower_fused joins
+fp16 ones (``shared_input_linears``: one linear over their stacked weights, then a split), so that a layer's
+q, k and v are one quantization of its input and one e4m3 GEMM. The joined linear's pieces keep each
+linear's record (its fp8 line in the report and the dumps); the GEMM itself adds none.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.fx
 from mpcompiler import fp8
 from mpcompiler.ir import META_KEY, attr_of, derived, record
 from mpcompiler.pass_manager import Pass, PassResult
+from mpcompiler.passes.lower_fused import FUSED_LINEARS, join_linears, match_shared_input_linears
 from mpcompiler.rewrite import Match, RewriteRule, apply
 
 aten = torch.ops.aten
@@ -31,6 +37,22 @@ def _fp8_linear(node: torch.fx.Node) -> Match | str:
     if record(node).fp8 is None:
         return "not planned in fp8"
     return {"x": node.args[0], "weight": node.args[1], "bias": node.args[2] if len(node.args) > 2 else None}
+
+
+def _fp8_group(node: torch.fx.Node) -> Match | str:
+    if getattr(node.meta.get(META_KEY), "fp8", None) is None:
+        return "not planned in fp8"
+    return match_shared_input_linears(node)
+
+
+def _join(linear: torch.fx.Node, m: Match) -> None:
+    first = join_linears(linear.graph.owning_module, linear, m)  # the first linear's piece of the split
+    split = first.args[0]
+    for node in (split, split.args[0]):  # the joined linear (lowered below) and its split: no linear's own line
+        record(node).fp8_reason = ""
+    first.meta["val"] = linear.meta.get("val")
+    first.meta[META_KEY] = derived(record(linear), fused=FUSED_LINEARS)
+    linear.replace_all_uses_with(first)
 
 
 def _register(gm: torch.fx.GraphModule, like: str, suffix: str, tensor: torch.Tensor) -> str:
@@ -86,7 +108,11 @@ def _as_gemm(linear: torch.fx.Node, m: Match) -> None:
     graph.erase_node(linear)
 
 
-RULES = [RewriteRule("fp8_linear", _fp8_linear, _as_gemm, "linear planned in fp8 -> quantize + _scaled_mm")]
+# in two rounds: the joined linears are lowered by the second
+RULES = [
+    RewriteRule("fp8_linears_joined", _fp8_group, _join, "fp8 linears of one input -> one linear + split"),
+    RewriteRule("fp8_linear", _fp8_linear, _as_gemm, "linear planned in fp8 -> quantize + _scaled_mm"),
+]
 
 
 class LowerFp8(Pass):
@@ -96,12 +122,13 @@ class LowerFp8(Pass):
     rewrites_graph = True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-        weights = {n.args[1].target for n in nodes if not isinstance(_fp8_linear(n), str)}
-        reasons: dict = {}
-        fired = apply(nodes, RULES, reasons)
-        gm.graph.eliminate_dead_code()
+        reasons, fired, weights = {}, {}, set()
+        for rule in RULES:
+            nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+            weights |= {n.args[1].target for n in nodes if not isinstance(_fp8_linear(n), str)}
+            fired |= apply(nodes, [rule], reasons)
+            gm.graph.eliminate_dead_code()  # the linears a join replaced
         for target in weights - {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
             owner_path, _, name = target.rpartition(".")
             delattr(gm.get_submodule(owner_path), name)  # a weight only its e4m3 copy reads now: stored once
-        return PassResult(modified=bool(fired["fp8_linear"]), stats=dict(fired), reasons=reasons)
+        return PassResult(modified=bool(fired.get("fp8_linear")), stats=dict(fired), reasons=reasons)

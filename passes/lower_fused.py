@@ -718,7 +718,7 @@ def _linear_parts(lin: torch.fx.Node) -> tuple | None:
     return weight, bias
 
 
-def _match_shared_input_linears(lin: torch.fx.Node) -> Match | str:
+def match_shared_input_linears(lin: torch.fx.Node) -> Match | str:
     if not _op(lin, "linear") or _linear_parts(lin) is None:
         return "not a linear of constant weights"
     if lin.meta.get(META_KEY) is None or record(lin).dtype is None:
@@ -728,7 +728,7 @@ def _match_shared_input_linears(lin: torch.fx.Node) -> Match | str:
         u for u in x.users
         if _op(u, "linear") and u.args[0] is x and _linear_parts(u) is not None and planned_dtype(u) == dtype
         and (_linear_parts(u)[1] is not None) == bias and value_of(_linear_parts(u)[0]).dtype == value_of(
-            _linear_parts(lin)[0]).dtype
+            _linear_parts(lin)[0]).dtype and record(u).fp8 == record(lin).fp8  # e4m3 ones: lower_fp8's, one scale
     ]  # fmt: skip
     order = {n: i for i, n in enumerate(lin.graph.nodes)}
     group.sort(key=order.__getitem__)
@@ -738,7 +738,7 @@ def _match_shared_input_linears(lin: torch.fx.Node) -> Match | str:
     return {"linears": group, "out": lin}
 
 
-def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
+def join_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
     """One weight [sum(out), in] in place of the group's: the originals become its row blocks (views:
     no second copy in memory, the same numbers)."""
     group = m["linears"]
@@ -759,15 +759,15 @@ def _rewrite_shared_input_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.N
         split = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
         pieces = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
     for node in (out, split):
-        node.meta[META_KEY] = derived(record(lin), fused=_FUSED_LINEARS)
+        node.meta[META_KEY] = derived(record(lin), fused=FUSED_LINEARS)
     for piece, old in zip(pieces[1:], group[1:], strict=True):
         piece.meta["val"] = old.meta.get("val")
-        piece.meta[META_KEY] = derived(record(old), fused=_FUSED_LINEARS)
+        piece.meta[META_KEY] = derived(record(old), fused=FUSED_LINEARS)
         old.replace_all_uses_with(piece)
     return pieces[0]
 
 
-_FUSED_LINEARS = "linears of one input -> one linear + split"
+FUSED_LINEARS = "linears of one input -> one linear + split"
 
 
 RULES = [
@@ -798,7 +798,7 @@ RULES = [
     RewriteRule(
         "permuted_linear", _match_permuted_linear, _rewrite_permuted_linear, "linear(permute) -> permute(linear)"
     ),
-    RewriteRule("shared_input_linears", _match_shared_input_linears, _rewrite_shared_input_linears, _FUSED_LINEARS),
+    RewriteRule("shared_input_linears", match_shared_input_linears, join_linears, FUSED_LINEARS),
     RewriteRule(
         "rotary_group_query_attention",
         _match_rotary_group_query_attention,

@@ -37,10 +37,10 @@ def _data(seed=0, n=8):
     return [torch.randn(2, 16, 64) for _ in range(n)]
 
 
-def _e4m3_linear(lin, h, x_absmax):
+def _e4m3_linear(lin, h, x_absmax, w_absmax=None):
     """What an fp8 linear computes, written out: e4m3 input and weight with absmax scales, fp16 out."""
     w = lin.weight.detach()  # its scale from the parameter; its e4m3 values from its fp16 copy
-    xs, ws = fp8.scale(x_absmax), fp8.scale(float(w.abs().max()))
+    xs, ws = fp8.scale(x_absmax), fp8.scale(w_absmax or float(w.abs().max()))
     x8 = (h.half().float() * (1 / xs)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * xs
     w8 = (w.half().float() * (1 / ws)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * ws
     return (x8 @ w8.t() + lin.bias.detach().half().float()).half()
@@ -75,6 +75,41 @@ def test_fp8_linears_compute_e4m3_products_and_store_weights_once():
         err8 = rel_err(compiled(x), ref)
         err16 = rel_err(mpcompiler.compile(model, calib, held_out=2)(x), ref)
     assert err16 < TOL[torch.float16] and 5e-3 < err8 < 0.1, (err16, err8)
+
+
+class TwoHeads(nn.Module):
+    """Two linears of one input, their weights 8x apart in magnitude (a layer's k and v)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.v = nn.Linear(64, 32), nn.Linear(64, 64)
+        self.v.weight.data *= 8
+
+    def forward(self, x):
+        return self.k(x).repeat(1, 1, 2) * self.v(x)
+
+
+def test_fp8_linears_of_one_input_are_one_gemm_with_one_weight_scale():
+    torch.manual_seed(0)
+    model, calib = TwoHeads().eval(), _data()
+    compiled = mpcompiler.compile(model, calib, dtype="fp8", held_out=2)
+    gemms = {d.module_path: d for d in compiled.report.ops() if d.fp8_reason}
+    w_absmax = float(model.v.weight.detach().abs().max())  # the larger: k's weights round on v's scale
+    assert gemms["k"].fp8["w_scale"] == gemms["v"].fp8["w_scale"] == pytest.approx(fp8.scale(w_absmax))
+    assert "one GEMM with v" in gemms["k"].fp8_reason and "one GEMM with k" in gemms["v"].fp8_reason
+    assert "fp8 (e4m3) GEMMs: 2 of 2 linears" in str(compiled.report)
+    gm = compiled.graph_module
+    (gemm,) = [n for n in gm.graph.nodes if n.target is fp8.SCALED_MM]  # one quantization of x, one GEMM
+    stored = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    assert [t.dtype for t in stored.values()].count(torch.float8_e4m3fn) == 1  # the stacked weights, once
+    assert not any(name.endswith("weight") for name in stored)  # and no fp16 or fp32 copy of them
+    x = _data(seed=1, n=1)[0]
+    absmax = max(float(c.abs().max()) for c in calib[:-2])
+    with torch.no_grad():
+        hand = torch.cat([_e4m3_linear(lin, x, absmax, w_absmax) for lin in (model.k, model.v)], -1)
+        out = _run_until(gm, gemm, x)
+        assert rel_err(out.reshape(hand.shape).float(), hand.float()) < 1e-3
+        assert 5e-3 < rel_err(compiled(x), model(x)) < 0.1
 
 
 def _run_until(gm, stop, *args):
@@ -191,14 +226,15 @@ def test_an_fp8_plan_exports_e4m3_weights_to_onnx(tmp_path):
 
 
 def _e4m3_weights_model(model, compiled):
-    """``model`` in fp32 with each fp8 linear's weight its e4m3 values times its scale: what a decode graph
-    of e4m3 weights and fp16 inputs computes, but for fp16's rounding."""
-    dequantized, buffers = copy.deepcopy(model), dict(compiled.graph_module.named_buffers())
+    """``model`` in fp32 with each fp8 linear's weight its e4m3 values times its scale (the report's: its fp16
+    weight quantized as lower_fp8 does): what a decode graph of e4m3 weights and fp16 inputs computes, but
+    for fp16's rounding."""
+    scales = {n.module_path: n.fp8["w_scale"] for n in compiled.report.nodes if n.fp8 and n.fp8_reason}
+    dequantized = copy.deepcopy(model)
     for name, module in dequantized.named_modules():
-        if f"{name}.weight_e4m3" in buffers:
-            module.weight.data = (buffers[f"{name}.weight_e4m3"].float() * buffers[f"{name}.weight_e4m3_scale"]).to(
-                module.weight.device
-            )
+        if name in scales:
+            module.weight.data = fp8.quantize(module.weight.data.half(), scales[name]).float() * scales[name]
+    assert len(scales) and set(scales) <= dict(dequantized.named_modules()).keys()
     return dequantized
 
 
@@ -230,11 +266,12 @@ def test_fp8_generation_decodes_one_row_with_e4m3_weights():
     assert "fp8 (e4m3) GEMMs: 14 of 15 linears" in str(compiled.report)  # the LM head's 1000 rows: not 16's
     one, _ = compiled.generator.decode_step(1)
     two, _ = compiled.generator.decode_step(2)
-    assert sum(n.target is fp8.SCALED_MM for n in two.graph.nodes) == 14  # more rows: cuBLASLt's e4m3 GEMMs
+    # more rows: cuBLASLt's e4m3 GEMMs, 4 a layer (q, k and v joined, and gate and up: one scale each)
+    assert sum(n.target is fp8.SCALED_MM for n in two.graph.nodes) == 8
     assert not any(n.target is fp8.SCALED_MM for n in one.graph.nodes)
     weights = [n.args[1] for n in one.graph.nodes if n.target is torch.ops.aten.linear.default]
     e4m3 = [w for w in weights if w.op != "get_attr"]  # e4m3 x scale, in fp16: no fp16 copy of them is stored
-    assert len(e4m3) == 14 and len(weights) == 15
+    assert len(e4m3) == 8 and len(weights) == 9
     seq = {k: v[1:] for k, v in _prompt(2, 9, pad=2).items()}  # every token through the 1-row graph
     got = _token_by_token(_padded(one, 1), seq)
     want, ref = _lm_logits(_e4m3_weights_model(model, compiled), seq), _lm_logits(model, seq)
