@@ -29,6 +29,7 @@ bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth meas
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
 token's logits; the median CUDA-event time of 100 runs after 20 warm-ups (benchmarks/gpu.py's timer).
+Each prefill row's kernels (count, device time, the top 12) go into llm.json beside it.
 Rows: mpcompiler's prompt step; HF forward fp16 eager with a StaticCache and logits_to_keep=1 (as
 generate calls it); the same forward under torch.compile(dynamic=True) (gpt-fast's --compile_prefill).
 
@@ -447,6 +448,8 @@ def main():
                     seconds = timed(fn, runs)
                 else:
                     seconds = median_ms_torch(fn) / 1e3
+                    # its kernels' device time beside the wall time: a prefill whose kernels take less is host-bound
+                    meta[f"{model} {name} kernels"] = cuda_kernels(fn, 3, top=12)
                 rows.append(entry | {"seconds": round(seconds, 5), "tokens_per_s": round(batch * tokens / seconds, 1),
                                      "build_s": round(time.time() - t0, 1)})  # fmt: skip
             except Exception as exc:  # one failing row must not lose the others
