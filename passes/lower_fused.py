@@ -758,8 +758,8 @@ def join_linears(gm, lin: torch.fx.Node, m: dict) -> torch.fx.Node:
         out = gm.graph.call_function(aten.linear.default, (lin.args[0], *[f for f in fused if f is not None]))
         split = gm.graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
         pieces = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
-    for node in (out, split):
-        node.meta[META_KEY] = derived(record(lin), fused=FUSED_LINEARS)
+    for node in (out, split):  # calibration saw each linear's output (the pieces'), not the joined one
+        node.meta[META_KEY] = derived(record(lin), fused=FUSED_LINEARS, range=None, inner=None)
     for piece, old in zip(pieces[1:], group[1:], strict=True):
         piece.meta["val"] = old.meta.get("val")
         piece.meta[META_KEY] = derived(record(old), fused=FUSED_LINEARS)
