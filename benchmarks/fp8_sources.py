@@ -5,7 +5,8 @@ would win it back. The CPU; ~3 min.
 
 Not mpcompiler's plan: the fp32 model with each linear's weight and/or input rounded to e4m3 in place
 (``x -> e4m3(x / s) * s``), every linear at once (the LM head included) or one kind of linear alone.
-Weights: one scale per tensor (mpcompiler's) or per output channel. Inputs: the calibrated per-tensor
+Weights: one scale per tensor, one per group of linears of one input (q, k, v; gate, up: mpcompiler's since
+it joins them into one GEMM), or one per output channel. Inputs: the calibrated per-tensor
 absmax (mpcompiler's, examples/compile_llm.py's calibration text) or each token's own absmax (dynamic,
 what row-wise ``_scaled_mm`` would take). Prints the perplexity over fp32's on benchmarks/llm_perplexity.py's
 prose, 1,025-2,048 (never calibrated on) and 1-1,024.
@@ -49,6 +50,15 @@ def main():
     for hook in hooks:
         hook.remove()
     weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+    joined = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+    def group(name: str) -> str:  # the linears of one input: one GEMM in an fp8 plan
+        parent, _, kind = name.rpartition(".")
+        return f"{parent}.{joined.get(kind, kind)}"
+
+    group_absmax: dict[str, float] = {}
+    for name, w in weights.items():
+        group_absmax[group(name)] = max(group_absmax.get(group(name), 0.0), float(w.abs().max()))
 
     def perplexities(weight: str, inputs: str, kinds=KINDS) -> list[float]:
         hooks = []
@@ -58,6 +68,8 @@ def main():
             w = weights[name]
             if weight == "per tensor":
                 module.weight.data = rounded(w, w.abs().max() / MAX)
+            elif weight == "per input group":
+                module.weight.data = rounded(w, group_absmax[group(name)] / MAX)
             elif weight == "per channel":
                 module.weight.data = rounded(w, w.abs().amax(1, keepdim=True).clamp_min(1e-12) / MAX)
             if inputs == "calibrated":
@@ -80,8 +92,9 @@ def main():
         cells = [f"{(p / f - 1) * 100:+.2f}%" for p, f in zip(perplexities(weight, inputs, kinds), fp32, strict=True)]
         print(f"| {weight} | {inputs} | {label} | {' | '.join(cells)} |", flush=True)
 
-    for weight, inputs in [("per tensor", "fp32"), ("per channel", "fp32"), ("fp32", "calibrated"),
-                           ("fp32", "per token"), ("per tensor", "calibrated"), ("per channel", "calibrated"),
+    for weight, inputs in [("per tensor", "fp32"), ("per input group", "fp32"), ("per channel", "fp32"),
+                           ("fp32", "calibrated"), ("fp32", "per token"), ("per tensor", "calibrated"),
+                           ("per input group", "calibrated"), ("per channel", "calibrated"),
                            ("per channel", "per token")]:  # fmt: skip
         line(weight, inputs)
     for kind in KINDS:

@@ -697,6 +697,12 @@ def summary_text(rows: dict[str, dict], details: bool = True) -> str:
         of = [r for r in rows if r.get("family") == fam]
         if of:
             lines.append(f"  - {fam}: {sum(r['pass'] for r in of)} of {len(of)}")
+    for stage, label in (("fx", "the FX module"), ("onnx", "the ONNX artifact")):  # each apart: a run without
+        checked = [r[stage] for r in rows if (r.get(stage) or {}).get("err") is not None]  # ORT CUDA checks FX only
+        within = [e for e in checked if not e.get("nan") and e["err"] <= TOLERANCE]
+        lines.append(f"  - {label}: within {TOL} on {len(within)} of {len(checked)} checked"
+                     + (f" ({len(rows) - len(checked)} not checked: skipped or failed)" if len(checked) < len(rows)
+                        else ""))  # fmt: skip
     for key, label in (("half", "`model.half()`"), ("autocast", "`torch.autocast` fp16")):
         judged = {r["model"]: peer_fails(r.get(key)) for r in rows}
         compared = [m for m, f in judged.items() if f is not None]
