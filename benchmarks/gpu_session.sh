@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
+#   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
 #   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
 #   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
@@ -39,6 +40,11 @@ case "${1:-}" in
   bert)
     timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" --only "${2:-}" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
     bash "$0" sweep
+    ;;
+  fp8)
+    timeout 200 python3 -m benchmarks.fp8_bert 2>&1 | tail -3
+    timeout 330 python3 -m benchmarks.llm --out "$OUT/fp8" --models tinyllama --batches 1 \
+      --only 'mpcompiler forward,mpcompiler prompt step' --deadline 280 2>&1 | grep -E '^\{|Error' | tail -12
     ;;
   sweep)
     rm -rf /root/sw
