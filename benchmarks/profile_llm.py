@@ -8,8 +8,9 @@ Compiles as benchmarks/llm.py does (max_seq 576, max_batch 8, cuDNN's SDPA off; 
 whose steps are compiled under that context, its tokens compared with the default's) and batch size: the
 replay's time (CUDA events, mean of 50 after 10 warm-ups), kernels per replay, and the kernels by time;
 a whole generation's kernel time beside its wall time (a gap between them is the host's). Then the
-prompt step's median time (benchmarks/gpu.py's timer) and its kernels. With --hf, HF's eager and
-compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json (after each measurement).
+prompt step's median time (benchmarks/gpu.py's timer), its kernels and its host ops (CPU time of their
+own). With --hf, HF's eager and compiled prefill too. Writes DIR/profile_llm.txt and DIR/profile_llm.json
+(after each measurement).
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:
     ]
     total = sum(k.self_device_time_total for k in rows) / calls / 1e3
     return total, sum(k.count for k in rows) / calls, lines
+
+
+def host_ops(fn, calls: int, top: int) -> list[str]:
+    """The host's side of ``fn``: the ops and calls taking the most CPU time of their own (a step whose wall
+    time passes its kernels' is bound here: the dynamic-shape prompt step, benchmarks/llm.py)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda k: -k.self_cpu_time_total)[:top]
+    return [f"{k.self_cpu_time_total / calls:9.1f} us  x{k.count / calls:5.0f}  {k.key[:110]}" for k in rows]
 
 
 def main():
@@ -116,6 +130,9 @@ def main():
 
         result["prompt step"] = {"median_ms": round(median_ms_torch(prompt), 4)}
         report("prompt step", prompt, calls=3)
+        text.extend(["== prompt step, host: CPU time of its own a call", *host_ops(prompt, calls=3, top=20)])
+        print("\n".join(text[-21:]), flush=True)
+        (args.out / "profile_llm.txt").write_text("\n".join(text) + "\n")
         if args.hf:
             half = type(fp32)(fp32.config).eval().cuda()
             half.load_state_dict(fp32.state_dict())
