@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import onnxscript.onnx_opset
 import torch
+import torch.fx
+import torch.fx._pytree as fx_pytree
+
+from mpcompiler.ir import record
+from mpcompiler.samples import to_device
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
@@ -38,6 +43,45 @@ def linear(x8: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: t
     flat = x8.reshape(-1, x8.shape[-1])
     out = torch._scaled_mm(flat, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype)
     return out.reshape(*x8.shape[:-1], w8.shape[0])
+
+
+def saturated(gm: torch.fx.GraphModule, samples, device: torch.device) -> None:
+    """Set ``fp8_saturated`` on each fp8 linear's record: the share of its input's values on ``samples`` (the
+    held-out ones, compile()'s) past the calibrated absmax, which the quantization saturates at +-448. Even
+    on the calibration samples a linear past the first may see a few: calibration ran in fp32, the plan's
+    rounding upstream moves its input."""
+    counts = {}  # lower_fp8's x8 = _to_copy(clamp(x * (1 / x_scale), -448, 448), e4m3) -> [past, values]
+    for gemm in (n for n in gm.graph.nodes if n.target is SCALED_MM):
+        counts[gemm.args[0].args[0]] = [0, 0]
+
+    class Counting(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n in counts:
+                x = self.env[n.args[0]]
+                counts[n] = [counts[n][0] + int((x.abs() > E4M3_MAX).sum()), counts[n][1] + x.numel()]
+            return super().run_node(n)
+
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    with torch.no_grad():
+        for sample in samples:
+            Counting(gm).run(*fx_pytree.tree_flatten_spec(to_device(sample, device), in_spec))
+    for gemm in (n for n in gm.graph.nodes if n.target is SCALED_MM):
+        past, total = counts[gemm.args[0].args[0]]
+        for linear in _linears(gemm):
+            record(linear).fp8_saturated = past / total if total else 0.0
+
+
+def _linears(gemm: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes holding the records of the linears ``gemm`` computes: itself, or where lower_fp8 joined
+    several (its record then has no fp8 line of its own), the pieces of the split after it."""
+    if record(gemm).fp8_reason:
+        return [gemm]
+    node = gemm
+    for _ in range(2):  # past the reshape back to the input's leading dims, if any
+        (node,) = node.users
+        if node.target is torch.ops.aten.split_with_sizes.default:
+            return list(node.users)
+    raise AssertionError(f"{gemm.name}: an e4m3 GEMM without its linear's record")
 
 
 def supported(device: torch.device) -> str | None:

@@ -140,6 +140,7 @@ class NodeRecord:
     fp8: Fp8Scales | None = None  # its GEMM reads e4m3 inputs with these scales
     fp8_reason: str = ""  # why it does, or why a linear in a low dtype does not
     fp8_promoted: str = ""  # why the search keeps it out of fp8 ("" if it does not)
+    fp8_saturated: float | None = None  # share of its input's held-out values past x_scale's range (compile())
 
 
 @dataclass

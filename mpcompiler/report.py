@@ -40,6 +40,7 @@ class NodeDecision:
     inserted: bool | None = None  # mpcompiler added it (a cast, a clamp); None in reports written before 2026-12-06
     fp8: dict | None = None  # compile(dtype="fp8"): its GEMM's e4m3 scales (Fp8Scales), if it has one
     fp8_reason: str | None = None  # why it is an e4m3 GEMM, or why a linear in a low dtype is not
+    fp8_saturated: float | None = None  # share of its input's held-out values past the calibrated absmax
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Report:
                     flops=rec.flops,
                     fp8=rec.fp8.to_dict() if rec.fp8 else None,
                     fp8_reason=rec.fp8_reason or None,
+                    fp8_saturated=rec.fp8_saturated,
                 )
             )
         g = graph_record(gm)
@@ -225,7 +227,13 @@ class Report:
         ]
         if self.fp8:
             gemms = [n for n in self.ops() if n.fp8_reason]  # the linears a level below their dtype could go
-            lines.append(f"  fp8 (e4m3) GEMMs: {sum(n.fp8 is not None for n in gemms)} of {len(gemms)} linears")
+            line = f"  fp8 (e4m3) GEMMs: {sum(n.fp8 is not None for n in gemms)} of {len(gemms)} linears"
+            saturated = [n for n in gemms if n.fp8_saturated is not None]
+            if saturated:  # measured by compile() on the held-out samples
+                worst = max(saturated, key=lambda n: n.fp8_saturated)
+                where = f"at most {worst.fp8_saturated:.3%} ({worst.module_path or worst.name})"
+                line += f"; held-out inputs past the calibrated absmax: {where if worst.fp8_saturated else 'none'}"
+            lines.append(line)
         if self.accuracy is not None:
             lines.append(f"  {self.accuracy}")
         if self.search is not None:

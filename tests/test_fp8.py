@@ -77,6 +77,29 @@ def test_fp8_linears_compute_e4m3_products_and_store_weights_once():
     assert err16 < TOL[torch.float16] and 5e-3 < err8 < 0.1, (err16, err8)
 
 
+def test_the_report_says_how_often_held_out_inputs_saturate():
+    # x_scale is the calibrated absmax / 448: on held-out samples 3x as large, as many values saturate as pass
+    # that absmax (counted here by hand for the first linear)
+    torch.manual_seed(0)
+    model, calib = Mlp().eval(), _data()
+    val = [x * 3 for x in _data(seed=5, n=2)]
+    compiled = mpcompiler.compile(model, calib, dtype="fp8", val_data=val)
+    gemms = {d.module_path: d for d in compiled.report.ops() if d.fp8_reason}
+    x_scale = gemms["a"].fp8["x_scale"]
+    past = sum(int(((v.half().float() * (1 / x_scale)).abs() > 448).sum()) for v in val)
+    assert gemms["a"].fp8_saturated == past / sum(v.numel() for v in val) > 0.05
+    assert all(gemms[p].fp8_saturated is not None for p in "bc") and gemms["d"].fp8_saturated is None
+    worst = max(gemms.values(), key=lambda d: d.fp8_saturated or 0)
+    assert f"past the calibrated absmax: at most {worst.fp8_saturated:.3%} ({worst.module_path})" in str(
+        compiled.report
+    )
+    # on calibration samples: none of the model's input; downstream, the few values the plan's own rounding
+    # upstream moves past what fp32 reached
+    same = mpcompiler.compile(model, calib, dtype="fp8", val_data=calib[:2])
+    again = {d.module_path: d.fp8_saturated for d in same.report.ops() if d.fp8_reason}
+    assert again["a"] == 0 and 0 <= again["b"] < 1e-3 and 0 <= again["c"] < 1e-3
+
+
 class TwoHeads(nn.Module):
     """Two linears of one input, their weights 8x apart in magnitude (a layer's k and v)."""
 
