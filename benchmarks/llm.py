@@ -24,7 +24,8 @@ loop at each batch size, from a CUPTI trace: what bounds the artifact); HF gener
 cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic cache); with
 --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``: decode attention as reductions, a
 wider coordinate descent for the 1-row graph, programmatic dependent launch, combo kernels, Inductor's C++ wrapper),
-each with the share of its tokens equal to the default path's and one generation's kernels in llm.json; the
+each with the share of its tokens equal to the default path's and one generation's kernels in llm.json (a variant
+that compiles its own prompt step, the C++ wrapper's, also times it as a prefill row); the
 bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
@@ -248,6 +249,13 @@ def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict
     return lambda: generator.generate(prompt, max_new_tokens=new)
 
 
+def prefill_under(generator: Generator, context, ids, ones, positions):
+    """``generator``'s prompt step for ``ids``, compiled under ``context`` if its first call is this one."""
+    with context():
+        generator(ids, ones, positions[None], positions)
+    return functools.partial(generator, ids, ones, positions[None], positions)
+
+
 def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
     """The ONNX artifact's greedy generation as the handoff file writes it (ONNX Runtime's CUDA provider,
     inputs and outputs bound on the GPU); the artifact is exported and verified once per workload."""
@@ -361,9 +369,9 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
             row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding, CUDA graph decode)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
         for b in batches if artifact else ():  # what bounds the artifact against the FX path, each batch size:
-            ids, ones = prompts[b], np.ones(tuple(prompts[b].shape), np.int64)  # one generation's kernels each
+            ids, mask = prompts[b], np.ones(tuple(prompts[b].shape), np.int64)  # one generation's kernels each
             runs = {"mpcompiler generate": lambda ids=ids: ours.generate(ids, max_new_tokens=args.new),
-                    "ONNX handoff loop": lambda ids=ids, ones=ones: artifact["generate"](ids.cpu().numpy(), ones,
+                    "ONNX handoff loop": lambda ids=ids, mask=mask: artifact["generate"](ids.cpu().numpy(), mask,
                                                                                        args.new)}  # fmt: skip
             kernels = meta[f"{name}_kernels_b{b}_per_generation"] = {}
             for label, fn in runs.items():
@@ -398,6 +406,10 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
                 row(name, f"mpcompiler generate, {label} (experiment)", b,
                     lambda b=b, v=variant, c=context, k=f"{name} {label} b{b} token agreement": experiment(
                         ours, v, c, prompts[b], args.new, meta, k))  # fmt: skip
+            if not shared:  # its own prompt step, compiled under the context: the prefill beside the default's
+                row(name, f"mpcompiler prompt step, {label} (experiment)", 1,
+                    lambda v=variant, c=context: prefill_under(v, c, long, ones, positions), kind="prefill",
+                    tokens=args.prefill)  # fmt: skip
     return weight_bytes
 
 
