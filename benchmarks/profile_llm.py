@@ -34,19 +34,26 @@ from mpcompiler.llm import Generator
 MAX_SEQ, MAX_BATCH = 576, 8
 
 
-def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:
-    """(kernel ms per call, kernels per call, the top kernels by time) of ``fn``."""
+def _averages(fn, calls: int, activity: ProfilerActivity):
+    """torch.profiler's per-name averages of ``calls`` calls of ``fn`` (after one), on ``activity``'s side."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[activity]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    rows = [k for k in prof.key_averages() if k.self_device_time_total > 0]
-    lines = [
-        f"{k.self_device_time_total / calls:9.1f} us  x{k.count / calls:5.0f}  {k.key[:110]}"
-        for k in sorted(rows, key=lambda k: -k.self_device_time_total)[:top]
-    ]
+    return prof.key_averages()
+
+
+def _line(us: float, count: float, key: str) -> str:
+    return f"{us:9.1f} us  x{count:5.0f}  {key[:110]}"
+
+
+def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:
+    """(kernel ms per call, kernels per call, the top kernels by time) of ``fn``."""
+    rows = [k for k in _averages(fn, calls, ProfilerActivity.CUDA) if k.self_device_time_total > 0]
+    rows.sort(key=lambda k: -k.self_device_time_total)
+    lines = [_line(k.self_device_time_total / calls, k.count / calls, k.key) for k in rows[:top]]
     total = sum(k.self_device_time_total for k in rows) / calls / 1e3
     return total, sum(k.count for k in rows) / calls, lines
 
@@ -54,14 +61,8 @@ def kernels(fn, calls: int, top: int) -> tuple[float, float, list[str]]:
 def host_ops(fn, calls: int, top: int) -> list[str]:
     """The host's side of ``fn``: the ops and calls taking the most CPU time of their own (a step whose wall
     time passes its kernels' is bound here: the dynamic-shape prompt step, benchmarks/llm.py)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda k: -k.self_cpu_time_total)[:top]
-    return [f"{k.self_cpu_time_total / calls:9.1f} us  x{k.count / calls:5.0f}  {k.key[:110]}" for k in rows]
+    rows = sorted(_averages(fn, calls, ProfilerActivity.CPU), key=lambda k: -k.self_cpu_time_total)
+    return [_line(k.self_cpu_time_total / calls, k.count / calls, k.key) for k in rows[:top]]
 
 
 def main():
