@@ -421,7 +421,7 @@ def compile(
         searched=searched if options.tolerance is not None else None,
     )
     if graph_record(graph_module).fp8 and held:  # issue #13: how often held-out inputs pass their e4m3 range
-        fp8.saturated(graph_module, val[searched:], target_device)
+        fp8.measure_saturation(graph_module, val[searched:], target_device)
     report = Report.from_graph(graph_module, runs, accuracy)
     if options.dump_dir is not None:
         report.save(options.dump_dir / "report.json")

@@ -45,7 +45,7 @@ def linear(x8: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: t
     return out.reshape(*x8.shape[:-1], w8.shape[0])
 
 
-def saturated(gm: torch.fx.GraphModule, samples, device: torch.device) -> None:
+def measure_saturation(gm: torch.fx.GraphModule, samples, device: torch.device) -> None:
     """Set ``fp8_saturated`` on each fp8 linear's record: the share of its input's values on ``samples`` (the
     held-out ones, compile()'s) past the calibrated absmax, which the quantization saturates at +-448. Even
     on the calibration samples a linear past the first may see a few: calibration ran in fp32, the plan's
