@@ -315,7 +315,8 @@ def compile(
             it is safe, bf16 for the nodes where fp16 would overflow or underflow (if the device has
             bf16 kernels), fp32 where bf16 would overflow too; or ``"fp8"``: fp16, and e4m3 GEMMs (static
             scales from calibration) for the linears the plan and the tolerance allow, on a GPU of compute
-            capability 8.9+ (with ``max_seq``, the 1-row decode graph reads their e4m3 weights with fp16 inputs).
+            capability 8.9+ (with ``max_seq``, the 1-row decode graph reads their e4m3 weights with fp16 inputs);
+            the report gives each one's scales and how often held-out inputs saturate its e4m3 range.
         keep_fp32: module paths (``"encoder.layer.3.attention"``, matching that module and all
             inside it) and op names (``"softmax"``) to keep in fp32.
         val_data: samples to measure the error vs fp32 on (``report.accuracy``). Default: the last
