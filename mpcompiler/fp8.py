@@ -53,6 +53,8 @@ def measure_saturation(gm: torch.fx.GraphModule, samples, device: torch.device) 
     counts = {}  # lower_fp8's x8 = _to_copy(clamp(x * (1 / x_scale), -448, 448), e4m3) -> [past, values]
     for gemm in (n for n in gm.graph.nodes if n.target is SCALED_MM):
         counts[gemm.args[0].args[0]] = [0, 0]
+    if not counts:  # the search kept every linear out of fp8
+        return
 
     class Counting(torch.fx.Interpreter):
         def run_node(self, n):
