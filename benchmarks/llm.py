@@ -252,8 +252,8 @@ def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict
 def prefill_under(generator: Generator, context, ids, ones, positions):
     """``generator``'s prompt step for ``ids``, compiled under ``context`` if its first call is this one."""
     with context():
-        generator(ids, ones, positions[None], positions)
-    return functools.partial(generator, ids, ones, positions[None], positions)
+        generator(ids, ones, positions[None], positions, causal=True)
+    return functools.partial(generator, ids, ones, positions[None], positions, causal=True)
 
 
 def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
@@ -346,8 +346,12 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
             lambda b=b: gpt_fast_loop(half, prompts[b], args.new, max_seq))  # fmt: skip
     ones = torch.ones(1, max_seq, dtype=torch.long, device="cuda")
     positions = torch.arange(args.prefill, device="cuda")
-    row(name, "mpcompiler prompt step", 1, lambda: lambda: ours.generator(long, ones, positions[None], positions),
-        kind="prefill", tokens=args.prefill)  # fmt: skip
+    # what generate runs for a prompt without padding (causal attention over the prompt: lower_prompt_step), and
+    # the step a left-padded batch's prompt runs (attention over every cache slot under the mask)
+    for label, causal in (("", True), (", padded prompt (attention over the cache)", False)):
+        row(name, f"mpcompiler prompt step{label}", 1,
+            lambda c=causal: functools.partial(ours.generator, long, ones, positions[None], positions, causal=c),
+            kind="prefill", tokens=args.prefill)  # fmt: skip
     # issue #13: the generation program with dtype="fp8" (e4m3 GEMMs in the prompt step and the decode graphs of
     # 2+ rows, e4m3 weights read by the 1-row graph's reductions), compiled on first use
     ours8 = functools.cache(
@@ -357,7 +361,8 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         row(name, "mpcompiler generate dtype='fp8' (CUDA graph decode)", b,
             lambda b=b: fp8_generation(ours8(), ours, prompts[b], args.new, meta, f"{name} fp8 b{b}"))  # fmt: skip
     row(name, "mpcompiler prompt step dtype='fp8'", 1,
-        lambda: functools.partial(ours8().generator, long, ones, positions[None], positions), kind="prefill",
+        lambda: functools.partial(ours8().generator, long, ones, positions[None], positions, causal=True),
+        kind="prefill",
         tokens=args.prefill)  # fmt: skip
     for dtype in ("float16", "fp8"):  # issue #13: the forward's GEMMs in e4m3 against its fp16 plan, no KV cache
         row(name, f"mpcompiler forward dtype={dtype!r}, cuda_graph() (no KV cache, every position's logits)", 1,

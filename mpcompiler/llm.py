@@ -14,7 +14,9 @@ returning the prompt and the new tokens, finished rows padded.
 On the GPU a decode step is one CUDA graph replay (``lower_decode_step`` rewrites a copy of the step for
 it, then :mod:`mpcompiler.cuda_graph`: Inductor's kernels for the fixed shapes of one new token over the
 cache's first rows, one graph per power-of-two batch size up to ``max_batch``, captured on first use;
-rows past the batch are idle); the prefill runs the step under torch.compile at its length.
+rows past the batch are idle); the prefill runs the step under torch.compile at its length, as
+``lower_prompt_step`` rewrites it for a prompt without padding (attention causal over the prompt's own
+keys, SDPA's flash kernel, not over every slot of the cache under a mask).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
 from mpcompiler.pass_manager import PassManager
-from mpcompiler.passes import InsertKvCache, LowerDecodeStep, LowerFused
+from mpcompiler.passes import InsertKvCache, LowerDecodeStep, LowerFused, LowerPromptStep
 from mpcompiler.samples import Sample, model_device
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
@@ -141,7 +143,7 @@ class Generator:
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
         self._graphs = {}  # rows -> the decode step's CUDA graph, captured on first use (None: it could not be)
-        self._prefill = None  # the prompt step under torch.compile on the GPU, compiled on first use
+        self._prefill = {}  # causal -> the prompt step (under torch.compile on the GPU), built on first use
 
     def decode_graph(self, batch: int | None = None) -> CudaGraphModule | None:
         """The decode step for ``batch`` rows (default: max_batch) as one CUDA graph, over the first
@@ -183,11 +185,25 @@ class Generator:
         PassManager([LowerDecodeStep(example=example)], dump_dir=folder, debug=self.debug).run(step)
         return step, example
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache_position) -> torch.Tensor:
+    def prompt_step(self) -> torch.fx.GraphModule:
+        """The step for a prompt that fills an empty cache and has no padding
+        (``passes/lower_prompt_step.py``, dumped in the dump folder's ``generation/prompt/``): its attention
+        causal over its own keys and values, which it writes into the same cache."""
+        step = twin(self.step, "MpPromptStep")
+        folder = self.dump_dir / "prompt" if self.dump_dir is not None else None
+        PassManager([LowerPromptStep()], dump_dir=folder, debug=self.debug).run(step)
+        return step
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache_position, *, causal=False) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
-        replays the CUDA graph of its batch size, its rows padded to that graph's."""
+        replays the CUDA graph of its batch size, its rows padded to that graph's. ``causal``: the step is a
+        prompt's, from an empty cache, no row padded (:meth:`prompt_step`)."""
         batch = input_ids.shape[0]
-        graph = self.decode_graph(batch) if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" else None
+        graph = (
+            self.decode_graph(batch)
+            if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" and not causal
+            else None
+        )
         if graph is not None:
             pad = graph_rows(batch, self.lm.max_batch) - batch
             out = graph(
@@ -200,27 +216,29 @@ class Generator:
             return torch.utils._pytree.tree_leaves(out)[self.logits][:batch, -1]
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       cache_position=cache_position, **self.extra)  # fmt: skip
-        return torch.utils._pytree.tree_leaves(self._prompt_step(inputs))[self.logits][:, -1]
+        return torch.utils._pytree.tree_leaves(self._prompt_step(inputs, causal))[self.logits][:, -1]
 
-    def _prompt_step(self, inputs: dict):
+    def _prompt_step(self, inputs: dict, causal: bool):
         """A prefill (or a decode step off the GPU). On the GPU it runs Inductor's kernels, batch and
         length dynamic (compiled on the first call): run op by op, a prompt's step is bound by launching
         its ~1,000 kernels. Where torch.compile fails, a warning names why and the FX program runs."""
-        if self._prefill is None:
+        if causal not in self._prefill:
+            program = self.prompt_step() if causal else self.step
             cuda = inputs["input_ids"].device.type == "cuda"
-            self._prefill = torch.compile(self.step, dynamic=True) if cuda else self.step
+            self._prefill[causal] = (torch.compile(program, dynamic=True) if cuda else program, program)
+        step, program = self._prefill[causal]
         try:
-            return self._prefill(**inputs)
+            return step(**inputs)
         except Exception as exc:  # a compiler bug must not stop generation; the step rewrites what it wrote
-            if self._prefill is self.step:
+            if step is program:
                 raise
             warnings.warn(
                 f"mpcompiler: torch.compile failed on the prompt step ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); running the FX program instead",
                 stacklevel=4,
             )
-            self._prefill = self.step
-            return self.step(**inputs)
+            self._prefill[causal] = (program, program)
+            return program(**inputs)
 
     @torch.no_grad()
     def generate(
@@ -248,6 +266,7 @@ class Generator:
                 f"max_seq={self.lm.max_seq}, the KV cache's length"
             )
         device = model_device(self.step)
+        causal = bool(mask.all())  # no row padded: the prompt step attends causally over the prompt alone
         ids, mask = ids.to(device), mask.to(device)
         if device.type == "cuda":
             self.decode_graph(batch)  # captured before the prefill: its warm-up writes stay out of this generation
@@ -256,7 +275,7 @@ class Generator:
         slots = torch.zeros(batch, self.lm.max_seq, dtype=torch.long, device=device)
         slots[:, :length] = mask
         position = positions(mask)
-        logits = self(ids, slots, position, torch.arange(length, device=device))
+        logits = self(ids, slots, position, torch.arange(length, device=device), causal=causal)
         # The loop never waits for the GPU (no .item(), no host-to-device copy), so Python runs ahead
         # and the steps' graph replays queue back to back; whether every row has stopped is read every
         # STOP_CHECK steps, and the steps past the last stop are cut at the end.

@@ -15,6 +15,7 @@ from mpcompiler.passes.low_precision_io import LowPrecisionIo
 from mpcompiler.passes.lower_decode_step import LowerDecodeStep
 from mpcompiler.passes.lower_fp8 import LowerFp8
 from mpcompiler.passes.lower_fused import LowerFused
+from mpcompiler.passes.lower_prompt_step import LowerPromptStep
 from mpcompiler.passes.place_casts import PlaceCasts
 from mpcompiler.passes.search_precision import SearchPrecision
 
@@ -32,6 +33,7 @@ __all__ = [
     "LowerDecodeStep",
     "LowerFp8",
     "LowerFused",
+    "LowerPromptStep",
     "PlaceCasts",
     "SearchPrecision",
 ]

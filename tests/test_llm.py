@@ -87,6 +87,44 @@ def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     assert err < 2e-3
 
 
+def test_an_unpadded_prompt_attends_causally_over_its_own_keys_and_fills_the_cache(llama, tmp_path):
+    # lower_prompt_step: a prompt from an empty cache, no row padded, attends causally over its own keys (each
+    # key/value head repeated for its 2 query heads), not over the cache's 64 slots; it still writes the cache,
+    # which the decode steps after it read
+    model, compiled = llama
+    torch.manual_seed(3)
+    ids = _prompt(2, 9)["input_ids"]
+    mask = torch.ones_like(ids)
+    whole = compiled(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    generator = Generator(compiled.graph_module, compiled.lm, dump_dir=tmp_path, debug=True)
+    slots = torch.zeros(2, 64, dtype=torch.long)
+    slots[:, :5] = 1
+    got = [generator(ids[:, :5], slots, positions(mask)[:, :5], torch.arange(5), causal=True)]
+    for t in range(5, 9):
+        slots[:, t] = 1
+        got.append(generator(ids[:, t : t + 1], slots, positions(mask)[:, t : t + 1], torch.tensor([t])))
+    want = whole[:, 4:]
+    assert (torch.stack(got, 1) - want).norm() / want.norm() < 2e-3
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    program = generator._prefill[True][1]
+    attentions = [n for n in program.graph.nodes if n.target is sdpa]
+    assert len(attentions) == 2
+    for node in attentions:
+        q, k, v = (a.meta["val"] for a in node.args)
+        assert node.kwargs["is_causal"] and q.shape[1] == k.shape[1] == v.shape[1] == 4  # 4 heads, not 2 groups
+        assert str(q.shape[2]) == str(k.shape[2]) != "64"  # the prompt's length, not the cache's slots
+    writes = [n for n in program.graph.nodes if n.target is torch.ops.aten.index_put_.default]
+    assert len(writes) == 4 and all(not n.users for n in writes)
+    dump = (tmp_path / "generation" / "prompt" / "01_lower_prompt_step.txt").read_text()
+    assert "causal_attention=2" in dump and dump.count("{is_causal=True, scale=0.25}") == 2
+    # generate takes it for a prompt without padding only, and its greedy tokens are HF's
+    compiled.generate(**_prompt(2, 7, pad=2), max_new_tokens=2)
+    assert set(compiled.generator._prefill) == {False}
+    out = compiled.generate(input_ids=ids, max_new_tokens=8)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert set(compiled.generator._prefill) == {False, True} and (out[:, 9:] == ref[:, 9:]).float().mean() >= 0.9
+
+
 def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
     # lower_decode_step runs through a pass manager: its IR, stats and rules' reasons in generation/decode1/
     _, compiled = llama
@@ -362,6 +400,7 @@ def test_generation_on_cuda_matches_hugging_face():
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
     alone = compiled.generate(**{k: v[1:] for k, v in prompt.items()}, max_new_tokens=12)  # the 1-row graph
     assert sorted(compiled.generator._graphs) == [1, 2] and (alone[0, 7:] == ref[1, 7:]).float().mean() >= 0.9
+    assert set(compiled.generator._prefill) == {False, True}  # row 1 alone has no padding: the causal prompt step
     # the step's attention runs a fused kernel with its mask, for a prompt and a decode step off the CUDA
     # graph alike: not cuDNN's alone, and not the math fallback (fp32 over a repeated cache, 2x slower a
     # step on the H200); the decode graphs write theirs as fp16 GEMMs (lower_decode_step's attention_as_matmuls)
@@ -375,6 +414,12 @@ def test_generation_on_cuda_matches_hugging_face():
             compiled.generator.step(input_ids=ids, attention_mask=slots, position_ids=position,
                                     cache_position=t.cuda(), use_cache=False)  # fmt: skip
             slots[:, 7] = 1
+    # an unpadded prompt's step (lower_prompt_step) runs flash attention, causal, with no mask
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
+        t = torch.arange(7, device="cuda")
+        step = compiled.generator.prompt_step()
+        step(input_ids=prompt["input_ids"][1:], attention_mask=slots[1:], position_ids=t[None], cache_position=t,
+             use_cache=False)  # fmt: skip
 
 
 @pytest.mark.gpu

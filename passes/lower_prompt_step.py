@@ -1,0 +1,85 @@
+"""lower_prompt_step: a generation step rewritten into the prompt step of prompts without padding.
+
+Runs on a copy of the generation program (``insert_kv_cache``'s step) for a prompt that fills an empty
+cache with no row left-padded (:meth:`mpcompiler.llm.Generator.__call__` with ``causal=True``, what
+``generate`` runs when every row of ``attention_mask`` is ones): each attention over the cache becomes
+causal attention over the prompt's own keys and values (SDPA with ``is_causal``: its flash kernel on the
+GPU); the cache still receives them. Over the cache a prompt's attention reads all ``max_seq`` slots under
+a mask (SDPA's memory-efficient kernel, computing every slot past the prompt and every query's future before
+masking them): 0.96 ms of a 512-token prompt step's 3.48 ms of kernels on the H100 with 576 slots
+(2026-12-07, docs/perf.md). With grouped-query attention each key/value head is repeated for its query
+heads (as HF's ``repeat_kv``): flash needs no mask then, where the cache's grouped layout folds the queries
+of a group into one sequence that a causal mask would misread.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from mpcompiler.ir import META_KEY, Rule, derived, record
+from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.passes.insert_kv_cache import SDPA
+from mpcompiler.rewrite import Match, RewriteRule, apply
+
+aten = torch.ops.aten
+
+
+def _cache_attention(node: torch.fx.Node) -> Match | str:
+    if node.target is not SDPA:
+        return "not attention"
+    keys, values = node.args[1:3]
+    if not all(getattr(x, "target", None) is aten.index_put_.default for x in (keys, values)):
+        return "its keys and values are not written into the KV cache"
+    q = node.args[0]
+    grouped = getattr(q, "target", None) is aten.reshape.default and record(q).rule is Rule.KV_CACHE
+    return {"q": q.args[0] if grouped else q, "k": keys.args[2], "v": values.args[2]}
+
+
+def _causal(attention: torch.fx.Node, m: Match) -> None:
+    graph = attention.graph
+    q, k, v = m["q"], m["k"], m["v"]
+    heads, kv_heads = int(q.meta["val"].shape[1]), int(k.meta["val"].shape[1])
+
+    def call(op, *args):
+        node = graph.call_function(op, args)
+        why = "a key/value head repeated for its query heads (causal prompt attention)"
+        node.meta[META_KEY] = derived(record(k), rule=Rule.PROMPT_ATTENTION, range=None, inner=None, fused="",
+                                      reason=why)  # fmt: skip
+        return node
+
+    with graph.inserting_before(attention):
+        if heads != kv_heads:
+            rows, length = call(aten.sym_size.int, k, 0), call(aten.sym_size.int, k, 2)
+            dim = int(k.meta["val"].shape[3])
+
+            def repeat(x):
+                wide = call(aten.expand.default, call(aten.unsqueeze.default, x, 2),
+                            [-1, -1, heads // kv_heads, -1, -1])  # fmt: skip
+                return call(aten.reshape.default, wide, [rows, heads, length, dim])
+
+            k, v = repeat(k), repeat(v)
+    attention.args = (q, k, v)
+    attention.kwargs = {"is_causal": True, "scale": attention.kwargs.get("scale")}  # its record (dtype, why) stays
+
+
+RULES = [
+    RewriteRule("causal_attention", _cache_attention, _causal, "attention over the cache -> causal over the prompt")
+]
+
+
+class LowerPromptStep(Pass):
+    """The generation step for prompts that fill an empty cache and have no padding: each attention causal
+    over the prompt's own keys and values, which are still written into the cache."""
+
+    requires = ("kv_cache",)
+    rewrites_graph = True
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        reasons: dict = {}
+        fired = apply([n for n in gm.graph.nodes if n.op == "call_function"], RULES, reasons)
+        # the slot mask and the grouped queries are dead; the cache writes are not (nothing reads them here)
+        gm.graph.eliminate_dead_code(lambda n: n.is_impure() or n.target is aten.index_put_.default)
+        retype(gm)  # a grouped attention's output is [B, heads, T, d] now, not [B, kv_heads, group x T, d]
+        stats = {rule.name: fired[rule.name] for rule in RULES}
+        return PassResult(modified=bool(sum(fired.values())), stats=stats, reasons=reasons)
