@@ -23,7 +23,8 @@ chosen on the device; llm.json then also holds the CUDA kernels of one generatio
 loop at each batch size, from a CUPTI trace: what bounds the artifact); HF generate with
 cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic cache); with
 --experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``: decode attention as reductions, a
-wider coordinate descent for the 1-row graph, programmatic dependent launch, combo kernels, Inductor's C++ wrapper),
+wider coordinate descent for the 1-row graph, programmatic dependent launch, combo kernels, split-K projections,
+Inductor's C++ wrapper),
 each with the share of its tokens equal to the default path's and one generation's kernels in llm.json (a variant
 that compiles its own prompt step, the C++ wrapper's, also times it as a prefill row); the
 bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
@@ -61,6 +62,7 @@ from examples.compile_llm import load as load_smollm2
 from mpcompiler.ir import META_KEY, derived, record
 from mpcompiler.llm import Generator
 from mpcompiler.passes import lower_decode_step
+from mpcompiler.rewrite import RewriteRule
 from tests.helpers import run_handoff_snippet
 
 SHAPES = dict(
@@ -162,6 +164,52 @@ _REDUCTIONS = [
 ]
 
 
+def _split_k_match(node: torch.fx.Node):
+    """A 1-row linear whose outputs are too few to fill the GPU (q/k/v, o, down: 2,048 to 2,560 for TinyLlama's
+    shapes; their matrix-vector kernels read 8-23 MB at 1.0-2.5 TB/s where gate/up's 46 MB reach 2.8, run W)."""
+    if node.target is not torch.ops.aten.linear.default or getattr(node.args[1], "op", None) != "get_attr":
+        return "not a linear of a stored weight"
+    n, k = node.args[1].meta["val"].shape
+    if n > 4096 or k % SPLIT_K or k // SPLIT_K < 256:
+        return "enough outputs to fill the GPU, or a short reduction"
+    return {}
+
+
+def _split_k(linear: torch.fx.Node, m) -> None:
+    """``x w^T`` as SPLIT_K partial sums of K / SPLIT_K products each (SPLIT_K x N outputs for Inductor's
+    reduction to spread over the SMs), then their sum (Inductor unrolls a sum of <= 8 into its consumer's kernel),
+    all in fp32."""
+    graph, aten = linear.graph, torch.ops.aten
+    x, w = linear.args[:2]
+    bias = linear.args[2] if len(linear.args) > 2 else None
+    n, k = w.meta["val"].shape
+    lead = list(x.meta["val"].shape[:-1])
+
+    def call(op, *args, **kwargs):
+        node = graph.call_function(op, args, kwargs)
+        node.meta[META_KEY] = derived(record(linear), dtype=torch.float32, range=None, inner=None, fused="")
+        return node
+
+    with graph.inserting_before(linear):
+        xs = call(aten.reshape.default, call(aten._to_copy.default, x, dtype=torch.float32),
+                  [*lead, 1, SPLIT_K, k // SPLIT_K])  # fmt: skip
+        ws = call(aten.reshape.default, call(aten._to_copy.default, w, dtype=torch.float32), [n, SPLIT_K, k // SPLIT_K])
+        out = call(aten.sum.dim_IntList, call(aten.sum.dim_IntList, call(aten.mul.Tensor, xs, ws), [-1]), [-1])
+        if bias is not None:
+            out = call(aten.add.Tensor, out, call(aten._to_copy.default, bias, dtype=torch.float32))
+        out = call(aten._to_copy.default, out, dtype=linear.meta["val"].dtype)
+    record(out).dtype = linear.meta["val"].dtype
+    linear.replace_all_uses_with(out)
+    graph.erase_node(linear)
+
+
+SPLIT_K = 4
+_SPLIT_K_ROUNDS = [
+    *lower_decode_step.ONE_ROW_ROUNDS,
+    [RewriteRule("split_k", _split_k_match, _split_k, "1-row linear -> split-K partial sums")],
+]
+
+
 def _stacked(*contexts):
     """One context entering ``contexts`` in order."""
     stack = contextlib.ExitStack()
@@ -199,6 +247,9 @@ EXPERIMENTS = {
         ),
         True,
     ),
+    # the 1-row graph's q/k/v, o and down projections as split-K sums: their matrix-vector kernels have 2,048 to
+    # 2,560 outputs (rows of programs) and read their weights at 1.0-2.5 TB/s, gate/up's (11,264) at 2.8 (run W)
+    "1-row decode, split-K projections": (patched(lower_decode_step, "ONE_ROW_ROUNDS", _SPLIT_K_ROUNDS), True),
     # Inductor's C++ wrapper for the steps compiled here: the prompt step (dynamic shapes, no CUDA graph) is
     # host-bound, ~14 ms of a 175.8 ms 1-row generation with the GPU idle (run W, docs/llm.md)
     "steps with Inductor's C++ wrapper": (lambda: torch._inductor.config.patch(cpp_wrapper=True), False),
