@@ -399,7 +399,10 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
     positions = torch.arange(args.prefill, device="cuda")
     # what generate runs for a prompt without padding (causal attention over the prompt: lower_prompt_step), and
     # the step a left-padded batch's prompt runs (attention over every cache slot under the mask)
-    for label, causal in (("", True), (", padded prompt (attention over the cache)", False)):
+    for label, causal in (
+        (", unpadded prompt (causal attention)", True),
+        (", padded prompt (attention over the cache)", False),
+    ):
         row(name, f"mpcompiler prompt step{label}", 1,
             lambda c=causal: functools.partial(ours.generator, long, ones, positions[None], positions, causal=c),
             kind="prefill", tokens=args.prefill)  # fmt: skip
