@@ -698,8 +698,9 @@ def summary_text(rows: dict[str, dict], details: bool = True) -> str:
         return row["pass"] or (fx_only and row["verdict"] == "FAIL: ONNX skipped")
 
     passed = [r for r in rows if ok(r)]
-    what = "the FX module" + ("; ONNX not checked here" if fx_only else " and ONNX")
-    lines = [f"- mpcompiler: **{len(passed)} of {len(rows)} pass** ({what}: within {TOL} of fp32)."]
+    what = f"the FX module within {TOL} of fp32; ONNX not checked here"
+    what = what if fx_only else f"FX and ONNX within {TOL} of fp32"
+    lines = [f"- mpcompiler: **{len(passed)} of {len(rows)} pass** ({what})."]
     for fam in ("torchvision", "hf"):
         of = [r for r in rows if r.get("family") == fam]
         if of:

@@ -289,12 +289,13 @@ class Generator:
             streamer.put(ids.cpu())
         for step in range(max_new_tokens):
             token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
-            token = torch.where(done, torch.full_like(token, pad), token)
+            if len(stops):  # without eos tokens no row stops: a step launches no bookkeeping kernels for it
+                token = torch.where(done, torch.full_like(token, pad), token)
+                done |= torch.isin(token, stops)
+                finished.append(done.all())
             new.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
-            done |= torch.isin(token, stops)
-            finished.append(done.all())
             if step + 1 == max_new_tokens or (len(stops) and step % check == 0 and bool(done.all())):
                 break
             slots[:, length + step] = 1
@@ -303,7 +304,7 @@ class Generator:
             cache_position = cache_position + 1
         if streamer is not None:
             streamer.end()
-        finished = torch.stack(finished)
+        finished = torch.stack(finished) if finished else torch.zeros(0, dtype=torch.bool)
         steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
         return torch.cat([ids, torch.stack(new[:steps], 1)], 1)
 
