@@ -165,8 +165,9 @@ _REDUCTIONS = [
 
 
 def _split_k_match(node: torch.fx.Node):
-    """A 1-row linear whose outputs are too few to fill the GPU (q/k/v, o, down: 2,048 to 2,560 for TinyLlama's
-    shapes; their matrix-vector kernels read 8-23 MB at 1.0-2.5 TB/s where gate/up's 46 MB reach 2.8, run W)."""
+    """A 1-row linear whose outputs are too few to fill the GPU (TinyLlama's q/k/v, one linear of 2,560 outputs
+    where lower_fused joins them, o and down, 2,048: their matrix-vector kernels read 8-23 MB at 1.0-2.5 TB/s
+    where gate/up's 46 MB reach 2.8, run W)."""
     if node.target is not torch.ops.aten.linear.default or getattr(node.args[1], "op", None) != "get_attr":
         return "not a linear of a stored weight"
     n, k = node.args[1].meta["val"].shape
@@ -185,11 +186,12 @@ def _split_k(linear: torch.fx.Node, m) -> None:
     n, k = w.meta["val"].shape
     lead = list(x.meta["val"].shape[:-1])
 
-    def call(op, *args, **kwargs):
+    def call(op, *args, planned=torch.float32, **kwargs):  # planned: the new node's dtype in the plan
         node = graph.call_function(op, args, kwargs)
-        node.meta[META_KEY] = derived(record(linear), dtype=torch.float32, range=None, inner=None, fused="")
+        node.meta[META_KEY] = derived(record(linear), dtype=planned, range=None, inner=None, fused="")
         return node
 
+    dtype = linear.meta["val"].dtype
     with graph.inserting_before(linear):
         xs = call(aten.reshape.default, call(aten._to_copy.default, x, dtype=torch.float32),
                   [*lead, 1, SPLIT_K, k // SPLIT_K])  # fmt: skip
@@ -197,8 +199,7 @@ def _split_k(linear: torch.fx.Node, m) -> None:
         out = call(aten.sum.dim_IntList, call(aten.sum.dim_IntList, call(aten.mul.Tensor, xs, ws), [-1]), [-1])
         if bias is not None:
             out = call(aten.add.Tensor, out, call(aten._to_copy.default, bias, dtype=torch.float32))
-        out = call(aten._to_copy.default, out, dtype=linear.meta["val"].dtype)
-    record(out).dtype = linear.meta["val"].dtype
+        out = call(aten._to_copy.default, out, dtype=dtype, planned=dtype)
     linear.replace_all_uses_with(out)
     graph.erase_node(linear)
 
@@ -458,7 +459,7 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         for label, (context, shared) in EXPERIMENTS.items():
             if shared:  # the default's step module (its KV cache) and compiled prompt step; decode graphs anew
                 variant = copy.copy(ours.generator)
-                variant._graphs = {}
+                variant._graphs, variant._prefill = {}, dict(ours.generator._prefill)  # its own, seeded
             else:
                 variant = Generator(ours.graph_module, ours.lm)
             for b in batches:

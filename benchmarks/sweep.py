@@ -691,8 +691,10 @@ def sort_key(row: dict):
 def summary_text(rows: dict[str, dict], details: bool = True) -> str:
     """Counts, the peers' failures and each failing model's verdict; ``details``: with its error message."""
     by_model, rows = rows, sorted(rows.values(), key=sort_key)
-    # where ONNX Runtime has no provider for the device no artifact is checked: the FX module alone is judged
-    fx_only = bool(rows) and all("skipped" in (r.get("onnx") or {}) for r in rows)
+    # where no artifact could be checked (onnxruntime without a provider for the device, or not importable), the
+    # FX module alone is judged; rows that never reached ONNX (a failed compile) do not decide it
+    reached = [r["onnx"] for r in rows if r.get("onnx")]
+    fx_only = bool(reached) and all("skipped" in entry for entry in reached)
 
     def ok(row: dict) -> bool:
         return row["pass"] or (fx_only and row["verdict"] == "FAIL: ONNX skipped")

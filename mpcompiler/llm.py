@@ -186,7 +186,7 @@ class Generator:
         return step, example
 
     def prompt_step(self) -> torch.fx.GraphModule:
-        """The step for a prompt that fills an empty cache and has no padding
+        """A new copy of the step for a prompt that fills an empty cache and has no padding
         (``passes/lower_prompt_step.py``, dumped in the dump folder's ``generation/prompt/``): its attention
         causal over its own keys and values, which it writes into the same cache."""
         step = twin(self.step, "MpPromptStep")
@@ -197,7 +197,8 @@ class Generator:
     def __call__(self, input_ids, attention_mask, position_ids, cache_position, *, causal=False) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
         replays the CUDA graph of its batch size, its rows padded to that graph's. ``causal``: the step is a
-        prompt's, from an empty cache, no row padded (:meth:`prompt_step`)."""
+        prompt's, written at the cache's first slots (``cache_position`` 0..T-1) with no row padded
+        (:meth:`prompt_step`, which reads neither the mask nor the cache: the caller vouches for both)."""
         batch = input_ids.shape[0]
         graph = (
             self.decode_graph(batch)
@@ -266,7 +267,8 @@ class Generator:
                 f"max_seq={self.lm.max_seq}, the KV cache's length"
             )
         device = model_device(self.step)
-        causal = bool(mask.all())  # no row padded: the prompt step attends causally over the prompt alone
+        # no row padded: the prompt step attends causally over the prompt alone (one token: the decode graph's step)
+        causal = length > 1 and bool(mask.all())
         ids, mask = ids.to(device), mask.to(device)
         if device.type == "cuda":
             self.decode_graph(batch)  # captured before the prefill: its warm-up writes stay out of this generation

@@ -1,8 +1,9 @@
 """lower_prompt_step: a generation step rewritten into the prompt step of prompts without padding.
 
-Runs on a copy of the generation program (``insert_kv_cache``'s step) for a prompt that fills an empty
-cache with no row left-padded (:meth:`mpcompiler.llm.Generator.__call__` with ``causal=True``, what
-``generate`` runs when every row of ``attention_mask`` is ones): each attention over the cache becomes
+Runs on a copy of the generation program (``insert_kv_cache``'s step) for a prompt written at the cache's
+first slots (``cache_position`` 0..T-1, nothing before it visible) with no row padded
+(:meth:`mpcompiler.llm.Generator.__call__` with ``causal=True``, what ``generate`` runs for a prompt of two
+or more tokens whose ``attention_mask`` is all ones): each attention over the cache becomes
 causal attention over the prompt's own keys and values (SDPA with ``is_causal``: its flash kernel on the
 GPU); the cache still receives them. Over the cache a prompt's attention reads all ``max_seq`` slots under
 a mask (SDPA's memory-efficient kernel, computing every slot past the prompt and every query's future before
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
@@ -31,9 +33,13 @@ def _cache_attention(node: torch.fx.Node) -> Match | str:
     keys, values = node.args[1:3]
     if not all(getattr(x, "target", None) is aten.index_put_.default for x in (keys, values)):
         return "its keys and values are not written into the KV cache"
-    q = node.args[0]
-    grouped = getattr(q, "target", None) is aten.reshape.default and record(q).rule is Rule.KV_CACHE
-    return {"q": q.args[0] if grouped else q, "k": keys.args[2], "v": values.args[2]}
+    q, k, v = node.args[0], keys.args[2], values.args[2]
+    if getattr(q, "target", None) is aten.reshape.default and record(q).rule is Rule.KV_CACHE:
+        q = q.args[0]  # insert_kv_cache's grouped layout, [B, kv_heads, group x T, d]: back to [B, heads, T, d]
+    (heads, length), (kv_heads, new) = (q.meta["val"].shape[1:3], k.meta["val"].shape[1:3])
+    if heads % kv_heads or not statically_known_true(length == new):
+        return "its queries are not one per new key (a layout between the grouping and the attention)"
+    return {"q": q, "k": k, "v": v}
 
 
 def _causal(attention: torch.fx.Node, m: Match) -> None:

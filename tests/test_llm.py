@@ -117,12 +117,14 @@ def test_an_unpadded_prompt_attends_causally_over_its_own_keys_and_fills_the_cac
     assert len(writes) == 4 and all(not n.users for n in writes)
     dump = (tmp_path / "generation" / "prompt" / "01_lower_prompt_step.txt").read_text()
     assert "causal_attention=2" in dump and dump.count("{is_causal=True, scale=0.25}") == 2
-    # generate takes it for a prompt without padding only, and its greedy tokens are HF's
-    compiled.generate(**_prompt(2, 7, pad=2), max_new_tokens=2)
-    assert set(compiled.generator._prefill) == {False}
-    out = compiled.generate(input_ids=ids, max_new_tokens=8)
+    # generate takes it for a prompt of 2+ tokens without padding only, and its greedy tokens are HF's
+    generator = Generator(compiled.graph_module, compiled.lm)
+    generator.generate(**_prompt(2, 7, pad=2), max_new_tokens=2)
+    generator.generate(ids[:, :1], max_new_tokens=2)  # one token: the step over the cache (a decode step's shape)
+    assert set(generator._prefill) == {False}
+    out = generator.generate(input_ids=ids, max_new_tokens=8)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert set(compiled.generator._prefill) == {False, True} and (out[:, 9:] == ref[:, 9:]).float().mean() >= 0.9
+    assert set(generator._prefill) == {False, True} and (out[:, 9:] == ref[:, 9:]).float().mean() >= 0.9
 
 
 def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
@@ -414,12 +416,17 @@ def test_generation_on_cuda_matches_hugging_face():
             compiled.generator.step(input_ids=ids, attention_mask=slots, position_ids=position,
                                     cache_position=t.cuda(), use_cache=False)  # fmt: skip
             slots[:, 7] = 1
-    # an unpadded prompt's step (lower_prompt_step) runs flash attention, causal, with no mask
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
-        t = torch.arange(7, device="cuda")
-        step = compiled.generator.prompt_step()
-        step(input_ids=prompt["input_ids"][1:], attention_mask=slots[1:], position_ids=t[None], cache_position=t,
-             use_cache=False)  # fmt: skip
+    # an unpadded prompt's step (lower_prompt_step) runs flash attention, causal, with no mask, and computes the
+    # logits the step over the cache computes
+    t = torch.arange(7, device="cuda")
+    row = dict(input_ids=prompt["input_ids"][1:], attention_mask=slots[1:], position_ids=t[None], cache_position=t,
+               use_cache=False)  # fmt: skip
+    logits = compiled.generator.logits
+    with torch.no_grad():
+        over = torch.utils._pytree.tree_leaves(compiled.generator.step(**row))[logits].float()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            causal = torch.utils._pytree.tree_leaves(compiled.generator.prompt_step()(**row))[logits].float()
+    assert (causal - over).norm() / over.norm() < 1e-2
 
 
 @pytest.mark.gpu
