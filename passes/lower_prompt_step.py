@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mpcompiler.ir import META_KEY, Rule, derived, record
-from mpcompiler.pass_manager import Pass, PassResult, retype
+from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.passes.insert_kv_cache import SDPA
 from mpcompiler.rewrite import Match, RewriteRule, apply
 
@@ -86,6 +86,5 @@ class LowerPromptStep(Pass):
         fired = apply([n for n in gm.graph.nodes if n.op == "call_function"], RULES, reasons)
         # the slot mask and the grouped queries are dead; the cache writes are not (nothing reads them here)
         gm.graph.eliminate_dead_code(lambda n: n.is_impure() or n.target is aten.index_put_.default)
-        retype(gm)  # a grouped attention's output is [B, heads, T, d] now, not [B, kv_heads, group x T, d]
         stats = {rule.name: fired[rule.name] for rule in RULES}
         return PassResult(modified=bool(sum(fired.values())), stats=stats, reasons=reasons)

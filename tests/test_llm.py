@@ -127,6 +127,27 @@ def test_an_unpadded_prompt_attends_causally_over_its_own_keys_and_fills_the_cac
     assert set(generator._prefill) == {False, True} and (out[:, 9:] == ref[:, 9:]).float().mean() >= 0.9
 
 
+def test_the_causal_prompt_step_leaves_an_attention_whose_queries_it_cannot_read(llama):
+    # a layout between insert_kv_cache's grouped queries and the attention: a causal mask over its group x T rows
+    # would be wrong without an error, so the rule does not fire and says why
+    from mpcompiler.emit_fx import twin
+    from mpcompiler.pass_manager import PassManager
+    from mpcompiler.passes import LowerPromptStep
+
+    _, compiled = llama
+    step = twin(compiled.generator.step, "Step")
+    for node in [n for n in step.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]:
+        q = node.args[0]
+        with step.graph.inserting_before(node):
+            moved = step.graph.call_function(torch.ops.aten.clone.default, (q,))
+        moved.meta = dict(q.meta)
+        node.replace_input_with(q, moved)
+    run = PassManager([LowerPromptStep()]).run(step)[0]
+    assert run.result.stats == {"causal_attention": 0} and not run.result.modified
+    assert run.result.reasons["causal_attention"]["its queries are not one per new key (a layout between the " \
+                                                  "grouping and the attention)"] == 2  # fmt: skip
+
+
 def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
     # lower_decode_step runs through a pass manager: its IR, stats and rules' reasons in generation/decode1/
     _, compiled = llama
