@@ -50,7 +50,7 @@ class Rule(str, enum.Enum):
     KV_CACHE = "kv cache"  # insert_kv_cache's slot bookkeeping
     DECODE_ATTENTION = "decode attention"  # a decode graph's attention, rewritten for one new token
     DECODE_ACTIVATION = "decode activation"  # a 1-row decode graph's MLP activation, stored once
-    PROMPT_ATTENTION = "prompt attention"  # an unpadded prompt's causal attention: its keys and values repeated
+    PROMPT_STEP = "prompt step"  # an unpadded prompt's step: keys repeated for causal attention, the last logits
 
     def __str__(self) -> str:
         return self.value

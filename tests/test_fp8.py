@@ -347,6 +347,34 @@ def test_fp8_gemms_on_the_gpu_compute_what_the_cpu_reference_does():
         assert 5e-3 < rel_err(fast(x.cuda()).cpu(), ref) < 0.1
 
 
+def test_an_unpadded_prompts_e4m3_lm_head_reads_its_last_position_alone():
+    # lower_prompt_step's last_logits through lower_fp8's quantization and reshapes: the LM head (1,024 rows, an
+    # e4m3 GEMM here) runs one row a prompt; the logits are the whole-sequence module's at the last position
+    import transformers
+
+    from mpcompiler.llm import Generator
+    from tests.test_llm import _prompt
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    prompts = [{k: v.clamp(max=1023) for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=2, dtype="fp8")
+    assert "fp8 (e4m3) GEMMs: 15 of 15 linears" in str(compiled.report)
+    generator = Generator(compiled.graph_module, compiled.lm)
+    ids = torch.randint(3, 1024, (2, 9))
+    slots = torch.zeros(2, 64, dtype=torch.long)
+    slots[:, :9] = 1
+    t = torch.arange(9)
+    got = generator(ids, slots, t[None].expand(2, -1), t, causal=True)
+    head = [n for n in generator._prefill[True][1].graph.nodes if n.target is fp8.SCALED_MM][-1]
+    assert tuple(head.meta["val"].shape) == (2, 1024)  # one row a prompt, not 2 x 9
+    ones = torch.ones_like(ids)
+    want = compiled(input_ids=ids, attention_mask=ones, position_ids=positions(ones), use_cache=False).logits[:, -1]
+    assert rel_err(got, want) < 1e-3
+
+
 @pytest.mark.gpu
 def test_fp8_generation_on_the_gpu_decodes_with_e4m3_weights():
     # the decode CUDA graphs on the GPU: 1 row Inductor's reductions over e4m3 weights, 2 rows cuBLASLt's GEMMs

@@ -117,6 +117,10 @@ def test_an_unpadded_prompt_attends_causally_over_its_own_keys_and_fills_the_cac
     assert len(writes) == 4 and all(not n.users for n in writes)
     dump = (tmp_path / "generation" / "prompt" / "01_lower_prompt_step.txt").read_text()
     assert "causal_attention=2" in dump and dump.count("{is_causal=True, scale=0.25}") == 2
+    # the LM head reads the last position alone (generate reads no other position's logits)
+    assert "last_logits=1" in dump and ", 1, -1, 9223372036854775807)" in dump
+    out = next(n for n in program.graph.nodes if n.op == "output")
+    assert tuple(torch.utils._pytree.tree_leaves(out.args[0])[0].meta["val"].shape[1:]) == (1, VOCAB)
     # generate takes it for a prompt of 2+ tokens without padding only, and its greedy tokens are HF's
     generator = Generator(compiled.graph_module, compiled.lm)
     generator.generate(**_prompt(2, 7, pad=2), max_new_tokens=2)
@@ -143,7 +147,7 @@ def test_the_causal_prompt_step_leaves_an_attention_whose_queries_it_cannot_read
         moved.meta = dict(q.meta)
         node.replace_input_with(q, moved)
     run = PassManager([LowerPromptStep()]).run(step)[0]
-    assert run.result.stats == {"causal_attention": 0} and not run.result.modified
+    assert run.result.stats == {"causal_attention": 0, "last_logits": 1}
     assert run.result.reasons["causal_attention"]["its queries are not one per new key (a layout between the " \
                                                   "grouping and the attention)"] == 2  # fmt: skip
 
@@ -444,9 +448,9 @@ def test_generation_on_cuda_matches_hugging_face():
                use_cache=False)  # fmt: skip
     logits = compiled.generator.logits
     with torch.no_grad():
-        over = torch.utils._pytree.tree_leaves(compiled.generator.step(**row))[logits].float()
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            causal = torch.utils._pytree.tree_leaves(compiled.generator.prompt_step()(**row))[logits].float()
+        over = torch.utils._pytree.tree_leaves(compiled.generator.step(**row))[logits][:, -1].float()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # its logits: the last position's alone
+            causal = torch.utils._pytree.tree_leaves(compiled.generator.prompt_step()(**row))[logits][:, -1].float()
     assert (causal - over).norm() / over.norm() < 1e-2
 
 
