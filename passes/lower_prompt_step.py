@@ -134,7 +134,8 @@ RULES = [
 
 class LowerPromptStep(Pass):
     """The generation step for prompts that fill an empty cache and have no padding: each attention causal
-    over the prompt's own keys and values, which are still written into the cache."""
+    over the prompt's own keys and values, which are still written into the cache; the LM head over the last
+    position alone."""
 
     requires = ("kv_cache",)
     rewrites_graph = True
