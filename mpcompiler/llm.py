@@ -188,7 +188,8 @@ class Generator:
     def prompt_step(self) -> torch.fx.GraphModule:
         """A new copy of the step for a prompt that fills an empty cache and has no padding
         (``passes/lower_prompt_step.py``, dumped in the dump folder's ``generation/prompt/``): its attention
-        causal over its own keys and values, which it writes into the same cache."""
+        causal over its own keys and values, which it writes into the same cache; its logits the last
+        position's alone, [B, 1, vocab]."""
         step = twin(self.step, "MpPromptStep")
         folder = self.dump_dir / "prompt" if self.dump_dir is not None else None
         PassManager([LowerPromptStep()], dump_dir=folder, debug=self.debug).run(step)
