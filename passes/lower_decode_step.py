@@ -33,6 +33,7 @@ from mpcompiler import dtypes, fp8
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult, retype
 from mpcompiler.passes.insert_kv_cache import SDPA
+from mpcompiler.passes.lower_fp8 import quantized_input
 from mpcompiler.rewrite import Match, RewriteRule, apply
 
 aten = torch.ops.aten
@@ -87,11 +88,9 @@ def _as_matmuls(attention: torch.fx.Node, m: Match) -> None:
 def _fp8_gemm(node: torch.fx.Node) -> Match | str:
     if node.target is not fp8.SCALED_MM:
         return "not an e4m3 GEMM"
-    chain, x = [aten._to_copy.default, aten.clamp.default, aten.mul.Tensor, aten._to_copy.default], node.args[0]
-    for op in chain:  # lower_fp8's quantization of the input, back to the value it quantizes
-        if getattr(x, "target", None) is not op:
-            return "its input is not lower_fp8's quantization"
-        x = x.args[0]
+    x = quantized_input(node)
+    if x is None:
+        return "its input is not lower_fp8's quantization"
     w8 = node.args[1].args[0] if getattr(node.args[1], "target", None) is aten.t.default else None
     if w8 is None or w8.op != "get_attr":
         return "its weight is not a stored e4m3 tensor"

@@ -55,6 +55,20 @@ def _join(linear: torch.fx.Node, m: Match) -> None:
     linear.replace_all_uses_with(first)
 
 
+_QUANTIZATION = (aten._to_copy.default, aten.clamp.default, aten.mul.Tensor, aten._to_copy.default)
+
+
+def quantized_input(gemm: torch.fx.Node) -> torch.fx.Node | None:
+    """The value an e4m3 GEMM's input quantizes (flattened to 2-D where the linear's was not), back through the
+    quantization ``_as_gemm`` writes; None where its input is not that."""
+    x = gemm.args[0]
+    for op in _QUANTIZATION:
+        if getattr(x, "target", None) is not op:
+            return None
+        x = x.args[0]
+    return x
+
+
 def _register(gm: torch.fx.GraphModule, like: str, suffix: str, tensor: torch.Tensor) -> str:
     """A buffer beside the attribute ``like`` (``<like>_<suffix>``); returns its target."""
     owner_path, _, name = like.rpartition(".")

@@ -31,6 +31,7 @@ from mpcompiler.accuracy import output_names
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.passes.insert_kv_cache import SDPA
+from mpcompiler.passes.lower_fp8 import quantized_input
 from mpcompiler.rewrite import Match, RewriteRule, apply
 
 aten = torch.ops.aten
@@ -78,11 +79,9 @@ def _causal(attention: torch.fx.Node, m: Match) -> None:
     attention.kwargs = {"is_causal": True, "scale": attention.kwargs.get("scale")}  # its record (dtype, why) stays
 
 
-# what may lie between the LM head and the logits (casts, lower_fp8's reshape back, a soft cap); and between a
-# hidden state and an e4m3 GEMM (lower_fp8's quantization)
+# what may lie between the LM head and the logits (casts, lower_fp8's reshape back, a soft cap)
 _AFTER_HEAD = frozenset({aten._to_copy.default, aten.reshape.default, aten.view.default, aten.mul.Tensor,
                          aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.tanh.default})  # fmt: skip
-_QUANTIZATION = (aten._to_copy.default, aten.clamp.default, aten.mul.Tensor, aten._to_copy.default)
 
 
 def _logits(node: torch.fx.Node) -> Match | str:
@@ -97,12 +96,10 @@ def _logits(node: torch.fx.Node) -> Match | str:
     if getattr(head, "target", None) is aten.linear.default:
         x = head.args[0]
     elif getattr(head, "target", None) is fp8.SCALED_MM:
-        x = head.args[0]
-        for op in _QUANTIZATION:
-            if getattr(x, "target", None) is not op:
-                return "the LM head's e4m3 input is not lower_fp8's quantization"
-            x = x.args[0]
-        x = x.args[0] if getattr(x, "target", None) is aten.reshape.default else x
+        x = quantized_input(head)
+        if x is None:
+            return "the LM head's e4m3 input is not lower_fp8's quantization"
+        x = x.args[0] if getattr(x, "target", None) is aten.reshape.default else x  # before the flattening
     else:
         return "the logits are not a linear's output (through casts, reshapes, a soft cap)"
     if x.meta["val"].dim() != 3:
