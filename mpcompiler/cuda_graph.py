@@ -63,9 +63,28 @@ class CudaGraphModule:
         gm = twin(gm, "MpCompiledModuleCudaGraph")
         self.runs = PassManager([ChannelsLast(), LowerFused(target="fx-cuda")], dump_dir=dump_dir, debug=debug).run(gm)
         self.channels_last = self.runs[0].result.modified
+        self._inputs(args, kwargs, graph_input_names(gm), device)
+        # max-autotune: Inductor times its Triton GEMM templates (bias, GELU, residual fused into their
+        # epilogues) against cuBLAS for these fixed shapes and keeps the faster; its own CUDA graphs stay off
+        fn = torch.compile(gm, dynamic=False, mode="max-autotune-no-cudagraphs" if autotune else None)
+        self._capture(fn, device, WARMUP)
+
+    @classmethod
+    def of(cls, fn, kwargs: dict, pool=None) -> CudaGraphModule:
+        """``fn`` (compiled, and already run on inputs of these shapes: its warm-up) captured as one CUDA graph
+        on copies of ``kwargs``, its memory from ``pool`` (``torch.cuda.graph_pool_handle()``; graphs that
+        share one must not run at once). Raises what the capture raises."""
+        self = cls.__new__(cls)
+        self.runs, self.channels_last = [], False
+        device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
+        self._inputs((), kwargs, list(kwargs), device)
+        self._capture(fn, device, 0, pool)
+        return self
+
+    def _inputs(self, args: tuple, kwargs: dict, names: list[str], device: torch.device) -> None:
+        """The static buffers a replay reads, copies of ``(args, kwargs)``, and their names, shapes and dtypes."""
         self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
-        names = graph_input_names(gm)
         self.names = [describe_input(p, names) for p, _ in leaves]
         self.static = [self._buffer(v, device) for _, v in leaves]
         # the capture's exact shapes and dtypes: a replay reads its buffers as they are
@@ -73,20 +92,20 @@ class CudaGraphModule:
             GraphInput(name, tuple(b.shape), b.dtype) if isinstance(b, torch.Tensor) else None
             for name, b in zip(self.names, self.static, strict=True)
         ]
-        # max-autotune: Inductor times its Triton GEMM templates (bias, GELU, residual fused into their
-        # epilogues) against cuBLAS for these fixed shapes and keeps the faster; its own CUDA graphs stay off
-        fn = torch.compile(gm, dynamic=False, mode="max-autotune-no-cudagraphs" if autotune else None)
+
+    def _capture(self, fn, device: torch.device, warmup: int, pool=None) -> None:
         static_args, static_kwargs = pytree.tree_unflatten(self.static, self.spec)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with _cudnn_autotuned(), torch.no_grad():
+        # cuDNN times its algorithms in the warm-up; a step warmed up by its caller runs under the caller's settings
+        with _cudnn_autotuned() if warmup else contextlib.nullcontext(), torch.no_grad():
             with torch.cuda.stream(side):
-                for _ in range(WARMUP):
+                for _ in range(warmup):
                     fn(*static_args, **static_kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph):
+                with torch.cuda.graph(self.graph, pool=pool):
                     self.outputs = fn(*static_args, **static_kwargs)
             except RuntimeError as exc:
                 raise OptionError(
@@ -101,6 +120,11 @@ class CudaGraphModule:
         return torch.empty_like(value, device=device, memory_format=fmt).copy_(value)
 
     def __call__(self, *args, **kwargs):
+        self.load(*args, **kwargs)
+        return pytree.tree_map_only(torch.Tensor, torch.clone, self.replay())
+
+    def load(self, *args, **kwargs) -> None:
+        """Copy inputs like the model's into the graph's buffers (each checked against the capture's)."""
         if set(kwargs) == set(self.kwarg_names):  # keyword arguments in any order
             kwargs = {name: kwargs[name] for name in self.kwarg_names}
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -118,5 +142,9 @@ class CudaGraphModule:
                         "capture another with compiled.cuda_graph(...) for that shape"
                     )
                 buffer.copy_(value, non_blocking=True)
+
+    def replay(self):
+        """Replay the graph on its buffers as they are (what :meth:`load`, or the graph itself, left in them)
+        and return its own output buffers, which the next replay overwrites."""
         self.graph.replay()
-        return pytree.tree_map_only(torch.Tensor, torch.clone, self.outputs)
+        return self.outputs
