@@ -59,9 +59,10 @@ import transformers
 import mpcompiler
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
+from mpcompiler import llm
 from mpcompiler.ir import META_KEY, derived, record
 from mpcompiler.llm import Generator
-from mpcompiler.passes import lower_decode_step
+from mpcompiler.passes import carry_decode_state, lower_decode_step
 from mpcompiler.rewrite import RewriteRule
 from tests.helpers import run_handoff_snippet
 
@@ -234,22 +235,25 @@ EXPERIMENTS = {
         ),
         True,
     ),
-    # Hopper's programmatic dependent launch between Inductor's kernels (each waits for its predecessor's
-    # writes inside the kernel, not at its launch): a token's ~300 kernels, most a few microseconds, are bound
-    # by launch and tail, not bytes (run Y: 1.09 ms of kernels a token against a 0.54 ms floor, H200)
-    "decode kernels with PDL": (lambda: torch._inductor.config.patch({"triton.enable_pdl": True}), True),
+    # the default's decode graphs launch their kernels with Hopper's programmatic dependent launch (each waits
+    # for its predecessor's writes inside the kernel, not at its launch); here without it
+    "decode kernels without PDL": (patched(llm, "PDL", False), True),
+    # the loop choosing each token in Python from the plain decode graph's logits (as before the default's decode
+    # graph chose them itself: carry_decode_state)
+    "tokens chosen in Python": (patched(carry_decode_state, "STOP_SLOTS", -1), True),
+    # the unpadded prompt's step launched from Python each time (compiled, dynamic shapes), not replayed as the
+    # CUDA graph of its shape
+    "prompt step without CUDA graphs": (patched(llm, "PROMPT_GRAPHS", 0), True),
     # Inductor's combo kernels: independent kernels of a step (q's rotary, k's rotary and cache write, v's cache
     # write: three kernels a layer, 3.5 us, run Y) launched as one
     "decode combo kernels": (lambda: torch._inductor.config.patch(combo_kernels=True), True),
-    "decode attention as reductions + PDL + combo kernels": (
+    "decode attention as reductions + combo kernels": (
         lambda: _stacked(
             patched(lower_decode_step, "RULES", _REDUCTIONS)(),
-            torch._inductor.config.patch({"triton.enable_pdl": True, "combo_kernels": True}),
+            torch._inductor.config.patch({"combo_kernels": True}),
         ),
         True,
     ),
-    # the 1-row graph's q/k/v, o and down projections as split-K sums: their matrix-vector kernels have 2,048 to
-    # 2,560 outputs (rows of programs) and read their weights at 1.0-2.5 TB/s, gate/up's (11,264) at 2.8 (run W)
     "1-row decode, split-K projections": (patched(lower_decode_step, "ONE_ROW_ROUNDS", _SPLIT_K_ROUNDS), True),
     # Inductor's C++ wrapper for the steps compiled here: the prompt step (dynamic shapes, no CUDA graph) is
     # host-bound, ~14 ms of a 175.8 ms 1-row generation with the GPU idle (run W, docs/llm.md)
@@ -284,21 +288,23 @@ def tuned_configs() -> dict[str, str]:
 
 
 def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict, key: str):
-    """A generation whose steps ``generator`` compiles under ``context`` (its first call, here); records
-    in ``meta[key]`` the share of its tokens equal to mpcompiler's default path's, and the tuned launch
-    configurations of the kernels it compiled."""
+    """A generation whose steps ``generator`` compiles and runs under ``context`` (a patch read at run time, as
+    the loop's, holds for the timed runs too); records in ``meta[key]`` the share of its tokens equal to
+    mpcompiler's default path's, and the tuned launch configurations of the kernels it compiled."""
+
+    def run():
+        with context():
+            return generator.generate(prompt, max_new_tokens=new)
+
     known = set(tuned_configs())
-    with context():
-        tokens = generator.generate(prompt, max_new_tokens=new)
+    tokens = run()
     meta[key.replace("token agreement", "configs")] = {k: v for k, v in tuned_configs().items() if k not in known}
     meta[key] = round(float((tokens == ours.generate(prompt, max_new_tokens=new)).float().mean()), 4)
     try:  # evidence, not a row: which kernels moved
-        meta[key.replace("token agreement", "kernels")] = cuda_kernels(
-            lambda: generator.generate(prompt, max_new_tokens=new), 1
-        )
+        meta[key.replace("token agreement", "kernels")] = cuda_kernels(run, 1)
     except Exception as exc:
         meta[key.replace("token agreement", "kernels")] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    return lambda: generator.generate(prompt, max_new_tokens=new)
+    return run
 
 
 def prefill_under(generator: Generator, context, ids, ones, positions):
@@ -459,7 +465,8 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         for label, (context, shared) in EXPERIMENTS.items():
             if shared:  # the default's step module (its KV cache) and compiled prompt step; decode graphs anew
                 variant = copy.copy(ours.generator)
-                variant._graphs, variant._prefill = {}, dict(ours.generator._prefill)  # its own, seeded
+                variant._decode_steps, variant._prompt_graphs = {}, {}  # its own
+                variant._prefill = dict(ours.generator._prefill)  # seeded
             else:
                 variant = Generator(ours.graph_module, ours.lm)
             for b in batches:

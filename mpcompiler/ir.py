@@ -50,6 +50,7 @@ class Rule(str, enum.Enum):
     KV_CACHE = "kv cache"  # insert_kv_cache's slot bookkeeping
     DECODE_ATTENTION = "decode attention"  # a decode graph's attention, rewritten for one new token
     DECODE_ACTIVATION = "decode activation"  # a 1-row decode graph's MLP activation, stored once
+    DECODE_STATE = "decode state"  # a greedy decode graph's token choice and the inputs it writes for its next replay
     PROMPT_STEP = "prompt step"  # an unpadded prompt's step: keys repeated for causal attention, the last logits
 
     def __str__(self) -> str:

@@ -21,7 +21,7 @@ keys, SDPA's flash kernel, not over every slot of the cache under a mask).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -33,10 +33,19 @@ from mpcompiler.cuda_graph import CudaGraphModule
 from mpcompiler.emit_fx import twin
 from mpcompiler.errors import CaptureError, InputError, OptionError
 from mpcompiler.pass_manager import PassManager
-from mpcompiler.passes import InsertKvCache, LowerDecodeStep, LowerFused, LowerPromptStep
+from mpcompiler.passes import (
+    CarryDecodeState,
+    InsertKvCache,
+    LowerDecodeStep,
+    LowerFused,
+    LowerPromptStep,
+    carry_decode_state,
+)
 from mpcompiler.samples import Sample, model_device
 
 CALIB_NEW_TOKENS = 16  # greedy tokens each calibration prompt is continued with
+PROMPT_GRAPHS = 16  # prompt shapes a generator keeps a CUDA graph of (in one memory pool: they never run at once)
+PDL = True  # decode graphs launch their kernels with programmatic dependent launch where the GPU has it (Hopper on)
 STOP_CHECK = 8  # decode steps between reads of whether every row has stopped (each read waits for the GPU)
 SEQ_INPUTS = {"input_ids": (1,), "attention_mask": (1,), "position_ids": (1,)}  # capture keeps these dynamic
 
@@ -142,37 +151,46 @@ class Generator:
         self.runs = PassManager(passes, dump_dir=self.dump_dir, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
-        self._graphs = {}  # rows -> the decode step's CUDA graph, captured on first use (None: it could not be)
+        self._decode_steps = {}  # (rows, greedy) -> the decode step and its CUDA graph (None: off the GPU, or failed)
         self._prefill = {}  # causal -> the prompt step (under torch.compile on the GPU), built on first use
+        self._prompt_graphs = {}  # (causal, input shapes) -> the prompt step's CUDA graph (None: it could not be)
+        self._prompt_pool = torch.cuda.graph_pool_handle() if model_device(self.step).type == "cuda" else None
 
-    def decode_graph(self, batch: int | None = None) -> CudaGraphModule | None:
+    def decode_graph(self, batch: int | None = None, *, greedy: bool = False) -> CudaGraphModule | None:
         """The decode step for ``batch`` rows (default: max_batch) as one CUDA graph, over the first
         :func:`graph_rows` rows of the cache (a graph per such size, captured on first use: a step costs
-        what its rows cost, not the whole cache's). None where torch.compile or the capture fails (a
+        what its rows cost, not the whole cache's). ``greedy``: the graph that chooses its next token and
+        writes its own next inputs (:meth:`decode_step`). None where torch.compile or the capture fails (a
         warning names why; decode steps then run the FX program, slower)."""
-        rows = graph_rows(batch or self.lm.max_batch, self.lm.max_batch)
-        if rows not in self._graphs:
-            step, example = self.decode_step(rows)
-            try:
-                with _vector_tuning(rows):
-                    dumps = self.dump_dir / f"decode{rows}" / "cuda_graph" if self.dump_dir is not None else None
-                    self._graphs[rows] = CudaGraphModule(
-                        step, (), example | self.extra, dump_dir=dumps, debug=self.debug
-                    )
-            except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
-                warnings.warn(
-                    f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding with the FX program instead",
-                    stacklevel=3,
-                )
-                self._graphs[rows] = None
-        return self._graphs[rows]
+        return self._decode(graph_rows(batch or self.lm.max_batch, self.lm.max_batch), greedy)[1]
 
-    def decode_step(self, rows: int) -> tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]:
+    def _decode(self, rows: int, greedy: bool) -> tuple[torch.fx.GraphModule, CudaGraphModule | None]:
+        """The decode step of ``rows`` rows (its FX program) and, on the GPU, its CUDA graph; built on first use."""
+        if (rows, greedy) not in self._decode_steps:
+            step, example = self.decode_step(rows, greedy=greedy)
+            graph = None
+            if model_device(step).type == "cuda":
+                try:
+                    with _decode_tuning(rows, model_device(step)):
+                        folder = f"decode{rows}{'_greedy' if greedy else ''}"
+                        dumps = self.dump_dir / folder / "cuda_graph" if self.dump_dir is not None else None
+                        graph = CudaGraphModule(step, (), example | self.extra, dump_dir=dumps, debug=self.debug)
+                except Exception as exc:  # a compiler bug must not stop generation (seen: dynamo in torch 2.11)
+                    warnings.warn(
+                        f"mpcompiler: the decode step could not be captured as a CUDA graph ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding with the FX program instead",
+                        stacklevel=4,
+                    )
+            self._decode_steps[rows, greedy] = (step, graph)
+        return self._decode_steps[rows, greedy]
+
+    def decode_step(self, rows: int, *, greedy: bool = False) -> tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]:
         """The step over the cache's first ``rows`` rows as the decode graph compiles it
         (``passes/lower_decode_step.py``, dumped in the dump folder's ``generation/decode<rows>/``), and an
         example of its inputs: one new token a row, its warm-up writes in the cache's last slot (a prefill
-        or decode step overwrites that slot before any step reads it)."""
+        or decode step overwrites that slot before any step reads it). ``greedy``: the step also chooses its
+        next token and writes its next inputs (``passes/carry_decode_state.py``, ``decode<rows>_greedy/``):
+        it takes no tensor input, its state in the buffers that :func:`carry_decode_state.state` names."""
         device = model_device(self.step)
         example = {
             "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),
@@ -181,9 +199,15 @@ class Generator:
             "cache_position": torch.tensor([self.lm.max_seq - 1], device=device),
         }
         step = twin(self.step, f"MpDecodeStep{rows}")
-        folder = self.dump_dir / f"decode{rows}" if self.dump_dir is not None else None
-        PassManager([LowerDecodeStep(example=example)], dump_dir=folder, debug=self.debug).run(step)
-        return step, example
+        folder = self.dump_dir / f"decode{rows}{'_greedy' if greedy else ''}" if self.dump_dir is not None else None
+        passes = [LowerDecodeStep(example=example)] + ([CarryDecodeState()] if greedy else [])
+        runs = PassManager(passes, dump_dir=folder, debug=self.debug).run(step)
+        if not greedy:
+            return step, example
+        if not runs[-1].result.modified:
+            raise CaptureError(f"the decode step cannot choose its own tokens: {runs[-1].result.reasons}")
+        carry_decode_state.state(step)["cache_position"].fill_(self.lm.max_seq - 1)  # where warm-ups write
+        return step, {}
 
     def prompt_step(self) -> torch.fx.GraphModule:
         """A new copy of the step for a prompt that fills an empty cache and has no padding
@@ -195,6 +219,7 @@ class Generator:
         PassManager([LowerPromptStep()], dump_dir=folder, debug=self.debug).run(step)
         return step
 
+    @torch.no_grad()  # as the prompt step's CUDA graph captures it (no-grad: a guard of the compiled step)
     def __call__(self, input_ids, attention_mask, position_ids, cache_position, *, causal=False) -> torch.Tensor:
         """One step: the logits of the new tokens' last position, [B, vocab]. A decode step on the GPU
         replays the CUDA graph of its batch size, its rows padded to that graph's. ``causal``: the step is a
@@ -218,19 +243,27 @@ class Generator:
             return torch.utils._pytree.tree_leaves(out)[self.logits][:batch, -1]
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       cache_position=cache_position, **self.extra)  # fmt: skip
-        return torch.utils._pytree.tree_leaves(self._prompt_step(inputs, causal))[self.logits][:, -1]
+        return torch.utils._pytree.tree_leaves(self._prompt_step(inputs, causal))[self.logits][:, -1].clone()
 
     def _prompt_step(self, inputs: dict, causal: bool):
         """A prefill (or a decode step off the GPU). On the GPU it runs Inductor's kernels, batch and
-        length dynamic (compiled on the first call): run op by op, a prompt's step is bound by launching
-        its ~1,000 kernels. Where torch.compile fails, a warning names why and the FX program runs."""
+        length dynamic (compiled on the first call); an unpadded prompt's step (``causal``), from a shape's second
+        call on, replays the CUDA graph captured after its first (up to PROMPT_GRAPHS shapes, one memory pool):
+        launched from Python, a 128-token prompt's ~240 kernels kept the GPU idle for most of its step
+        (docs/llm.md). Where torch.compile fails,
+        a warning names why and the FX program runs; where a capture fails, that shape runs compiled."""
         if causal not in self._prefill:
             program = self.prompt_step() if causal else self.step
             cuda = inputs["input_ids"].device.type == "cuda"
             self._prefill[causal] = (torch.compile(program, dynamic=True) if cuda else program, program)
         step, program = self._prefill[causal]
+        shape = (causal, *(tuple(v.shape) for v in inputs.values() if isinstance(v, torch.Tensor)))
+        graph = self._prompt_graphs.get(shape)
+        if graph is not None:
+            graph.load(**inputs)
+            return graph.replay()
         try:
-            return step(**inputs)
+            out = step(**inputs)
         except Exception as exc:  # a compiler bug must not stop generation; the step rewrites what it wrote
             if step is program:
                 raise
@@ -241,6 +274,24 @@ class Generator:
             )
             self._prefill[causal] = (program, program)
             return program(**inputs)
+        # an unpadded prompt's step alone: its outputs are the last position's (the graph keeps them)
+        if causal and step is not program and shape not in self._prompt_graphs:
+            if len(self._prompt_graphs) < PROMPT_GRAPHS:
+                self._prompt_graphs[shape] = self._capture(step, inputs)
+        return out
+
+    def _capture(self, step, inputs: dict) -> CudaGraphModule | None:
+        """The compiled prompt ``step`` captured on ``inputs``' shapes (the call just made was its warm-up; the
+        capture runs nothing); None, with a warning, where it cannot be (that shape then runs compiled)."""
+        try:
+            return CudaGraphModule.of(step, inputs, self._prompt_pool)
+        except Exception as exc:  # a capture that fails must leave generation running
+            warnings.warn(
+                f"mpcompiler: the prompt step could not be captured as a CUDA graph ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); it runs compiled",
+                stacklevel=5,
+            )
+            return None
 
     @torch.no_grad()
     def generate(
@@ -262,6 +313,8 @@ class Generator:
         batch, length = ids.shape
         if batch > self.lm.max_batch:
             raise InputError(f"a batch of {batch} prompts; the KV cache holds max_batch={self.lm.max_batch} rows")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={max_new_tokens}: generate chooses at least one token")
         if length + max_new_tokens > self.lm.max_seq:
             raise InputError(
                 f"{length} prompt tokens + max_new_tokens={max_new_tokens} = {length + max_new_tokens} passes "
@@ -271,31 +324,67 @@ class Generator:
         # no row padded: the prompt step attends causally over the prompt alone (one token: the decode graph's step)
         causal = length > 1 and bool(mask.all())
         ids, mask = ids.to(device), mask.to(device)
-        if device.type == "cuda":
-            self.decode_graph(batch)  # captured before the prefill: its warm-up writes stay out of this generation
         stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
+        # greedy: the decode graph chooses each token itself; sampling and streaming choose them here
+        greedy = not do_sample and streamer is None and len(stops) <= carry_decode_state.STOP_SLOTS
+        rows = graph_rows(batch, self.lm.max_batch)
+        if device.type == "cuda" or greedy:  # captured before the prefill: its warm-up writes stay out of it
+            self._decode(rows, greedy)
         pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
         slots = torch.zeros(batch, self.lm.max_seq, dtype=torch.long, device=device)
         slots[:, :length] = mask
         position = positions(mask)
         logits = self(ids, slots, position, torch.arange(length, device=device), causal=causal)
-        # The loop never waits for the GPU (no .item(), no host-to-device copy), so Python runs ahead
-        # and the steps' graph replays queue back to back; whether every row has stopped is read every
-        # STOP_CHECK steps, and the steps past the last stop are cut at the end.
-        # A streamer (transformers' TextStreamer, TextIteratorStreamer: put() and end()) gets the prompt,
-        # then each token as it is chosen; that reads every token back, so stops are read every step too.
-        new, finished = [], []
-        done, last = torch.zeros(batch, dtype=torch.bool, device=device), position[:, -1:]
-        cache_position = torch.full((1,), length, device=device)
+        if greedy:
+            new = self._greedy(rows, logits.argmax(-1), slots, position[:, -1:] + 1, length, max_new_tokens, stops, pad)
+        else:
+            new = self._loop(logits, slots, position[:, -1:], length, max_new_tokens, stops, pad,
+                             (do_sample, temperature, top_k, top_p, generator), ids, streamer)  # fmt: skip
+        if len(stops):  # cut the steps after every row has stopped
+            stopped = torch.isin(new, stops)
+            if bool(stopped.any(1).all()):
+                new = new[:, : int(stopped.int().argmax(1).max()) + 1]
+        return torch.cat([ids, new], 1)
+
+    def _greedy(self, rows, token, slots, position, length, max_new_tokens, stops, pad) -> torch.Tensor:
+        """The new tokens [B, max_new_tokens] of the decode step that chooses them itself (the greedy decode
+        graph of ``rows`` rows, replayed back to back; the FX step off the GPU), from the prompt's ``token``.
+        Whether every row has stopped is read every STOP_CHECK steps (each read waits for the GPU)."""
+        step, graph = self._decode(rows, greedy=True)
+        replay = graph.replay if graph is not None else functools.partial(step, **self.extra)
+        state, batch, done = carry_decode_state.state(step), len(token), torch.isin(token, stops)
+        for name, value in (("input_ids", token[:, None]), ("attention_mask", slots), ("position_ids", position),
+                            ("done", done)):  # fmt: skip
+            state[name].zero_()[:batch] = value  # the rows past the batch idle
+        state["cache_position"].fill_(length)
+        state["tokens"][:batch, length] = token
+        state["stop_ids"].fill_(-1)[: len(stops)] = stops
+        state["pad_id"].fill_(pad)
+        count = 1
+        while count < max_new_tokens:
+            replay()
+            count += 1
+            if len(stops) and count % STOP_CHECK == 0 and bool(state["done"][:batch].all()):
+                break
+        return state["tokens"][:batch, length : length + count].clone()
+
+    def _loop(self, logits, slots, last, length, max_new_tokens, stops, pad, choice, ids, streamer) -> torch.Tensor:
+        """The new tokens [B, max_new_tokens] chosen here from each step's logits (sampling, a streamer), the
+        first from the prompt's. The loop never waits for the GPU (no .item(), no host-to-device copy), so
+        Python runs ahead and the steps' graph replays queue back to back; whether every row has stopped is
+        read every STOP_CHECK steps. A streamer (transformers' TextStreamer, TextIteratorStreamer: put() and
+        end()) gets the prompt, then each token as it is chosen; that reads every token back, so stops are
+        read every step too."""
         check = STOP_CHECK if streamer is None else 1
         if streamer is not None:
             streamer.put(ids.cpu())
+        new, cache_position = [], torch.full((1,), length, device=ids.device)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
-            token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
+            token = _choose(logits, *choice)
             if len(stops):  # without eos tokens no row stops: a step launches no bookkeeping kernels for it
                 token = torch.where(done, torch.full_like(token, pad), token)
                 done |= torch.isin(token, stops)
-                finished.append(done.all())
             new.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
@@ -307,26 +396,30 @@ class Generator:
             cache_position = cache_position + 1
         if streamer is not None:
             streamer.end()
-        finished = torch.stack(finished) if finished else torch.zeros(0, dtype=torch.bool)
-        steps = int(finished.int().argmax()) + 1 if bool(finished.any()) else len(new)
-        return torch.cat([ids, torch.stack(new[:steps], 1)], 1)
+        return torch.stack(new, 1)
 
 
-def _vector_tuning(rows: int):
-    """Inductor's coordinate-descent tuning for a 1-row decode graph, as gpt-fast compiles its decode step:
-    under it Inductor writes each one-row matmul as a matrix-vector reduction (fp32 accumulation) that it
-    tunes and fuses with the norm, activation or residual beside it, where cuBLAS runs GEMM tiles 8 rows
-    tall. One TinyLlama-shaped replay: 313 -> 266 kernels, 1.428 -> 1.318 ms (H100, 2026-12-06,
-    benchmarks/profile_llm.py; a whole 1-row generation 201.6 -> 185.6 ms). With 8 rows cuBLAS's GEMMs stay
-    and the tuning measured 2% slower, so those graphs compile without it."""
-    if rows != 1:
-        return contextlib.nullcontext()
+def _decode_tuning(rows: int, device: torch.device):
+    """How Inductor compiles a decode graph. On Hopper, programmatic dependent launch (PDL) between its
+    kernels: each launches while its predecessor runs and waits for its writes inside, so that a token's ~300
+    kernels, most a few microseconds, do not each pay a launch and a tail (1-row generation 759.3 -> 785.4
+    tokens/s, H100, 2026-12-07, docs/llm.md run AA). At one row, coordinate-descent tuning as gpt-fast
+    compiles its decode step: Inductor writes each one-row matmul as a matrix-vector reduction (fp32
+    accumulation) that it tunes and fuses with the norm, activation or residual beside it, where cuBLAS runs
+    GEMM tiles 8 rows tall. One TinyLlama-shaped replay: 313 -> 266 kernels, 1.428 -> 1.318 ms (H100,
+    2026-12-06, benchmarks/profile_llm.py; a whole 1-row generation 201.6 -> 185.6 ms). With 8 rows cuBLAS's
+    GEMMs stay and the tuning measured 2% slower, so those graphs compile without it."""
     from torch._inductor import config
 
-    # no in-place buffers: the o projection's kernel that added the residual stream in place (tuned with a clone
-    # of that buffer inside each timed call) ran 1.4x to 2.6x its twin's time; without them a 1-row generation's
-    # kernels took 161.4 ms, not 174.3 (H100, 2026-12-06, docs/llm.md run W)
-    return config.patch(coordinate_descent_tuning=True, inplace_buffers=False)
+    patch = {}
+    if PDL and hasattr(config.triton, "enable_pdl") and torch.cuda.get_device_capability(device) >= (9, 0):
+        patch["triton.enable_pdl"] = True
+    if rows == 1:
+        # no in-place buffers: the o projection's kernel that added the residual stream in place (tuned with a
+        # clone of that buffer inside each timed call) ran 1.4x to 2.6x its twin's time; without them a 1-row
+        # generation's kernels took 161.4 ms, not 174.3 (H100, 2026-12-06, docs/llm.md run W)
+        patch |= {"coordinate_descent_tuning": True, "inplace_buffers": False}
+    return config.patch(patch)
 
 
 def graph_rows(batch: int, max_batch: int) -> int:

@@ -114,7 +114,7 @@ def retype(gm: torch.fx.GraphModule) -> None:
     refusing mixed dtypes, say).
     """
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode(inputs)
+    mode = detect_fake_mode(inputs) or detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])  # no input
     # Shapes and dtypes do not depend on the attention backend; CUDA's fused ones need concrete
     # sizes to pick a kernel (fp32 SDPA with dynamic dims fails on torch 2.11), the math one does not.
     # Composite ops (linear, matmul) decompose through their Python rules, as under torch.export:

@@ -5,6 +5,7 @@ and decode steps) run small lists of their own."""
 from mpcompiler.passes.assign_fp8 import AssignFp8
 from mpcompiler.passes.assign_precision import AssignPrecision
 from mpcompiler.passes.calibrate_ranges import CalibrateRanges
+from mpcompiler.passes.carry_decode_state import CarryDecodeState
 from mpcompiler.passes.channels_last import ChannelsLast
 from mpcompiler.passes.clean_graph import CleanGraph
 from mpcompiler.passes.eliminate_casts import EliminateCasts
@@ -23,6 +24,7 @@ __all__ = [
     "AssignFp8",
     "AssignPrecision",
     "CalibrateRanges",
+    "CarryDecodeState",
     "ChannelsLast",
     "CleanGraph",
     "EliminateCasts",

@@ -386,9 +386,9 @@ def test_fp8_generation_on_the_gpu_decodes_with_e4m3_weights():
     seq = {k: v[1:].cuda() for k, v in _prompt(2, 9, pad=2).items()}
     with torch.no_grad():
         got = _token_by_token(compiled.generator, seq)  # each step a replay of the 1-row CUDA graph
-    assert compiled.generator._graphs.get(1) is not None
+    assert compiled.generator._decode_steps[1, False][1] is not None
     want, ref = _lm_logits(_e4m3_weights_model(model, compiled), seq), _lm_logits(model, seq)
     assert rel_err(got, want) < 2e-3 and 1e-2 < rel_err(got, ref) < 0.1
     pair = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
     out = compiled.generate(**pair, max_new_tokens=8)  # the prompt step's e4m3 GEMMs, then the 2-row graph
-    assert compiled.generator._graphs.get(2) is not None and out.shape == (2, 15)
+    assert compiled.generator._decode_steps[2, True][1] is not None and out.shape == (2, 15)  # the greedy graph

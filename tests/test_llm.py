@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -13,6 +14,7 @@ import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import fused
 from mpcompiler.llm import Generator, _pad_rows, graph_rows, positions
+from mpcompiler.passes import carry_decode_state
 from tests.helpers import TOL, run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
@@ -167,6 +169,45 @@ def test_decode_graph_rewrites_are_dumped(llama, tmp_path):
         if node.target is torch.ops.prims.inductor_force_stride_order.default:
             assert tuple(node.args[1]) == torch.empty(node.meta["val"].shape).stride()
             assert f"%{node.name} = prims.inductor_force_stride_order" in dump
+
+
+def test_the_greedy_decode_step_chooses_its_tokens_and_writes_its_next_inputs_itself(llama, tmp_path):
+    # carry_decode_state: generate's greedy loop replays a decode step that takes no input; its argmax, eos
+    # padding and next inputs are written in the graph. Its tokens are those of the loop that chooses each
+    # token in Python (a streamer's), for a batch of 3 on the 4-row step (one idle row), eos in one row
+    _, compiled = llama
+    torch.manual_seed(4)
+    prompt = _prompt(3, 7, pad=2)
+    host = compiled.generate(**prompt, max_new_tokens=12, streamer=_Collect())
+    generator = Generator(compiled.graph_module, compiled.lm, dump_dir=tmp_path, debug=True)
+    assert torch.equal(generator.generate(**prompt, max_new_tokens=12), host)
+    step, _ = generator._decode(4, greedy=True)
+    assert not [n for n in step.graph.nodes if n.op == "placeholder" and n.target != "use_cache"]
+    state = carry_decode_state.state(step)
+    assert sorted(state) == ["attention_mask", "cache_position", "done", "input_ids", "pad_id", "position_ids",
+                             "stop_ids", "tokens"]  # fmt: skip
+    assert torch.equal(state["tokens"][:3, 7:19], host[:, 7:]) and int(state["cache_position"]) == 18
+    eos = int(host[1, 10])
+    stopped = compiled.generate(**prompt, max_new_tokens=12, eos_token_id=[eos, 5], pad_token_id=1)
+    assert torch.equal(generator.generate(**prompt, max_new_tokens=12, eos_token_id=[eos, 5], pad_token_id=1),
+                       stopped)  # fmt: skip
+    assert (stopped[1, 11:] == 1).all() and torch.equal(stopped[:, :11], host[:, :11])
+    dump = (tmp_path / "generation" / "decode4_greedy" / "02_carry_decode_state.txt").read_text()
+    assert "carried_state=1" in dump and "= argmax(" in dump and "copy_(%decode_input_ids, " in dump
+
+
+def test_the_greedy_decode_step_keeps_its_writes_under_torch_compile(llama):
+    # the GPU's decode graph is the step under torch.compile: its writes into its own buffers (functionalized,
+    # then copied back) carry each replay's token and positions into the next
+    _, compiled = llama
+    torch.manual_seed(5)
+    prompt = _prompt(1, 6)
+    want = compiled.generate(**prompt, max_new_tokens=10, streamer=_Collect())
+    generator = Generator(compiled.graph_module, compiled.lm)
+    step, _ = generator._decode(1, greedy=True)
+    fn = torch.compile(step, backend="aot_eager", dynamic=False)
+    generator._decode_steps[1, True] = (step, SimpleNamespace(replay=lambda: fn(use_cache=False)))
+    assert torch.equal(generator.generate(**prompt, max_new_tokens=10), want)
 
 
 def _padded(program, rows):
@@ -421,12 +462,25 @@ def test_generation_on_cuda_matches_hugging_face():
     prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
     compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
     prompt = {k: v.cuda() for k, v in _prompt(2, 7, pad=3).items()}
-    assert compiled.generator.decode_graph(2) is not None  # each decode step one CUDA graph replay
+    assert compiled.generator.decode_graph(2, greedy=True) is not None  # each decode step one CUDA graph replay
     out = compiled.generate(**prompt, max_new_tokens=12)
     ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
     alone = compiled.generate(**{k: v[1:] for k, v in prompt.items()}, max_new_tokens=12)  # the 1-row graph
-    assert sorted(compiled.generator._graphs) == [1, 2] and (alone[0, 7:] == ref[1, 7:]).float().mean() >= 0.9
+    assert sorted(compiled.generator._decode_steps) == [(1, True), (2, True)]
+    assert all(graph is not None for _, graph in compiled.generator._decode_steps.values())
+    assert (alone[0, 7:] == ref[1, 7:]).float().mean() >= 0.9
+    # its prompt step (unpadded: lower_prompt_step's) was captured after that first call; now it replays
+    graphs = compiled.generator._prompt_graphs
+    assert [shape[1] for shape, graph in graphs.items() if graph is not None] == [(1, 7)]  # input_ids
+    assert torch.equal(compiled.generate(**{k: v[1:] for k, v in prompt.items()}, max_new_tokens=12), alone)
+    # the greedy graph chooses the tokens the loop in Python chooses from the plain graph's logits (a streamer's),
+    # an eos row padded in the graph as there
+    eos = int(out[0, 10])
+    stopped = compiled.generate(**prompt, max_new_tokens=12, eos_token_id=eos)
+    host = compiled.generate(**prompt, max_new_tokens=12, eos_token_id=eos, streamer=_Collect())
+    assert compiled.generator._decode_steps[2, False][1] is not None and (stopped == host).float().mean() >= 0.9
+    assert (stopped[0, 11:] == eos).all()
     assert set(compiled.generator._prefill) == {False, True}  # row 1 alone has no padding: the causal prompt step
     # the step's attention runs a fused kernel with its mask, for a prompt and a decode step off the CUDA
     # graph alike: not cuDNN's alone, and not the math fallback (fp32 over a repeated cache, 2x slower a
