@@ -425,6 +425,8 @@ def test_bad_generation_input_is_named(llama):
         compiled.generate(**_prompt(5, 4), max_new_tokens=2)
     with pytest.raises(mpcompiler.InputError, match="60 prompt tokens \\+ max_new_tokens=8 = 68 passes max_seq=64"):
         compiled.generate(**_prompt(1, 60), max_new_tokens=8)
+    with pytest.raises(mpcompiler.InputError, match="max_new_tokens=0: generate chooses at least one token"):
+        compiled.generate(**_prompt(1, 4), max_new_tokens=0)
     right = _prompt(2, 6)
     right["attention_mask"][1, -2:] = 0
     with pytest.raises(mpcompiler.InputError, match="row 1, ends in padding.*padding_side = 'left'"):
