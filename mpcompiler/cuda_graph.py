@@ -71,14 +71,16 @@ class CudaGraphModule:
 
     @classmethod
     def of(cls, fn, kwargs: dict, pool=None) -> CudaGraphModule:
-        """``fn`` (compiled, and already run on inputs of these shapes: its warm-up) captured as one CUDA graph
-        on copies of ``kwargs``, its memory from ``pool`` (``torch.cuda.graph_pool_handle()``; graphs that
-        share one must not run at once). Raises what the capture raises."""
+        """``fn`` (compiled already) captured as one CUDA graph on copies of ``kwargs``, after one warm-up call on
+        those copies (the tensors a compiled function's guards saw must be the capture's: a row slice's storage
+        offset, say, recompiles it, and a recompile inside a capture fails it), its memory from ``pool``
+        (``torch.cuda.graph_pool_handle()``; graphs that share one must not run at once). Raises what the warm-up
+        or the capture raises."""
         self = cls.__new__(cls)
         self.runs, self.channels_last = [], False
         device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
         self._inputs((), kwargs, list(kwargs), device)
-        self._capture(fn, device, 0, pool)
+        self._capture(fn, device, 1, pool)
         return self
 
     def _inputs(self, args: tuple, kwargs: dict, names: list[str], device: torch.device) -> None:

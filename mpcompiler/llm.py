@@ -247,23 +247,27 @@ class Generator:
 
     def _prompt_step(self, inputs: dict, causal: bool):
         """A prefill (or a decode step off the GPU). On the GPU it runs Inductor's kernels, batch and
-        length dynamic (compiled on the first call); an unpadded prompt's step (``causal``), from a shape's second
-        call on, replays the CUDA graph captured after its first (up to PROMPT_GRAPHS shapes, one memory pool):
-        launched from Python, a 128-token prompt's ~240 kernels kept the GPU idle for most of its step
-        (docs/llm.md). Where torch.compile fails,
-        a warning names why and the FX program runs; where a capture fails, that shape runs compiled."""
+        length dynamic (compiled on the first call); an unpadded prompt's step (``causal``) replays the CUDA graph
+        of its shape, captured on its first call (up to PROMPT_GRAPHS shapes, one memory pool): launched from
+        Python, a 128-token prompt's ~240 kernels kept the GPU idle for most of its step (docs/llm.md). Where
+        torch.compile fails, a warning names why and the FX program runs; where a capture fails, that shape
+        runs compiled."""
         if causal not in self._prefill:
             program = self.prompt_step() if causal else self.step
             cuda = inputs["input_ids"].device.type == "cuda"
             self._prefill[causal] = (torch.compile(program, dynamic=True) if cuda else program, program)
         step, program = self._prefill[causal]
         shape = (causal, *(tuple(v.shape) for v in inputs.values() if isinstance(v, torch.Tensor)))
+        # an unpadded prompt's step alone: its outputs are the last position's (each graph keeps its own)
+        if causal and step is not program and shape not in self._prompt_graphs:
+            if len(self._prompt_graphs) < PROMPT_GRAPHS:
+                self._prompt_graphs[shape] = self._capture(step, inputs)
         graph = self._prompt_graphs.get(shape)
-        if graph is not None:
+        if graph is not None:  # a replay computes this call's step, its first one too (the capture ran nothing)
             graph.load(**inputs)
             return graph.replay()
         try:
-            out = step(**inputs)
+            return step(**inputs)
         except Exception as exc:  # a compiler bug must not stop generation; the step rewrites what it wrote
             if step is program:
                 raise
@@ -274,15 +278,11 @@ class Generator:
             )
             self._prefill[causal] = (program, program)
             return program(**inputs)
-        # an unpadded prompt's step alone: its outputs are the last position's (the graph keeps them)
-        if causal and step is not program and shape not in self._prompt_graphs:
-            if len(self._prompt_graphs) < PROMPT_GRAPHS:
-                self._prompt_graphs[shape] = self._capture(step, inputs)
-        return out
 
     def _capture(self, step, inputs: dict) -> CudaGraphModule | None:
-        """The compiled prompt ``step`` captured on ``inputs``' shapes (the call just made was its warm-up; the
-        capture runs nothing); None, with a warning, where it cannot be (that shape then runs compiled)."""
+        """The compiled prompt ``step`` captured on copies of ``inputs`` (its warm-up runs the step on them: this
+        prompt's keys and values, written again by the replay); None, with a warning, where it cannot be (that
+        shape then runs compiled)."""
         try:
             return CudaGraphModule.of(step, inputs, self._prompt_pool)
         except Exception as exc:  # a capture that fails must leave generation running
