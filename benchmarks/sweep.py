@@ -688,20 +688,29 @@ def sort_key(row: dict):
     return (row.get("family") != "torchvision", row["model"])
 
 
+def fx_only(rows) -> bool:
+    """No ONNX artifact could be checked in these rows (onnxruntime without a provider for the device, or not
+    importable): the FX module alone is judged. Rows that never reached ONNX (a failed compile) do not decide it."""
+    reached = [r["onnx"] for r in rows if r.get("onnx")]
+    return bool(reached) and all("skipped" in entry for entry in reached)
+
+
+def verdict(row: dict, fx_alone: bool) -> str:
+    """The row's verdict as the report prints it: a pass of the FX module alone where ONNX could not be checked."""
+    return "pass (FX; ONNX not checked)" if fx_alone and row["verdict"] == "FAIL: ONNX skipped" else row["verdict"]
+
+
 def summary_text(rows: dict[str, dict], details: bool = True) -> str:
     """Counts, the peers' failures and each failing model's verdict; ``details``: with its error message."""
     by_model, rows = rows, sorted(rows.values(), key=sort_key)
-    # where no artifact could be checked (onnxruntime without a provider for the device, or not importable), the
-    # FX module alone is judged; rows that never reached ONNX (a failed compile) do not decide it
-    reached = [r["onnx"] for r in rows if r.get("onnx")]
-    fx_only = bool(reached) and all("skipped" in entry for entry in reached)
+    fx_alone = fx_only(rows)
 
     def ok(row: dict) -> bool:
-        return row["pass"] or (fx_only and row["verdict"] == "FAIL: ONNX skipped")
+        return verdict(row, fx_alone).startswith("pass")
 
     passed = [r for r in rows if ok(r)]
     what = f"the FX module within {TOL} of fp32; ONNX not checked here"
-    what = what if fx_only else f"FX and ONNX within {TOL} of fp32"
+    what = what if fx_alone else f"FX and ONNX within {TOL} of fp32"
     lines = [f"- mpcompiler: **{len(passed)} of {len(rows)} pass** ({what})."]
     for fam in ("torchvision", "hf"):
         of = [r for r in rows if r.get("family") == fam]
@@ -788,12 +797,13 @@ def markdown(rows: dict[str, dict], env: dict | None = None, requested: list[str
         "| model | params (M) | compile s | FX err | ONNX err | .half() err | autocast err | verdict |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    fx_alone = fx_only(ordered_rows)
     for r in ordered_rows:
         compile_s = r.get("compile", {}).get("s")
         out.append(
             f"| {r['model']} | {r.get('params_m', '')} | {'' if compile_s is None else f'{compile_s:.1f}'} | "
             f"{cell(r.get('fx'))} | {cell(r.get('onnx'))} | {cell(r.get('half'))} | {cell(r.get('autocast'))} | "
-            f"{r['verdict']} |"
+            f"{verdict(r, fx_alone)} |"
         )
     return "\n".join(out) + "\n"
 
