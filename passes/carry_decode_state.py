@@ -26,7 +26,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.accuracy import output_names
+from mpcompiler.accuracy import named_output
 from mpcompiler.ir import META_KEY, NodeRecord, Rule
 from mpcompiler.pass_manager import Pass, PassResult, retype
 from mpcompiler.rewrite import Match, RewriteRule, apply
@@ -44,11 +44,9 @@ def state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _carry(output: torch.fx.Node) -> Match | str:
-    if output.op != "output":
-        return "not the output"
-    names = output_names(output.graph.owning_module)
-    if "logits" not in names:
-        return "no output named logits"
+    logits = named_output(output, "logits")
+    if isinstance(logits, str):
+        return logits
     inputs = {n.target: n for n in output.graph.nodes if n.op == "placeholder"}
     keywords = pytree.tree_unflatten([0] * spec.num_leaves, spec)[1] if (spec := _in_spec(output)) else {}
     missing = [name for name in STEP_INPUTS if name not in inputs or name not in keywords]
@@ -56,7 +54,7 @@ def _carry(output: torch.fx.Node) -> Match | str:
         return f"no keyword input {missing[0]}"
     if inputs["input_ids"].meta["val"].shape[1] != 1:
         return "not a decode step (more than one new token a row)"
-    return {"logits": pytree.tree_leaves(output.args[0])[names.index("logits")]} | {n: inputs[n] for n in STEP_INPUTS}
+    return {"logits": logits} | {n: inputs[n] for n in STEP_INPUTS}
 
 
 def _write_state(output: torch.fx.Node, m: Match) -> None:
