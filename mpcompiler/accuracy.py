@@ -207,16 +207,6 @@ def output_names(gm: torch.fx.GraphModule) -> list[str]:
     return ["output"] if names == ["output_"] else names
 
 
-def named_output(node: torch.fx.Node, name: str) -> torch.fx.Node | str:
-    """The node of the graph's output ``name`` (``logits``) where ``node`` is the graph's output; else why not."""
-    if node.op != "output":
-        return "not the output"
-    names = output_names(node.graph.owning_module)
-    if name not in names:
-        return f"no output named {name}"
-    return pytree.tree_leaves(node.args[0])[names.index(name)]
-
-
 def flat_outputs(out) -> list[torch.Tensor | None]:
     return [t if isinstance(t, torch.Tensor) else None for t in pytree.tree_leaves(out)]
 

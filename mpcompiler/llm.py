@@ -200,7 +200,7 @@ class Generator:
         }
         step = twin(self.step, f"MpDecodeStep{rows}")
         folder = self.dump_dir / f"decode{rows}{'_greedy' if greedy else ''}" if self.dump_dir is not None else None
-        passes = [LowerDecodeStep(example=example)] + ([CarryDecodeState()] if greedy else [])
+        passes = [LowerDecodeStep(example=example)] + ([CarryDecodeState(logits=self.logits)] if greedy else [])
         runs = PassManager(passes, dump_dir=folder, debug=self.debug).run(step)
         if not greedy:
             return step, example
@@ -402,8 +402,8 @@ class Generator:
 def _decode_tuning(rows: int, device: torch.device):
     """How Inductor compiles a decode graph. On Hopper, programmatic dependent launch (PDL) between its
     kernels: each launches while its predecessor runs and waits for its writes inside, so that a token's ~300
-    kernels, most a few microseconds, do not each pay a launch and a tail (1-row generation 759.3 -> 785.4
-    tokens/s, H100, 2026-12-07, docs/llm.md run AA). At one row, coordinate-descent tuning as gpt-fast
+    kernels, most a few microseconds, do not each pay a launch and a tail (1-row generation 774.6 -> 863.4
+    tokens/s, H100, 2026-12-07, docs/llm.md run AB). At one row, coordinate-descent tuning as gpt-fast
     compiles its decode step: Inductor writes each one-row matmul as a matrix-vector reduction (fp32
     accumulation) that it tunes and fuses with the norm, activation or residual beside it, where cuBLAS runs
     GEMM tiles 8 rows tall. One TinyLlama-shaped replay: 313 -> 266 kernels, 1.428 -> 1.318 ms (H100,

@@ -22,11 +22,12 @@ once at the end. :func:`state` gives the buffers by name.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.accuracy import named_output
 from mpcompiler.ir import META_KEY, NodeRecord, Rule
 from mpcompiler.pass_manager import Pass, PassResult, retype
 from mpcompiler.rewrite import Match, RewriteRule, apply
@@ -43,10 +44,9 @@ def state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name[len(PREFIX) :]: b for name, b in step.named_buffers() if name.startswith(PREFIX)}
 
 
-def _carry(output: torch.fx.Node) -> Match | str:
-    logits = named_output(output, "logits")
-    if isinstance(logits, str):
-        return logits
+def _carry(output: torch.fx.Node, logits: int) -> Match | str:
+    if output.op != "output":
+        return "not the output"
     inputs = {n.target: n for n in output.graph.nodes if n.op == "placeholder"}
     keywords = pytree.tree_unflatten([0] * spec.num_leaves, spec)[1] if (spec := _in_spec(output)) else {}
     missing = [name for name in STEP_INPUTS if name not in inputs or name not in keywords]
@@ -54,7 +54,7 @@ def _carry(output: torch.fx.Node) -> Match | str:
         return f"no keyword input {missing[0]}"
     if inputs["input_ids"].meta["val"].shape[1] != 1:
         return "not a decode step (more than one new token a row)"
-    return {"logits": logits} | {n: inputs[n] for n in STEP_INPUTS}
+    return {"logits": pytree.tree_leaves(output.args[0])[logits]} | {n: inputs[n] for n in STEP_INPUTS}
 
 
 def _write_state(output: torch.fx.Node, m: Match) -> None:
@@ -119,19 +119,21 @@ def _drop_inputs(gm: torch.fx.GraphModule, names) -> None:
     gm.graph._codegen.pytree_info = info._replace(in_spec=spec, orig_args=[*info.orig_args[: len(args)], *kept])
 
 
-RULES = [RewriteRule("carried_state", _carry, _write_state, "the step's inputs -> buffers it writes for the next")]
-
-
 class CarryDecodeState(Pass):
     """A decode graph that chooses its next token (greedy, eos rows padded) and writes its own next inputs:
-    its inputs become buffers (:func:`state`), so that a generation replays it with nothing in between."""
+    its inputs become buffers (:func:`state`), so that a generation replays it with nothing in between.
+    ``logits``: the logits' index among the step's flat outputs."""
 
     requires = ("kv_cache",)
     rewrites_graph = True
 
+    def __init__(self, *, logits: int = 0):
+        self.rules = [RewriteRule("carried_state", functools.partial(_carry, logits=logits), _write_state,
+                                  "the step's inputs -> buffers it writes for the next")]  # fmt: skip
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         reasons: dict = {}
-        fired = apply([n for n in gm.graph.nodes if n.op == "output"], RULES, reasons)
+        fired = apply([n for n in gm.graph.nodes if n.op == "output"], self.rules, reasons)
         if fired["carried_state"]:
             retype(gm)
         return PassResult(modified=bool(fired["carried_state"]), stats=dict(fired), reasons=reasons)

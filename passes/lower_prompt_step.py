@@ -23,10 +23,11 @@ import sys
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mpcompiler import fp8
-from mpcompiler.accuracy import named_output
+from mpcompiler.accuracy import output_names
 from mpcompiler.ir import META_KEY, Rule, derived, record
 from mpcompiler.pass_manager import Pass, PassResult
 from mpcompiler.passes.insert_kv_cache import SDPA
@@ -84,10 +85,12 @@ _AFTER_HEAD = frozenset({aten._to_copy.default, aten.reshape.default, aten.view.
 
 
 def _logits(node: torch.fx.Node) -> Match | str:
-    logits = named_output(node, "logits")
-    if isinstance(logits, str):
-        return logits
-    head = logits
+    if node.op != "output":
+        return "not the output"
+    names = output_names(node.graph.owning_module)
+    if "logits" not in names:
+        return "no output named logits"
+    head = logits = pytree.tree_leaves(node.args[0])[names.index("logits")]
     while getattr(head, "target", None) in _AFTER_HEAD:
         head = head.args[0]
     if getattr(head, "target", None) is aten.linear.default:

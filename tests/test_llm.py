@@ -210,6 +210,28 @@ def test_the_greedy_decode_step_keeps_its_writes_under_torch_compile(llama):
     assert torch.equal(generator.generate(**prompt, max_new_tokens=10), want)
 
 
+class _LogitsAlone(nn.Module):
+    """A causal LM whose forward returns its logits tensor alone (no output named logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = _llama()
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits  # fmt: skip
+
+
+def test_the_greedy_decode_step_finds_logits_returned_alone():
+    model = _LogitsAlone().eval()
+    compiled = mpcompiler.compile(model, [_prompt(2, 6, 1), _prompt(1, 7)], max_seq=32, max_batch=2)
+    prompt = _prompt(2, 5)
+    out = compiled.generate(**prompt, max_new_tokens=6)
+    assert torch.equal(out, compiled.generate(**prompt, max_new_tokens=6, streamer=_Collect()))
+    ref = model.lm.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert (out[:, 5:] == ref[:, 5:]).float().mean() >= 0.9
+
+
 def _padded(program, rows):
     """A decode graph's ``program`` called like the generator: the batch padded to ``rows``."""
 
