@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
-#   bash benchmarks/gpu_session.sh llm-exp  # issue #11's decode experiments (PDL, combo kernels, split-K) and both prompt steps
+#   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments (the default less PDL, in-graph tokens or prompt graphs; combo kernels), the prompt steps
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
@@ -36,7 +36,8 @@ case "${1:-}" in
     ;;
   llm-exp)
     timeout 570 python3 -m benchmarks.llm --out "$OUT/llm_exp" --models tinyllama --batches 1 --experiments \
-      --only 'generate (CUDA graph decode),padded prompt,with PDL,decode combo,split-K' --deadline 470 2>&1 \
+      --only 'generate (CUDA graph decode),prompt step,without PDL,chosen in Python,without CUDA graphs,decode combo' \
+      --deadline 460 2>&1 \
       | grep -E '^\{|Error' | tail -30
     ;;
   onnx-llm)
