@@ -22,11 +22,10 @@ layer bound as past and present, each decode step one ONNX Runtime CUDA graph re
 chosen on the device; llm.json then also holds the CUDA kernels of one generation of the FX path and of the handoff
 loop at each batch size, from a CUPTI trace: what bounds the artifact); HF generate with
 cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic cache); with
---experiments, mpcompiler with its steps compiled in other ways (``EXPERIMENTS``: decode attention as reductions, a
-wider coordinate descent for the 1-row graph, programmatic dependent launch, combo kernels, split-K projections,
-Inductor's C++ wrapper),
-each with the share of its tokens equal to the default path's and one generation's kernels in llm.json (a variant
-that compiles its own prompt step, the C++ wrapper's, also times it as a prefill row); the
+--experiments, mpcompiler with its steps compiled or run in other ways (``EXPERIMENTS``: decode attention as
+reductions, a wider coordinate descent for the 1-row graph, the default less PDL, less its in-graph token choice or
+less its prompt-step CUDA graphs, combo kernels), each with the share of its tokens equal to the default path's and
+one generation's kernels in llm.json; the
 bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
 Prefill: one --prefill-token prompt at batch 1, the step that fills the KV cache and gives the first
@@ -63,7 +62,6 @@ from mpcompiler import llm
 from mpcompiler.ir import META_KEY, derived, record
 from mpcompiler.llm import Generator
 from mpcompiler.passes import carry_decode_state, lower_decode_step
-from mpcompiler.rewrite import RewriteRule
 from tests.helpers import run_handoff_snippet
 
 SHAPES = dict(
@@ -165,53 +163,6 @@ _REDUCTIONS = [
 ]
 
 
-def _split_k_match(node: torch.fx.Node):
-    """A 1-row linear whose outputs are too few to fill the GPU (TinyLlama's q/k/v, one linear of 2,560 outputs
-    where lower_fused joins them, o and down, 2,048: their matrix-vector kernels read 8-23 MB at 1.0-2.5 TB/s
-    where gate/up's 46 MB reach 2.8, run W)."""
-    if node.target is not torch.ops.aten.linear.default or getattr(node.args[1], "op", None) != "get_attr":
-        return "not a linear of a stored weight"
-    n, k = node.args[1].meta["val"].shape
-    if n > 4096 or k % SPLIT_K or k // SPLIT_K < 256:
-        return "enough outputs to fill the GPU, or a short reduction"
-    return {}
-
-
-def _split_k(linear: torch.fx.Node, m) -> None:
-    """``x w^T`` as SPLIT_K partial sums of K / SPLIT_K products each (SPLIT_K x N outputs for Inductor's
-    reduction to spread over the SMs), then their sum (Inductor unrolls a sum of <= 8 into its consumer's kernel),
-    all in fp32."""
-    graph, aten = linear.graph, torch.ops.aten
-    x, w = linear.args[:2]
-    bias = linear.args[2] if len(linear.args) > 2 else None
-    n, k = w.meta["val"].shape
-    lead = list(x.meta["val"].shape[:-1])
-
-    def call(op, *args, planned=torch.float32, **kwargs):  # planned: the new node's dtype in the plan
-        node = graph.call_function(op, args, kwargs)
-        node.meta[META_KEY] = derived(record(linear), dtype=planned, range=None, inner=None, fused="")
-        return node
-
-    dtype = linear.meta["val"].dtype
-    with graph.inserting_before(linear):
-        xs = call(aten.reshape.default, call(aten._to_copy.default, x, dtype=torch.float32),
-                  [*lead, 1, SPLIT_K, k // SPLIT_K])  # fmt: skip
-        ws = call(aten.reshape.default, call(aten._to_copy.default, w, dtype=torch.float32), [n, SPLIT_K, k // SPLIT_K])
-        out = call(aten.sum.dim_IntList, call(aten.sum.dim_IntList, call(aten.mul.Tensor, xs, ws), [-1]), [-1])
-        if bias is not None:
-            out = call(aten.add.Tensor, out, call(aten._to_copy.default, bias, dtype=torch.float32))
-        out = call(aten._to_copy.default, out, dtype=dtype, planned=dtype)
-    linear.replace_all_uses_with(out)
-    graph.erase_node(linear)
-
-
-SPLIT_K = 4
-_SPLIT_K_ROUNDS = [
-    *lower_decode_step.ONE_ROW_ROUNDS,
-    [RewriteRule("split_k", _split_k_match, _split_k, "1-row linear -> split-K partial sums")],
-]
-
-
 def _stacked(*contexts):
     """One context entering ``contexts`` in order."""
     stack = contextlib.ExitStack()
@@ -220,45 +171,37 @@ def _stacked(*contexts):
     return stack
 
 
-# decode-step variants: label -> (context the variant compiles under, whether it shares the default's prompt
-# step and KV cache; the prompt step is then not compiled again). The default path's tokens are checked.
+# decode-step variants: label -> the context a variant compiles and runs under, over the default's step module
+# (its KV cache) and compiled prompt step, its decode graphs and prompt graphs its own. Its tokens are checked
+# against the default path's.
 EXPERIMENTS = {
     # a decode graph's attention as two reductions around the softmax, not cuBLAS's two GEMMs (run Y stored the
     # MLP activations once; run X measured the GEMM form's three kernels at 7.1 us a layer)
-    "decode attention as reductions": (patched(lower_decode_step, "RULES", _REDUCTIONS), True),
+    "decode attention as reductions": patched(lower_decode_step, "RULES", _REDUCTIONS),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
-    "1-row decode, wider coordinate descent": (
-        lambda: torch._inductor.config.patch(
-            coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
-        ),
-        True,
+    "1-row decode, wider coordinate descent": lambda: torch._inductor.config.patch(
+        coordinate_descent_check_all_directions=True, coordinate_descent_search_radius=2
     ),
     # the default's decode graphs launch their kernels with Hopper's programmatic dependent launch (each waits
     # for its predecessor's writes inside the kernel, not at its launch); here without it
-    "decode kernels without PDL": (patched(llm, "PDL", False), True),
+    "decode kernels without PDL": patched(llm, "PDL", False),
     # the loop choosing each token in Python from the plain decode graph's logits (as before the default's decode
     # graph chose them itself: carry_decode_state)
-    "tokens chosen in Python": (patched(carry_decode_state, "STOP_SLOTS", -1), True),
+    "tokens chosen in Python": patched(carry_decode_state, "STOP_SLOTS", -1),
     # the unpadded prompt's step launched from Python each time (compiled, dynamic shapes), not replayed as the
     # CUDA graph of its shape
-    "prompt step without CUDA graphs": (patched(llm, "PROMPT_GRAPHS", 0), True),
+    "prompt step without CUDA graphs": patched(llm, "PROMPT_GRAPHS", 0),
     # Inductor's combo kernels: independent kernels of a step (q's rotary, k's rotary and cache write, v's cache
     # write: three kernels a layer, 3.5 us, run Y) launched as one
-    "decode combo kernels": (lambda: torch._inductor.config.patch(combo_kernels=True), True),
-    "decode attention as reductions + combo kernels": (
-        lambda: _stacked(
-            patched(lower_decode_step, "RULES", _REDUCTIONS)(),
-            torch._inductor.config.patch({"combo_kernels": True}),
-        ),
-        True,
+    "decode combo kernels": lambda: torch._inductor.config.patch(combo_kernels=True),
+    "decode attention as reductions + combo kernels": lambda: _stacked(
+        patched(lower_decode_step, "RULES", _REDUCTIONS)(), torch._inductor.config.patch({"combo_kernels": True})
     ),
-    "1-row decode, split-K projections": (patched(lower_decode_step, "ONE_ROW_ROUNDS", _SPLIT_K_ROUNDS), True),
-    # Inductor's C++ wrapper for the steps compiled here: the prompt step (dynamic shapes, no CUDA graph) is
-    # host-bound, ~14 ms of a 175.8 ms 1-row generation with the GPU idle (run W, docs/llm.md)
-    "steps with Inductor's C++ wrapper": (lambda: torch._inductor.config.patch(cpp_wrapper=True), False),
 }
+# measured and dropped (docs/llm.md): split-K sums for the 1-row graph's small projections (run AA, 5% slower),
+# Inductor's C++ wrapper for the prompt step (run AB: 2.74 ms launched from Python against its CUDA graph's 2.60)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -305,13 +248,6 @@ def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict
     except Exception as exc:
         meta[key.replace("token agreement", "kernels")] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return run
-
-
-def prefill_under(generator: Generator, context, ids, ones, positions):
-    """``generator``'s prompt step for ``ids``, compiled under ``context`` if its first call is this one."""
-    with context():
-        generator(ids, ones, positions[None], positions, causal=True)
-    return functools.partial(generator, ids, ones, positions[None], positions, causal=True)
 
 
 def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
@@ -462,21 +398,14 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
             meta[f"{name} default b{b} kernels"] = cuda_kernels(
                 lambda b=b: ours.generate(prompts[b], max_new_tokens=args.new), 1
             )
-        for label, (context, shared) in EXPERIMENTS.items():
-            if shared:  # the default's step module (its KV cache) and compiled prompt step; decode graphs anew
-                variant = copy.copy(ours.generator)
-                variant._decode_steps, variant._prompt_graphs = {}, {}  # its own
-                variant._prefill = dict(ours.generator._prefill)  # seeded
-            else:
-                variant = Generator(ours.graph_module, ours.lm)
+        for label, context in EXPERIMENTS.items():
+            variant = copy.copy(ours.generator)
+            variant._decode_steps, variant._prompt_graphs = {}, {}  # its own
+            variant._prefill = dict(ours.generator._prefill)  # seeded: the prompt step is not compiled again
             for b in batches:
                 row(name, f"mpcompiler generate, {label} (experiment)", b,
                     lambda b=b, v=variant, c=context, k=f"{name} {label} b{b} token agreement": experiment(
                         ours, v, c, prompts[b], args.new, meta, k))  # fmt: skip
-            if not shared:  # its own prompt step, compiled under the context: the prefill beside the default's
-                row(name, f"mpcompiler prompt step, {label} (experiment)", 1,
-                    lambda v=variant, c=context: prefill_under(v, c, long, ones, positions), kind="prefill",
-                    tokens=args.prefill)  # fmt: skip
     return weight_bytes
 
 

@@ -102,7 +102,7 @@ def main():
                 tag = f"{variant}: "
             with context():  # the decode graphs and the prompt step compile on their first call, here
                 for rows in prompts:
-                    graph = generator.decode_graph(rows)
+                    graph = generator.decode_graph(rows, greedy=True)  # the graph generate replays
                     label = f"{tag}decode {rows} rows"
                     result[label] = {"replay_ms": round(mean_ms(graph.graph.replay), 4)}
                     report(label, graph.graph.replay, calls=5)
