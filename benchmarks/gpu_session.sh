@@ -60,7 +60,7 @@ case "${1:-}" in
     echo "sweep started"
     ;;
   check)
-    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -15
+    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --tb=short --log-level=WARNING 2>&1 | tail -40
     for _ in $(seq 1 100); do pgrep -f "sweep.py --out" > /dev/null || break; sleep 3; done
     pgrep -f "sweep.py --out" > /dev/null && echo "the sweep is still running"
     tail -5 /root/sweep.log
