@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch._inductor.config
 import torchvision
 import transformers
 from onnxruntime.transformers import optimizer as ort_optimizer
@@ -256,6 +257,12 @@ def compiled_fn(module, mode: str, x):
     return fn
 
 
+def _with_pdl(build, *args):
+    """``build(*args)`` (a CUDA graph's compilation and capture) with Inductor's kernels launched under PDL."""
+    with torch._inductor.config.patch({"triton.enable_pdl": True}):
+        return build(*args)
+
+
 def torch_row(bench, workload, label, fn, x, batch, build=None):
     bench.row(workload, label, build or (lambda: fn), lambda f: median_ms_torch(lambda: call(f, x)),
               lambda f: first(call(f, x)).float().cpu().numpy(), batch)  # fmt: skip
@@ -361,6 +368,11 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                     xg, batch,  # a copy: it turns CNN weights NHWC
                     build=lambda xg=xg, a=autotune: copy.deepcopy(compiled).cuda_graph(xg, autotune=a),
                 )  # fmt: skip
+            if hasattr(torch._inductor.config.triton, "enable_pdl"):  # Hopper's programmatic dependent launch
+                # between Inductor's kernels, as the LLM decode graphs compile (1-row generation +11.5%, H100,
+                # docs/llm.md run AB): a batch-1 call is bound by ~150 kernels' launches and tails
+                torch_row(bench, w, "mpcompiler FX, compiled.cuda_graph() with PDL (experiment)", None, xg, batch,
+                          build=lambda xg=xg: _with_pdl(copy.deepcopy(compiled).cuda_graph, xg))  # fmt: skip
             for tolerance in (None, 1e-2) if not cnn else ():  # issue #13: e4m3 GEMMs, all / where 1e-2 allows
                 label = f"mpcompiler FX fp8{f' tolerance={tolerance:g}' if tolerance else ''}, compiled.cuda_graph()"
                 torch_row(bench, w, label, None, xg, batch,
