@@ -99,8 +99,7 @@ class CudaGraphModule:
         static_args, static_kwargs = pytree.tree_unflatten(self.static, self.spec)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        # cuDNN times its algorithms in the warm-up; a step warmed up by its caller runs under the caller's settings
-        with _cudnn_autotuned() if warmup else contextlib.nullcontext(), torch.no_grad():
+        with _cudnn_autotuned(), torch.no_grad():
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     fn(*static_args, **static_kwargs)
