@@ -2,7 +2,8 @@
 # A session's GPU checks on the lent machine, in steps that each fit one device call (600 s):
 #
 #   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
-#   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8, peers beside ours
+#   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8 generation, the gpt-fast-style peer beside ours
+#   bash benchmarks/gpu_session.sh prefill  # the 512-token prompt steps beside HF's forward, eager and compiled
 #   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments (the default less PDL, in-graph tokens or prompt graphs; combo kernels), the prompt steps
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
@@ -30,9 +31,13 @@ case "${1:-}" in
     python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
     ;;
-  llm)
+  llm)  # generation alone: with the prefill rows too, one call ran past its 560 s before HF's rows (run AD)
     timeout 560 python3 -m benchmarks.llm --out "$OUT/llm" --models tinyllama --batches 1,8 \
-      --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep '^{'
+      --only 'mpcompiler generate,gpt-fast' --deadline 480 2>&1 | grep '^{'
+    ;;
+  prefill)
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/prefill" --models tinyllama --batches 1 \
+      --only 'prompt step,HF forward' --deadline 480 2>&1 | grep -E '^\{|Error'
     ;;
   llm-exp)
     timeout 570 python3 -m benchmarks.llm --out "$OUT/llm_exp" --models tinyllama --batches 1 --experiments \
@@ -80,7 +85,7 @@ case "${1:-}" in
       --only 'mpcompiler generate,gpt-fast,prompt step,HF forward' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,/^set /p' "$0" | grep '^#'
     exit 2
     ;;
 esac
