@@ -394,6 +394,14 @@ def test_a_residual_stream_whose_squares_pass_fp16_still_gets_the_fused_skip_nor
     assert ops["SkipSimplifiedLayerNormalization"] == 4 and artifact.error_vs_fp32["logits"] < TOL[torch.float16]
 
 
+def test_onnx_verification_generates_max_batch_rows_at_a_time(tmp_path):
+    # held-out prompts of 2 rows, a cache of 1 row: the FX module's greedy tokens come row by row (the artifact's
+    # batch is dynamic), not an InputError from generate() in the middle of an export (run AE, docs/llm.md)
+    compiled = mpcompiler.compile(_llama(), [_prompt(2, 6), _prompt(2, 9, 3), _prompt(2, 7)], max_seq=32, max_batch=1)
+    artifact = compiled.export_onnx(tmp_path / "llm.onnx")
+    assert artifact.error_vs_fx["greedy_agreement"] >= 0.9
+
+
 @pytest.mark.parametrize("plain", ["rotary", "all"])
 def test_onnx_artifact_without_fused_kernels_keeps_the_cache_layout_and_the_numbers(
     llama, tmp_path, monkeypatch, plain
