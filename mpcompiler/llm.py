@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,24 +75,36 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt(sample: Sample, index: int, what: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of a prompt: token ids [B, T] (or [T]), or a tokenizer's output."""
+def prompt(sample: Sample, what: str, error: type[Exception] = CaptureError) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of a prompt: token ids [B, T] (or [T]), or a tokenizer's output (keyword
+    arguments, or its mapping passed alone). ``what`` names the prompt in errors, which are ``error``s."""
     args, kwargs = sample
+    if args and isinstance(args[0], Mapping):  # generate(tokenizer(...)): the mapping, not its unpacking
+        args, kwargs = args[1:], {**args[0], **kwargs}
     ids = kwargs.get("input_ids", args[0] if args else None)
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() not in (1, 2):
-        raise CaptureError(f"{what} {index} must be token ids [batch, seq] or a tokenizer's output (input_ids)")
+        raise error(f"{what} must be token ids [batch, seq] or a tokenizer's output (input_ids)")
     ids = ids if ids.dim() == 2 else ids[None]
+    if ids.shape[1] == 0:
+        raise error(f"{what} has no tokens (input_ids {tuple(ids.shape)}): generation continues a prompt")
     mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
     if mask.shape != ids.shape:
-        raise CaptureError(f"{what} {index}: attention_mask {tuple(mask.shape)} does not match input_ids")
+        raise error(f"{what}: attention_mask {tuple(mask.shape)} does not match input_ids")
     if (mask[:, -1] == 0).any():
         row = int((mask[:, -1] == 0).nonzero()[0])
         raise InputError(
-            f"{what} {index}, row {row}, ends in padding: generation appends to the right, so pad on the left "
+            f"{what}, row {row}, ends in padding: generation appends to the right, so pad on the left "
             "(tokenizer.padding_side = 'left')"
         )
     return ids, mask.long()
+
+
+def _vocab(step: torch.fx.GraphModule) -> int | None:
+    """The rows of the embedding table the step looks ``input_ids`` up in (None: it reads them otherwise)."""
+    ids = next(n for n in step.graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+    tables = [u.args[0] for u in ids.users if u.target is torch.ops.aten.embedding.default and u.args[1] is ids]
+    return tables[0].meta["val"].shape[0] if len(tables) == 1 and "val" in tables[0].meta else None
 
 
 def _kwargs(model: torch.nn.Module) -> dict:
@@ -116,7 +129,7 @@ def sequences(model: torch.nn.Module, prompts: list[Sample], new_tokens: int, ma
     out, extra, device = [], _kwargs(model), model_device(model)
     with torch.no_grad():
         for index, sample in enumerate(prompts):
-            ids, mask = prompt(sample, index)
+            ids, mask = prompt(sample, f"prompt {index}")
             ids, mask = ids.to(device), mask.to(device)
             if ids.shape[1] > max_seq:
                 raise OptionError(f"prompt {index} has {ids.shape[1]} tokens, more than max_seq={max_seq}")
@@ -151,6 +164,7 @@ class Generator:
         self.runs = PassManager(passes, dump_dir=self.dump_dir, debug=debug).run(self.step)
         self.logits = output_names(graph_module).index("logits") if "logits" in output_names(graph_module) else 0
         self.extra = {"use_cache": False} if "use_cache" in self.step.graph._codegen.pytree_info.orig_args else {}
+        self.vocab = _vocab(self.step)
         self._decode_steps = {}  # (rows, greedy) -> the decode step and its CUDA graph (None: off the GPU, or failed)
         self._prefill = {}  # causal -> the prompt step (under torch.compile on the GPU), built on first use
         self._prompt_graphs = {}  # (causal, input shapes) -> the prompt step's CUDA graph (None: it could not be)
@@ -309,8 +323,19 @@ class Generator:
         generator: torch.Generator | None = None,
         streamer=None,
     ) -> torch.Tensor:
-        ids, mask = prompt(((input_ids,), {} if attention_mask is None else {"attention_mask": attention_mask}), 0)
+        sample = ((input_ids,), {} if attention_mask is None else {"attention_mask": attention_mask})
+        ids, mask = prompt(sample, "generate's prompt", InputError)
         batch, length = ids.shape
+        # checked here: on the GPU the embedding's device-side assert would end the user's CUDA context
+        if self.vocab is not None and (ids.min() < 0 or ids.max() >= self.vocab):
+            row, col = (((ids < 0) | (ids >= self.vocab)).nonzero()[0]).tolist()
+            raise InputError(f"token id {int(ids[row, col])} (row {row}, position {col}) is outside the vocabulary "
+                             f"of {self.vocab} ids")  # fmt: skip
+        if do_sample and not temperature > 0:
+            raise InputError(f"temperature={temperature}: sampling divides the logits by it; pass a positive "
+                             "temperature, or do_sample=False for greedy tokens")  # fmt: skip
+        if do_sample and top_p is not None and not 0 <= top_p <= 1:
+            raise InputError(f"top_p={top_p}: a probability mass, between 0 and 1")
         if batch > self.lm.max_batch:
             raise InputError(f"a batch of {batch} prompts; the KV cache holds max_batch={self.lm.max_batch} rows")
         if max_new_tokens < 1:
@@ -324,7 +349,7 @@ class Generator:
         # no row padded: the prompt step attends causally over the prompt alone (one token: the decode graph's step)
         causal = length > 1 and bool(mask.all())
         ids, mask = ids.to(device), mask.to(device)
-        stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
+        stops = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
         # greedy: the decode graph chooses each token itself; sampling and streaming choose them here
         greedy = not do_sample and streamer is None and len(stops) <= carry_decode_state.STOP_SLOTS
         rows = graph_rows(batch, self.lm.max_batch)
@@ -438,7 +463,7 @@ def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Te
     if not do_sample:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:  # top_k 0 or None: no top-k filter (as Hugging Face's)
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:

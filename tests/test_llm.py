@@ -287,6 +287,10 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama):
     assert torch.equal(*runs)
     greedy = compiled.generate(**prompt, max_new_tokens=8)
     assert torch.equal(compiled.generate(**prompt, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+    # top_k=0 filters nothing, as in Hugging Face's generate; a tokenizer's output passed whole is its unpacking
+    unfiltered = [compiled.generate(prompt, max_new_tokens=8, do_sample=True, top_k=k,
+                                    generator=torch.Generator().manual_seed(3)) for k in (0, None)]  # fmt: skip
+    assert torch.equal(*unfiltered)
 
 
 def test_rows_that_meet_eos_are_padded_after_it(llama):
@@ -461,6 +465,19 @@ def test_bad_generation_input_is_named(llama):
     right["attention_mask"][1, -2:] = 0
     with pytest.raises(mpcompiler.InputError, match="row 1, ends in padding.*padding_side = 'left'"):
         compiled.generate(**right, max_new_tokens=2)
+    ids = _prompt(2, 5)["input_ids"]
+    ids[1, 3] = VOCAB  # on the GPU the embedding's device-side assert would end the process's CUDA context
+    with pytest.raises(mpcompiler.InputError, match=f"token id {VOCAB} \\(row 1, position 3\\) is outside the "
+                                                   f"vocabulary of {VOCAB} ids"):  # fmt: skip
+        compiled.generate(ids, max_new_tokens=2)
+    with pytest.raises(mpcompiler.InputError, match="generate's prompt has no tokens \\(input_ids \\(1, 0\\)\\)"):
+        compiled.generate(torch.ones(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(mpcompiler.InputError, match="generate's prompt must be token ids"):
+        compiled.generate(torch.ones(1, 4), max_new_tokens=2)
+    with pytest.raises(mpcompiler.InputError, match="temperature=0: sampling divides the logits by it"):
+        compiled.generate(**_prompt(1, 4), max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(mpcompiler.InputError, match="top_p=1.5: a probability mass, between 0 and 1"):
+        compiled.generate(**_prompt(1, 4), max_new_tokens=2, do_sample=True, top_p=1.5)
 
 
 def test_generation_options_need_a_causal_lm_compiled_for_it():
