@@ -332,6 +332,11 @@ def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
         )
     elif "Dynamic" in type(exc).__name__ or "Constraints violated" in msg:
         hint = "a dim marked dynamic cannot stay dynamic; give calibration samples of one shape in that dim"
+    elif "Cache'> in output" in msg:  # a Hugging Face LM returns its KV cache unless told not to
+        hint = (
+            "the model returns its KV cache; compile it for generation with max_seq=... (a static cache in the "
+            "compiled program), or pass use_cache=False in the calibration samples for its logits alone"
+        )
     else:
         hint = (
             "check that model(*args, **kwargs) runs on the first calibration sample, and see "

@@ -75,9 +75,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt(sample: Sample, what: str, error: type[Exception] = CaptureError) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of a prompt: token ids [B, T] (or [T]), or a tokenizer's output (keyword
-    arguments, or its mapping passed alone). ``what`` names the prompt in errors, which are ``error``s."""
+def prompt(
+    sample: Sample, what: str, vocab: int | None, error: type[Exception] = CaptureError
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of a prompt: token ids [B, T] (or [T]) below ``vocab`` (where known), or a
+    tokenizer's output (keyword arguments, or its mapping passed alone). ``what`` names the prompt in errors,
+    which are ``error``s."""
     args, kwargs = sample
     if args and isinstance(args[0], Mapping):  # generate(tokenizer(...)): the mapping, not its unpacking
         args, kwargs = args[1:], {**args[0], **kwargs}
@@ -88,6 +91,11 @@ def prompt(sample: Sample, what: str, error: type[Exception] = CaptureError) -> 
     ids = ids if ids.dim() == 2 else ids[None]
     if ids.shape[1] == 0:
         raise error(f"{what} has no tokens (input_ids {tuple(ids.shape)}): generation continues a prompt")
+    # checked here: on the GPU the embedding's device-side assert would end the user's CUDA context
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        row, col = (((ids < 0) | (ids >= vocab)).nonzero()[0]).tolist()
+        raise error(f"{what}: token id {int(ids[row, col])} (row {row}, position {col}) is outside the vocabulary "
+                    f"of {vocab} ids")  # fmt: skip
     mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
     if mask.shape != ids.shape:
         raise error(f"{what}: attention_mask {tuple(mask.shape)} does not match input_ids")
@@ -127,9 +135,11 @@ def sequences(model: torch.nn.Module, prompts: list[Sample], new_tokens: int, ma
     """Each prompt continued by ``new_tokens`` of the fp32 model's greedy tokens (fewer where max_seq
     would be passed), as whole-sequence samples for calibration and accuracy."""
     out, extra, device = [], _kwargs(model), model_device(model)
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # Hugging Face's
+    vocab = table.num_embeddings if isinstance(table, torch.nn.Embedding) else None
     with torch.no_grad():
         for index, sample in enumerate(prompts):
-            ids, mask = prompt(sample, f"prompt {index}")
+            ids, mask = prompt(sample, f"prompt {index}", vocab)
             ids, mask = ids.to(device), mask.to(device)
             if ids.shape[1] > max_seq:
                 raise OptionError(f"prompt {index} has {ids.shape[1]} tokens, more than max_seq={max_seq}")
@@ -324,13 +334,8 @@ class Generator:
         streamer=None,
     ) -> torch.Tensor:
         sample = ((input_ids,), {} if attention_mask is None else {"attention_mask": attention_mask})
-        ids, mask = prompt(sample, "generate's prompt", InputError)
+        ids, mask = prompt(sample, "generate's prompt", self.vocab, InputError)
         batch, length = ids.shape
-        # checked here: on the GPU the embedding's device-side assert would end the user's CUDA context
-        if self.vocab is not None and (ids.min() < 0 or ids.max() >= self.vocab):
-            row, col = (((ids < 0) | (ids >= self.vocab)).nonzero()[0]).tolist()
-            raise InputError(f"token id {int(ids[row, col])} (row {row}, position {col}) is outside the vocabulary "
-                             f"of {self.vocab} ids")  # fmt: skip
         if do_sample and not temperature > 0:
             raise InputError(f"temperature={temperature}: sampling divides the logits by it; pass a positive "
                              "temperature, or do_sample=False for greedy tokens")  # fmt: skip

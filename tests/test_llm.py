@@ -480,6 +480,15 @@ def test_bad_generation_input_is_named(llama):
         compiled.generate(**_prompt(1, 4), max_new_tokens=2, do_sample=True, top_p=1.5)
 
 
+def test_bad_calibration_prompts_and_a_returned_cache_are_named():
+    model, bad = _llama(), _prompt(2, 5)
+    bad["input_ids"][1, 2] = VOCAB  # on the GPU: a device-side assert in the fp32 model's embedding
+    with pytest.raises(mpcompiler.CaptureError, match=f"prompt 1: token id {VOCAB} \\(row 1, position 2\\)"):
+        mpcompiler.compile(model, [_prompt(2, 5), bad], max_seq=32)
+    with pytest.raises(mpcompiler.CaptureError, match="returns its KV cache; compile it for generation with max_seq"):
+        mpcompiler.compile(model, [_prompt(2, 5)])  # HF's forward returns a DynamicCache, which torch.export refuses
+
+
 def test_generation_options_need_a_causal_lm_compiled_for_it():
     model = _llama()
     with pytest.raises(mpcompiler.OptionError, match="max_batch is a generation option: give max_seq too"):
