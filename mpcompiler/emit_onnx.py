@@ -103,6 +103,8 @@ def export_onnx(
     if padding not in ("any", "right"):
         raise ExportError(f"padding={padding!r}: use 'any' or 'right'")
     path = Path(path)
+    if path.is_dir():  # found before the export's minutes, not by the final move
+        raise ExportError(f"{path} is a folder: give the .onnx file's path in it, e.g. {path / 'model.onnx'}")
     gm = compiled.graph_module
     if verify != "off":
         check_bf16_nodes(gm, providers)

@@ -225,6 +225,9 @@ def test_bad_export_options(tmp_path):
     compiled = mpcompiler.compile(Tiny().eval(), [torch.randn(4, 16)])
     with pytest.raises(mpcompiler.ExportError, match="verify='maybe'"):
         compiled.export_onnx(tmp_path / "t.onnx", verify="maybe")
+    with pytest.raises(mpcompiler.ExportError, match="is a folder: give the .onnx file's path in it"):
+        compiled.export_onnx(tmp_path)  # IsADirectoryError from the final move before, after the whole export
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_relative_path_is_verified(tmp_path, monkeypatch):
