@@ -86,10 +86,15 @@ def _as_captured(gm: torch.fx.GraphModule, why: str):
     return gm.forward
 
 
-def backend(calib_data, **options) -> Backend:
+def backend(calib_data, *misused, **options) -> Backend:
     """A torch.compile backend for ``torch.compile(model, backend=...)``: each graph torch.compile
     captures is compiled by :func:`mpcompiler.compile` with ``calib_data`` (samples of the compiled
     function's arguments) and ``options`` (compile()'s); see :mod:`mpcompiler.dynamo_backend`."""
+    if misused or isinstance(calib_data, torch.fx.GraphModule):  # backend=mpcompiler.backend: dynamo calls it
+        raise OptionError(
+            "mpcompiler.backend makes a backend from calibration data: torch.compile(model, "
+            "backend=mpcompiler.backend(samples, ...)), or backend='mpcompiler' with options={'calib_data': samples}"
+        )
     return Backend(calib_data, **options)
 
 

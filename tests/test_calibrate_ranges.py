@@ -148,6 +148,8 @@ def test_statistics_of_another_model_or_file_are_refused(tmp_path):
     (tmp_path / "not.pt").write_text("hello")
     with pytest.raises(mpcompiler.CalibrationError, match="not.pt is not calibration statistics"):
         mpcompiler.Calibration.load(tmp_path / "not.pt")
+    with pytest.raises(IsADirectoryError, match="a folder: give the path of the file to write in it"):
+        other.save(tmp_path)  # the rename's own error named the temporary file
     with pytest.raises(mpcompiler.OptionError, match=r"takes what mpcompiler.calibrate\(\) returns; got dict"):
         mpcompiler.compile(Tiny().eval(), [torch.randn(2, 16)], calibration={"fc1": 1.0})
 

@@ -103,6 +103,8 @@ def test_by_name_with_options(tmp_path):
             torch.compile(MLP().eval(), backend="mpcompiler", options={"tolerance": 1e-3})(x)
     with pytest.raises(Exception, match=r"give compile\(\)'s options to mpcompiler.backend"), torch.no_grad():
         torch.compile(MLP().eval(), backend=mpcompiler.backend(calib), options={"tolerance": 1e-3})(x)
+    with pytest.raises(Exception, match=r"backend=mpcompiler.backend\(samples, ...\)"), torch.no_grad():
+        torch.compile(MLP().eval(), backend=mpcompiler.backend)(x)  # the factory itself: dynamo called it
 
 
 def test_a_graph_after_a_break_runs_as_captured_and_says_so():
