@@ -8,7 +8,8 @@ Rows: fp32 eager; torch.autocast fp16; model.half() eager; torch.compile(model.h
 reduce-overhead (channels_last for the CNN); ONNX Runtime CUDA with its float16 converter (and, for BERT,
 its transformer optimizer on the legacy export of eager attention); mpcompiler's FX module eager, under
 torch.compile(mode="reduce-overhead") and as compiled.cuda_graph(), and its ONNX artifact in ONNX Runtime
-CUDA (BERT's also exported with padding="right", the right-padding contract of ORT's optimized model).
+CUDA (BERT's also exported with padding="right", the right-padding contract of ORT's optimized model, and
+its dtype="fp8" plan's, every linear an e4m3 GEMM, issue #13).
 ONNX Runtime rows get CUDA graphs (and prefer_nhwc for the CNN), ours and the peers' alike. Timing:
 median of 100 runs after 20 warm-ups, inputs and outputs on the GPU: CUDA events for PyTorch,
 run_with_iobinding + synchronize_outputs for ONNX Runtime. Error: relative L2 vs fp32 eager (TF32 off)
@@ -133,10 +134,14 @@ class Bench:
     def __init__(self, name: str, out: Path, only: tuple[str, ...] = ()):
         self.name, self.out, self.rows, self.only = name, out, [], only
 
+    def wants(self, label: str) -> bool:
+        """Whether a row of this label runs: it has one of ``only``'s substrings, when given."""
+        return not self.only or any(s in label for s in self.only)
+
     def row(self, workload, label, build, run, output, batch):
         """Time ``run`` (after ``build``), compare ``output()`` with the fp32 reference; skipped unless
-        ``label`` has one of ``only``'s substrings (when given)."""
-        if self.only and not any(s in label for s in self.only):
+        :meth:`wants` it."""
+        if not self.wants(label):
             return
         try:
             start = time.perf_counter()
@@ -314,6 +319,12 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
             bench.meta[f"mpcompiler_fp8_report{f'_tolerance_{tolerance:g}' if tolerance else ''}"] = str(plan.report)
         return fp8_plans[tolerance]
 
+    # issue #13: the e4m3 plan's artifact (each GEMM's input scaled and cast to e4m3, DequantizeLinear of both
+    # operands, an fp16 MatMul): whether ONNX Runtime's CUDA provider runs an fp8 GEMM there, and how fast (its
+    # kernel list below says which GEMM ran)
+    if not cnn and bench.wants("mpcompiler ONNX fp8, ORT CUDA"):
+        fp8_artifact = fp8_plan(None).export_onnx(tmp / f"{kind}_fp8.onnx", providers=["CUDAExecutionProvider"])
+        artifacts["mpcompiler ONNX fp8"] = str(fp8_artifact.path)
     half = copy.deepcopy(model).half()
     half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last) if cnn else half
     gm_fast = compiled.graph_module
