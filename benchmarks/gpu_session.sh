@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8 generation, the gpt-fast-style peer beside ours
 #   bash benchmarks/gpu_session.sh prefill  # the 512-token prompt steps beside HF's forward, eager and compiled
 #   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments not yet timed (decode attention as reductions, a wider coordinate descent; combo kernels again) beside the default
-#   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA beside ours
+#   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA (and with XQA decode attention) beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
 #   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
@@ -47,7 +47,7 @@ case "${1:-}" in
     ;;
   onnx-llm)
     timeout 560 python3 -m benchmarks.llm --out "$OUT/llm_onnx" --models tinyllama --batches "${2:-1,8}" --onnx \
-      --only 'mpcompiler generate,ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
+      --only 'generate (CUDA graph decode),ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   bert)
     timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" --only "${2:-}" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40

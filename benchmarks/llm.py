@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import time
 import unittest.mock
@@ -250,16 +251,20 @@ def experiment(ours, generator: Generator, context, prompt, new: int, meta: dict
     return run
 
 
-def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str):
+def onnx_loop(compiled, path: Path, ids, new: int, artifact: dict, meta: dict, name: str, env: dict | None = None):
     """The ONNX artifact's greedy generation as the handoff file writes it (ONNX Runtime's CUDA provider,
-    inputs and outputs bound on the GPU); the artifact is exported and verified once per workload."""
-    if not artifact:
+    inputs and outputs bound on the GPU); the artifact is exported and verified once per workload, and its
+    session made once per ``artifact`` dict, with ``env`` set while it is made (ONNX Runtime's kernels read
+    their switches, such as ``ORT_ENABLE_XQA``, when the session builds them)."""
+    if f"{name}_onnx" not in meta:
         t0 = time.time()
         art = compiled.export_onnx(path, verify="warn")
         meta[f"{name}_onnx"] = {"export_s": round(time.time() - t0, 1), "verified_with": art.verified_with,
                                 "error_vs_fp32": art.error_vs_fp32, "error_vs_fx": art.error_vs_fx}  # fmt: skip
-        artifact.update(run_handoff_snippet(path.with_suffix(".onnx.md"), {}))
-        meta[f"{name}_onnx"]["providers"] = artifact["sess"].get_providers()
+    if not artifact:
+        with unittest.mock.patch.dict(os.environ, env or {}):
+            artifact.update(run_handoff_snippet(path.with_suffix(".onnx.md"), {}))
+        meta[f"{name}_onnx"][f"providers{env or ''}"] = artifact["sess"].get_providers()
     ids = ids.cpu().numpy()
     mask = np.ones_like(ids)
     return lambda: artifact["generate"](ids, mask, new)
@@ -366,10 +371,16 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
             lambda dtype=dtype: forward_graph(fp32, calib, long, dtype, meta, name), kind="prefill",
             tokens=args.prefill)  # fmt: skip
     if args.onnx:
-        artifact, path = {}, args.out / name / "llm.onnx"
+        artifact, xqa, path = {}, {}, args.out / name / "llm.onnx"
         for b in batches:
             row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding, CUDA graph decode)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
+            # GroupQueryAttention's XQA decode kernel, opt-in for an fp16 cache in some ONNX Runtime releases and
+            # the default in later ones (its CUDA source); its flash decoding takes 13-22 us a layer (ORT issue
+            # #29714), more than our FX step's whole attention (7.1 us, run AD)
+            row(name, "mpcompiler ONNX, ORT CUDA, handoff loop, ORT_ENABLE_XQA=1 (experiment)", b,
+                lambda b=b: onnx_loop(ours, path, prompts[b], args.new, xqa, meta, name,
+                                      {"ORT_ENABLE_XQA": "1"}))  # fmt: skip
         for b in batches if artifact else ():  # what bounds the artifact against the FX path, each batch size:
             ids, mask = prompts[b], np.ones(tuple(prompts[b].shape), np.int64)  # one generation's kernels each
             runs = {"mpcompiler generate": lambda ids=ids: ours.generate(ids, max_new_tokens=args.new),
