@@ -375,9 +375,9 @@ def workload(name, args, batches, max_seq, meta, row) -> int:
         for b in batches:
             row(name, "mpcompiler ONNX, ORT CUDA, handoff loop (io_binding, CUDA graph decode)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, artifact, meta, name))  # fmt: skip
-            # GroupQueryAttention's XQA decode kernel, opt-in for an fp16 cache in some ONNX Runtime releases and
-            # the default in later ones (its CUDA source); its flash decoding takes 13-22 us a layer (ORT issue
-            # #29714), more than our FX step's whole attention (7.1 us, run AD)
+            # GroupQueryAttention's XQA decode kernel: opt-in for an fp16 cache in some ONNX Runtime releases, the
+            # default in later ones (its CUDA source). ORT issue #29714 times its decode tiers at ~11 us (XQA), ~10
+            # (cuDNN) and 13-22 (flash) a layer, against our FX step's whole attention at 7.1 us (run AD)
             row(name, "mpcompiler ONNX, ORT CUDA, handoff loop, ORT_ENABLE_XQA=1 (experiment)", b,
                 lambda b=b: onnx_loop(ours, path, prompts[b], args.new, xqa, meta, name,
                                       {"ORT_ENABLE_XQA": "1"}))  # fmt: skip
