@@ -89,7 +89,7 @@ def prompt(
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() not in (1, 2):
         raise error(f"{what} must be token ids [batch, seq] or a tokenizer's output (input_ids)")
     ids = ids if ids.dim() == 2 else ids[None]
-    if ids.shape[1] == 0:
+    if ids.numel() == 0:
         raise error(f"{what} has no tokens (input_ids {tuple(ids.shape)}): generation continues a prompt")
     # checked here: on the GPU the embedding's device-side assert would end the user's CUDA context
     if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
@@ -110,8 +110,9 @@ def prompt(
 
 def _vocab(step: torch.fx.GraphModule) -> int | None:
     """The rows of the embedding table the step looks ``input_ids`` up in (None: it reads them otherwise)."""
-    ids = next(n for n in step.graph.nodes if n.op == "placeholder" and n.target == "input_ids")
-    tables = [u.args[0] for u in ids.users if u.target is torch.ops.aten.embedding.default and u.args[1] is ids]
+    ids = [n for n in step.graph.nodes if n.op == "placeholder" and n.target == "input_ids"]
+    lookups = [u for n in ids for u in n.users if u.target is torch.ops.aten.embedding.default and u.args[1] is n]
+    tables = [u.args[0] for u in lookups]
     return tables[0].meta["val"].shape[0] if len(tables) == 1 and "val" in tables[0].meta else None
 
 

@@ -106,7 +106,8 @@ def verify_artifact(compiled, program, path, io, providers, tolerance, mode, pad
         # generate() takes max_batch rows at a time (the artifact's batch is dynamic); a stop cuts a chunk short
         chunks = [compiled.generate(ids[i : i + rows], mask[i : i + rows], max_new_tokens=steps)[:, ids.shape[1] :]
                   for i in range(0, len(ids), rows)]  # fmt: skip
-        fx_tokens = torch.cat([c[:, : min(c.shape[1] for c in chunks)] for c in chunks]).cpu()
+        steps = min(c.shape[1] for c in chunks)
+        fx_tokens = torch.cat([c[:, :steps] for c in chunks]).cpu()
         feeds[0][ort_child.FORCED] = fx_tokens.numpy()
     provider, outs = ort_child.run(path, feeds, providers)
     onnx_outs = [[torch.from_numpy(np.asarray(o)) for o in sample[: len(fx_outs[0])]] for sample in outs]
