@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh ort      # onnxruntime-gpu from the carried parts (see below), the project
 #   bash benchmarks/gpu_session.sh llm      # benchmarks/llm.py, TinyLlama shapes, b1 and b8 generation, the gpt-fast-style peer beside ours
 #   bash benchmarks/gpu_session.sh prefill  # the 512-token prompt steps beside HF's forward, eager and compiled
-#   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments not yet timed (decode attention as reductions, a wider coordinate descent; combo kernels again) beside the default
+#   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments not yet timed (decode attention as two Triton kernels or as reductions, a wider coordinate descent; combo kernels again) beside the default
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA (and with XQA decode attention) beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
@@ -41,7 +41,7 @@ case "${1:-}" in
     ;;
   llm-exp)
     timeout 570 python3 -m benchmarks.llm --out "$OUT/llm_exp" --models tinyllama --batches 1 --experiments \
-      --only 'generate (CUDA graph decode),as reductions,wider coordinate,decode combo' \
+      --only 'generate (CUDA graph decode),two Triton kernels,as reductions,wider coordinate,decode combo' \
       --deadline 460 2>&1 \
       | grep -E '^\{|Error' | tail -30
     ;;

@@ -23,8 +23,9 @@ chosen on the device; llm.json then also holds the CUDA kernels of one generatio
 loop at each batch size, from a CUPTI trace: what bounds the artifact); HF generate with
 cache_implementation="static" (HF compiles the decode step); HF generate fp16 eager (dynamic cache); with
 --experiments, mpcompiler with its steps compiled or run in other ways (``EXPERIMENTS``: decode attention as
-reductions, a wider coordinate descent for the 1-row graph, the default less PDL, less its in-graph token choice or
-less its prompt-step CUDA graphs, combo kernels), each with the share of its tokens equal to the default path's and
+reductions or as two Triton kernels of ours (benchmarks/decode_attention.py), a wider coordinate descent for the
+1-row graph, the default less PDL, less its in-graph token choice or less its prompt-step CUDA graphs, combo
+kernels), each with the share of its tokens equal to the default path's and
 one generation's kernels in llm.json; the
 bandwidth floor (fp16 weight bytes over the device-to-device copy bandwidth measured here).
 
@@ -57,6 +58,7 @@ import torch
 import transformers
 
 import mpcompiler
+from benchmarks import decode_attention  # noqa: F401  (registers torch.ops.mpcompiler_bench.decode_attention)
 from benchmarks.gpu import cuda_kernels, median_ms_torch
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import llm
@@ -164,6 +166,24 @@ _REDUCTIONS = [
 ]
 
 
+def _attention_as_one_op(attention: torch.fx.Node, m) -> None:
+    """lower_decode_step's attention rewrite as benchmarks/decode_attention.py's two Triton kernels (one op)."""
+    graph = attention.graph
+    q, k, v, visible = attention.args[:4]
+    scale = attention.kwargs.get("scale") or attention.meta["val"].shape[-1] ** -0.5
+    with graph.inserting_before(attention):
+        out = graph.call_function(torch.ops.mpcompiler_bench.decode_attention.default, (q, k, v, visible, scale))
+    out.meta[META_KEY] = derived(record(attention), fused="decode attention (Triton, experiment)")
+    attention.replace_all_uses_with(out)
+    graph.erase_node(attention)
+
+
+_ONE_OP = [
+    dataclasses.replace(rule, rewrite=_attention_as_one_op) if rule.name == "attention_as_matmuls" else rule
+    for rule in lower_decode_step.RULES
+]
+
+
 def _stacked(*contexts):
     """One context entering ``contexts`` in order."""
     stack = contextlib.ExitStack()
@@ -179,6 +199,9 @@ EXPERIMENTS = {
     # a decode graph's attention as two reductions around the softmax, not cuBLAS's two GEMMs (run Y stored the
     # MLP activations once; run X measured the GEMM form's three kernels at 7.1 us a layer)
     "decode attention as reductions": patched(lower_decode_step, "RULES", _REDUCTIONS),
+    # the same as two Triton kernels of ours (benchmarks/decode_attention.py: flash decoding's split over the
+    # slots, then the splits merged): three kernels a layer -> two
+    "decode attention as two Triton kernels": patched(lower_decode_step, "RULES", _ONE_OP),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
