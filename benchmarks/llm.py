@@ -160,10 +160,11 @@ def _attention_as_reductions(attention: torch.fx.Node, m) -> None:
     graph.erase_node(attention)
 
 
-_REDUCTIONS = [
-    dataclasses.replace(rule, rewrite=_attention_as_reductions) if rule.name == "attention_as_matmuls" else rule
-    for rule in lower_decode_step.RULES
-]
+def _attention_written_by(rewrite):
+    """A context factory: lower_decode_step's rules with its attention rewrite replaced by ``rewrite``."""
+    rules = [dataclasses.replace(rule, rewrite=rewrite) if rule.name == "attention_as_matmuls" else rule
+             for rule in lower_decode_step.RULES]  # fmt: skip
+    return patched(lower_decode_step, "RULES", rules)
 
 
 def _attention_as_one_op(attention: torch.fx.Node, m) -> None:
@@ -176,12 +177,6 @@ def _attention_as_one_op(attention: torch.fx.Node, m) -> None:
     out.meta[META_KEY] = derived(record(attention), fused="decode attention (Triton, experiment)")
     attention.replace_all_uses_with(out)
     graph.erase_node(attention)
-
-
-_ONE_OP = [
-    dataclasses.replace(rule, rewrite=_attention_as_one_op) if rule.name == "attention_as_matmuls" else rule
-    for rule in lower_decode_step.RULES
-]
 
 
 def _stacked(*contexts):
@@ -198,10 +193,10 @@ def _stacked(*contexts):
 EXPERIMENTS = {
     # a decode graph's attention as two reductions around the softmax, not cuBLAS's two GEMMs (run Y stored the
     # MLP activations once; run X measured the GEMM form's three kernels at 7.1 us a layer)
-    "decode attention as reductions": patched(lower_decode_step, "RULES", _REDUCTIONS),
+    "decode attention as reductions": _attention_written_by(_attention_as_reductions),
     # the same as two Triton kernels of ours (benchmarks/decode_attention.py: flash decoding's split over the
     # slots, then the splits merged): three kernels a layer -> two
-    "decode attention as two Triton kernels": patched(lower_decode_step, "RULES", _ONE_OP),
+    "decode attention as two Triton kernels": _attention_written_by(_attention_as_one_op),
     # coordinate descent over every direction, two steps out (Inductor's defaults: one step, stop at the first
     # improvement): the down projection's matrix-vector kernel runs at 2.0 TB/s where gate/up's reaches 2.8
     # (run W, docs/llm.md). Without in-place buffers, as the 1-row graphs compile since run W.
@@ -221,7 +216,7 @@ EXPERIMENTS = {
     # write: three kernels a layer, 3.5 us, run Y) launched as one
     "decode combo kernels": lambda: torch._inductor.config.patch(combo_kernels=True),
     "decode attention as reductions + combo kernels": lambda: _stacked(
-        patched(lower_decode_step, "RULES", _REDUCTIONS)(), torch._inductor.config.patch({"combo_kernels": True})
+        _attention_written_by(_attention_as_reductions)(), torch._inductor.config.patch({"combo_kernels": True})
     ),
 }
 # measured and dropped (docs/llm.md): split-K sums for the 1-row graph's small projections (run AA, 5% slower),
