@@ -16,7 +16,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from mpcompiler.errors import CalibrationError
+from mpcompiler.errors import CalibrationError, OptionError
 from mpcompiler.samples import Sample, eval_mode, strict_fp32, to_device
 
 
@@ -30,9 +30,18 @@ class Metric:
     fn: Callable[..., float]
     higher_is_better: bool = False
     reads_samples: bool = False  # fn(outputs, refs, samples): the tokens a language model predicts
+    given: bool = False  # the caller's own callable: its failure is named as its own, not as the pass's
 
     def __call__(self, outputs: Sequence[Sequence], refs: Sequence[Sequence], samples=()) -> float:
-        return float(self.fn(outputs, refs, samples) if self.reads_samples else self.fn(outputs, refs))
+        if not self.given:
+            return float(self.fn(outputs, refs, samples) if self.reads_samples else self.fn(outputs, refs))
+        try:
+            return float(self.fn(outputs, refs))
+        except Exception as exc:
+            raise OptionError(
+                f"metric {self.name} failed on the held-out outputs ({type(exc).__name__}: {exc}); it is called as "
+                "metric(outputs, refs) with each sample's flat output tensors and fp32's, and returns a number"
+            ) from exc
 
     @property
     def relation(self) -> str:

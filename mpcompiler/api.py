@@ -92,7 +92,7 @@ class Options:
         if metric is None:
             metric = "perplexity" if language_model else "rel_l2"
         if callable(metric):
-            metric = Metric(getattr(metric, "__name__", "custom metric"), metric)
+            metric = Metric(getattr(metric, "__name__", "custom metric"), metric, given=True)
         elif metric in METRICS:
             metric = METRICS[metric]
         else:

@@ -148,6 +148,18 @@ def test_metrics(metric, tolerance):
         assert metric(outs, refs) <= tolerance
 
 
+def test_a_metric_of_the_callers_that_fails_is_named():
+    model, calib, val = _cancel()
+
+    def mine(outs, refs):
+        raise KeyError("logits")
+
+    with pytest.raises(mpcompiler.OptionError, match=r"metric mine failed on the held-out outputs \(KeyError"):
+        mpcompiler.compile(model, calib, val_data=val, tolerance=0.05, metric=mine)  # was a PassError of the search
+    with pytest.raises(mpcompiler.OptionError, match="could not convert string to float"):
+        mpcompiler.compile(model, calib, val_data=val, tolerance=0.05, metric=lambda outs, refs: "small")
+
+
 def test_an_unmeetable_tolerance_says_so():
     model, calib, val = _cancel()
     message = "no plan short of all-fp32 meets rel_l2 <= 1e-12 on the 2 held-out samples it judges plans on"
