@@ -9,7 +9,8 @@ and merges the blocks by their maxima (flash decoding's split over the slots). S
 fp32; the probabilities meet the values in the values' dtype with fp32 accumulation, as the GEMM form's do.
 
 ``torch.ops.mpcompiler_bench.decode_attention(q, k, v, visible, scale)``: q [B, H, M, D] (M: the head's
-grouped queries), k and v [B, H, S, D], visible [B, 1 or H, M, S] bool; D a power of two, at least 16.
+grouped queries), k and v [B, H, S, D], visible [B, 1 or H, M, S] bool; D a power of two, at least 16; fp16 or
+bf16 (fp32 runs, but Triton's fp32 ``tl.dot`` rounds its inputs to TF32 on the GPU).
 Inductor compiles it into the decode graph (``torch.library.triton_op``); off the GPU the same math runs
 in torch. ``TRITON_INTERPRET=1`` runs the kernels on the CPU, for checking them.
 """

@@ -168,9 +168,12 @@ def _attention_written_by(rewrite):
 
 
 def _attention_as_one_op(attention: torch.fx.Node, m) -> None:
-    """lower_decode_step's attention rewrite as benchmarks/decode_attention.py's two Triton kernels (one op)."""
+    """lower_decode_step's attention rewrite as benchmarks/decode_attention.py's two Triton kernels (one op); an
+    fp32 attention keeps the GEMM form (Triton's fp32 tl.dot rounds its inputs to TF32)."""
     graph = attention.graph
     q, k, v, visible = attention.args[:4]
+    if q.meta["val"].dtype == torch.float32:
+        return lower_decode_step._as_matmuls(attention, m)
     scale = attention.kwargs.get("scale") or attention.meta["val"].shape[-1] ** -0.5
     with graph.inserting_before(attention):
         out = graph.call_function(torch.ops.mpcompiler_bench.decode_attention.default, (q, k, v, visible, scale))
