@@ -397,7 +397,9 @@ def compile(
             val = sequences(model, val, 0, lm.max_seq)
             gm = capture(model, [capture_example(samples[0]), *samples, *(val if held else [])], SEQ_INPUTS)
         else:  # with statistics of other processes: their graph's dynamic dims, so that the graphs agree
-            gm = capture(model, samples + val if held else samples, calibration.dynamic if calibration else None)
+            val_from = len(samples) if val_data is not None else None  # held_out's keep their calib_data indices
+            gm = capture(model, samples + val if held else samples, calibration.dynamic if calibration else None,
+                         val_from)  # fmt: skip
         # after calibration, whose errors name the node; before the search, which needs them
         val_refs = functools.cache(lambda: references(model, val, target_device))
         # the search judges plans on the first half of the held-out samples, the report's error is

@@ -158,17 +158,22 @@ class InputCheck:
 
 
 def _dynamic_dims(
-    samples: list[Sample], param_names: list[str], dynamic: Mapping[str, Collection[int]]
+    samples: list[Sample], param_names: list[str], dynamic: Mapping[str, Collection[int]], val_from: int | None
 ) -> tuple[list, dict[int, set[int]]]:
     """Per leaf of sample 0: the set of dims to make dynamic, and which of those vary (or must be dynamic
-    whatever the samples: ``dynamic``, by input name)."""
+    whatever the samples: ``dynamic``, by input name). Samples from ``val_from`` on are val_data's."""
     leaves0, spec0 = pytree.tree_flatten_with_path(samples[0])
     shapes = [[tuple(leaf.shape)] if isinstance(leaf, torch.Tensor) else None for _, leaf in leaves0]
     for index, sample in enumerate(samples[1:], start=1):
         leaves, spec = pytree.tree_flatten_with_path(sample)
+        name = (
+            f"calibration sample {index}"
+            if val_from is None or index < val_from
+            else f"val_data sample {index - val_from}"
+        )
         if spec != spec0:
             raise CaptureError(
-                f"calibration sample {index} has a different structure from sample 0 (the sample "
+                f"{name} has a different structure from calibration sample 0 (the sample "
                 f"used for capture): {spec} vs {spec0}; every sample must pass the same inputs"
             )
         for i, (path, leaf) in enumerate(leaves):
@@ -176,7 +181,7 @@ def _dynamic_dims(
                 continue
             if not isinstance(leaf, torch.Tensor) or leaf.dim() != len(shapes[i][0]):
                 raise CaptureError(
-                    f"input {describe_input(path, param_names)} of calibration sample {index} has "
+                    f"input {describe_input(path, param_names)} of {name} has "
                     f"{'shape ' + str(tuple(leaf.shape)) if isinstance(leaf, torch.Tensor) else type(leaf).__name__}"
                     f", but sample 0 has shape {shapes[i][0]}: ranks must agree"
                 )
@@ -194,13 +199,17 @@ def _dynamic_dims(
 
 
 def capture(
-    model: torch.nn.Module, samples: list[Sample], dynamic: Mapping[str, Collection[int]] | None = None
+    model: torch.nn.Module,
+    samples: list[Sample],
+    dynamic: Mapping[str, Collection[int]] | None = None,
+    val_from: int | None = None,
 ) -> torch.fx.GraphModule:
     """Export ``model`` on ``samples[0]`` with dynamic dims, on the model's device. ``dynamic`` names dims
-    that must stay dynamic whatever the samples (an LLM's sequence length), by input name."""
+    that must stay dynamic whatever the samples (an LLM's sequence length), by input name; ``val_from``: where
+    val_data's samples begin among ``samples`` (for errors that name one)."""
     params = list(inspect.signature(model.forward).parameters.values())
     param_names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    dims, varying = _dynamic_dims(samples, param_names, dynamic or {})
+    dims, varying = _dynamic_dims(samples, param_names, dynamic or {}, val_from)
     leaves, spec = pytree.tree_flatten_with_path(samples[0])
 
     # torch.export wants dynamic_shapes per forward() argument; build it from the flat leaves.

@@ -144,6 +144,8 @@ def test_samples_of_different_structure_or_rank_are_errors():
         mpcompiler.compile(model, [{"x": torch.randn(2, 8)}, {"x": torch.randn(2, 8), "bias": torch.randn(2, 8)}])
     with pytest.raises(mpcompiler.CaptureError, match="input x of calibration sample 1 has shape"):
         mpcompiler.compile(model, [torch.randn(2, 8), torch.randn(2, 3, 8)])
+    with pytest.raises(mpcompiler.CaptureError, match="input x of val_data sample 1 has shape"):  # not "sample 3"
+        mpcompiler.compile(model, [torch.randn(2, 8)] * 2, val_data=[torch.randn(2, 8), torch.randn(2, 3, 8)])
 
 
 class DataDependent(nn.Module):
