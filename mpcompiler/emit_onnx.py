@@ -124,6 +124,15 @@ def export_onnx(
     if opset is None:
         needs_23 = OPSET_23_OPS | {kv_attention}  # kv_attention: SDPA when not lowered to GroupQueryAttention
         opset = ATTENTION_OPSET if any(n.target in needs_23 for n in program.graph.nodes) else BASE_OPSET
+    # our fused ops' translations are written in opset 23 (SDPA's alone falls back to torch.onnx's own below it)
+    newer = sorted(
+        {n.target.name() for n in program.graph.nodes if n.target in OPSET_23_OPS and n.target.namespace != "aten"}
+    )
+    if opset < ATTENTION_OPSET and newer:
+        raise ExportError(
+            f"opset={opset}: the artifact's fused ops {newer} are written with opset-{ATTENTION_OPSET} ops; pass "
+            f"opset={ATTENTION_OPSET} or leave opset unset"
+        )
     args, kwargs = example(compiled, io)
     dynamic_shapes = graph_record(gm).dynamic_shapes
     if compiled.lm is not None:

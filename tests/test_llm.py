@@ -398,6 +398,14 @@ def test_a_residual_stream_whose_squares_pass_fp16_still_gets_the_fused_skip_nor
     assert ops["SkipSimplifiedLayerNormalization"] == 4 and artifact.error_vs_fp32["logits"] < TOL[torch.float16]
 
 
+def test_an_opset_below_the_fused_ops_is_refused_by_name(llama, tmp_path):
+    _, compiled = llama  # was onnx.checker's "Unrecognized attribute: saturate for operator Cast", after the export
+    with pytest.raises(mpcompiler.ExportError, match=r"opset=17: .*'mpcompiler::rotary_group_query_attention'.* "
+                                                     r"pass opset=23 or leave opset unset"):  # fmt: skip
+        compiled.export_onnx(tmp_path / "llm.onnx", opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_onnx_verification_generates_max_batch_rows_at_a_time(tmp_path):
     # held-out prompts of 2 rows, a cache of 1 row: the FX module's greedy tokens come row by row (the artifact's
     # batch is dynamic), not an InputError from generate() in the middle of an export (run AE, docs/llm.md)
