@@ -25,7 +25,15 @@ from mpcompiler.emit_onnx import export_onnx
 from mpcompiler.errors import CaptureError, InputError, OptionError, ToleranceError
 from mpcompiler.files import clear_dumps
 from mpcompiler.ir import graph_record
-from mpcompiler.llm import CALIB_NEW_TOKENS, SEQ_INPUTS, Generator, LMOptions, capture_example, sequences
+from mpcompiler.llm import (
+    CALIB_NEW_TOKENS,
+    SEQ_INPUTS,
+    Generator,
+    LMOptions,
+    capture_example,
+    sequences,
+    whole_sequence_inputs,
+)
 from mpcompiler.pass_manager import Pass, PassManager
 from mpcompiler.passes import (
     AssignFp8,
@@ -257,9 +265,13 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the compiled graph. An input of another rank, another size in a static dim, or another
-        kind of dtype than the module was compiled for is an :class:`~mpcompiler.InputError` naming it."""
+        kind of dtype than the module was compiled for is an :class:`~mpcompiler.InputError` naming it. A causal
+        LM compiled for generation takes what the model does (``compiled(**tokenizer(text)).logits``): the
+        inputs its samples passed and the call did not are filled as generate() fills them."""
         if kwargs and self.defaults:
             self._drop_defaults(kwargs)
+        if self.lm is not None:
+            args, kwargs = whole_sequence_inputs(args, kwargs, self.input_check.names)
         self.input_check(args, kwargs)
         return self.graph_module(*args, **kwargs)
 

@@ -75,6 +75,31 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def whole_sequence_inputs(args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """The inputs of a causal LM compiled for generation when it is called like the model
+    (``compiled(**tokenizer(text))``): its whole-sequence program takes what :func:`sequences` passed, and
+    what the call leaves out is filled as generate() fills it: the attention mask all ones, position_ids each
+    row's positions after its left padding, use_cache False (the KV cache is generate()'s)."""
+    inputs = dict(zip(names, args, strict=False))
+    if len(args) > len(names) or inputs.keys() & kwargs.keys():
+        return args, kwargs  # forward()'s own TypeError names the argument
+    inputs |= kwargs
+    if inputs.get("use_cache"):
+        raise InputError(
+            "use_cache=True: a causal LM compiled for generation returns its logits alone, for whole sequences; "
+            "its KV cache is generate()'s (compiled.generate(input_ids, attention_mask, max_new_tokens=...))"
+        )
+    ids = inputs.get("input_ids")
+    if torch.is_tensor(ids) and ids.dim() == 2:
+        if inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(ids)
+        if "position_ids" in names and inputs.get("position_ids") is None:
+            inputs["position_ids"] = positions(inputs["attention_mask"])
+    if "use_cache" in names:
+        inputs["use_cache"] = False
+    return (), inputs
+
+
 def prompt(
     sample: Sample, what: str, vocab: int | None, error: type[Exception] = CaptureError
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -314,6 +314,22 @@ def test_generation_ends_when_every_row_has_stopped(llama):
     assert torch.equal(out, greedy[:, : out.shape[1]]) and out[0, -1] == eos
 
 
+def test_a_compiled_lm_is_called_like_the_model(llama):
+    # compiled(**tokenizer(text)): position_ids and use_cache, which its samples passed, are filled in as
+    # generate() fills them (positions after each row's left padding; logits alone)
+    model, compiled = llama
+    torch.manual_seed(5)
+    unpadded, padded = _prompt(2, 8), _prompt(2, 8, pad=3)
+    with torch.no_grad():
+        for prompt, positions in ((unpadded, None), (padded, mpcompiler.llm.positions(padded["attention_mask"]))):
+            want = model(**prompt, position_ids=positions, use_cache=False).logits
+            got = compiled(**prompt).logits
+            assert (got.float() - want).norm() / want.norm() < TOL[torch.float16]
+        assert torch.equal(compiled(unpadded["input_ids"]).logits, compiled(**unpadded).logits)  # no mask: all ones
+    with pytest.raises(mpcompiler.InputError, match="use_cache=True: .* KV cache is generate"):
+        compiled(**padded, use_cache=True)
+
+
 def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_loop_generates(llama, tmp_path):
     model, compiled = llama
     compiled.export_onnx(tmp_path / "llm.onnx")  # verified in ONNX Runtime: logits, then greedy tokens vs FX
