@@ -133,6 +133,19 @@ example:
         help="where calibration runs and the compiled module lives: cpu, cuda, cuda:1 (default: the model's device)",
     )
     compile_.add_argument(
+        "--max-seq",
+        type=_positive_int,
+        metavar="N",
+        help="compile a causal LM for generation with a static KV cache of N tokens (prompt plus new ones); "
+        "--calib returns its prompts, and model.onnx takes and returns the cache (docs/llm.md)",
+    )
+    compile_.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        metavar="N",
+        help="with --max-seq: the KV cache's rows, the largest batch generation takes (default: 1)",
+    )
+    compile_.add_argument(
         "--onnx",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -311,6 +324,8 @@ def _compile(args: argparse.Namespace) -> int:
         device=args.device,
         dump_dir=out / "dumps",
         calibration=calibration,
+        max_seq=args.max_seq,
+        max_batch=args.max_batch,
     )
     print(compiled.report)
     compiled.report.save(out / "report.json")

@@ -60,6 +60,24 @@ def test_compile_writes_report_dumps_code_and_onnx(compiled_dir):
     assert f"wrote {out / 'model.onnx'} (verified with ONNX Runtime " in printed  # CPU or CUDA provider
 
 
+def test_compile_a_causal_lm_for_generation(tmp_path, capsys):
+    # --max-seq: the prompts calibrate whole sequences; model.onnx takes and returns the KV cache
+    out = tmp_path / "llm"
+    rc = main(["compile", "tests.cli_model:llama", "--calib", "tests.cli_model:prompts", "--out", str(out),
+               "--max-seq", "32", "--max-batch", "2"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    accuracy = report["accuracy"]
+    assert accuracy["perplexity"] == pytest.approx(accuracy["perplexity_fp32"], rel=5e-3)
+    assert accuracy["greedy_agreement"] >= 0.9 and accuracy["max"] < 5e-3
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "past_key_values.1.value" in [i.name for i in graph.input] and "present.0.key" in [
+        o.name for o in graph.output
+    ]
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2
+    assert f"wrote {out / 'model.onnx'} (verified with ONNX Runtime " in capsys.readouterr().out
+
+
 def test_report_prints_every_node_and_the_culprits(compiled_dir, capsys):
     out, _ = compiled_dir
     assert main(["report", str(out / "report.json"), "--top", "1"]) == 0
