@@ -27,9 +27,10 @@ def as_sample(sample, index: int, what: str = "calibration") -> Sample:
         return tuple(sample), {}
     if isinstance(sample, dict) or hasattr(sample, "keys"):  # dict, or a tokenizer's BatchEncoding
         return (), dict(sample)
+    text = "; text goes through its tokenizer first: tokenizer(text, return_tensors='pt')" * isinstance(sample, str)
     raise CaptureError(
         f"{what} sample {index} is a {type(sample).__name__}; a sample must be a tensor, "
-        "a tuple/list of positional arguments, or a dict of keyword arguments"
+        f"a tuple/list of positional arguments, or a dict of keyword arguments{text}"
     )
 
 
