@@ -367,6 +367,13 @@ def compile(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    low = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    if low and low <= {torch.float16, torch.bfloat16}:  # a model cast whole; one with fp16 parts of its own is planned
+        raise OptionError(
+            f"the model's floating-point weights are all {'/'.join(sorted(str(d)[6:] for d in low))}: mpcompiler "
+            "plans from the fp32 model (the ranges it measures, and the reference every error is measured "
+            "against); pass model.float() (a Hugging Face model: from_pretrained(..., dtype=torch.float32))"
+        )
     lm = LMOptions.parse(max_batch, max_seq)
     options = Options.parse(
         dtype=dtype,

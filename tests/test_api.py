@@ -153,3 +153,12 @@ def test_held_out_holds_back_that_many_samples():
 def test_bad_held_out(kwargs, message):
     with pytest.raises(mpcompiler.OptionError, match=message):
         mpcompiler.compile(Tiny(), [torch.randn(3, 16) for _ in range(6)], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_whole_to_low_precision_is_an_error_naming_model_float(dtype):
+    # its "fp32" reference would be itself (error 0) and its ranges measured in the low dtype (overflow as inf);
+    # a model with fp16 parts of its own is planned (tests/test_eliminate_casts.py)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).to(dtype)
+    with pytest.raises(mpcompiler.OptionError, match=r"weights are all .*: .* pass model.float\(\)"):
+        mpcompiler.compile(model, [torch.randn(4, 16, dtype=dtype) for _ in range(3)])
