@@ -218,7 +218,9 @@ def capture(
     try:
         bound = inspect.signature(model.forward).bind(*args_spec, **kwargs_spec)
     except TypeError as exc:
-        raise CaptureError(f"sample 0 does not fit {type(model).__name__}.forward: {exc}") from exc
+        extra = len(samples[0][0]) > len(param_names) and not any(p.kind == p.VAR_POSITIONAL for p in params)
+        hint = "; a DataLoader of (input, label) pairs: pass the inputs alone, (x for x, _ in loader)" * extra
+        raise CaptureError(f"sample 0 does not fit {type(model).__name__}.forward: {exc}{hint}") from exc
     dynamic_shapes = dict(bound.arguments)
 
     args, kwargs = to_device(samples[0], model_device(model))

@@ -176,3 +176,6 @@ def test_not_a_module_or_wrong_inputs():
         mpcompiler.compile(lambda x: x, [torch.randn(2)])
     with pytest.raises(mpcompiler.CaptureError, match="does not fit Tiny.forward"):
         mpcompiler.compile(Tiny(), [{"y": torch.randn(2, 16)}])
+    labelled = [(torch.randn(2, 16), torch.tensor([0, 1]))]  # a DataLoader of (input, label) pairs
+    with pytest.raises(mpcompiler.CaptureError, match=r"too many .* pass the inputs alone, \(x for x, _ in loader\)"):
+        mpcompiler.compile(Tiny(), labelled)
