@@ -43,28 +43,17 @@ def rest_samples() -> list[torch.Tensor]:
 
 
 def llama():
-    """A two-layer Llama with grouped-query attention (random weights), for ``compile --max-seq``."""
-    import transformers
+    """tests/test_llm.py's two-layer Llama (grouped-query attention, random weights), for ``compile --max-seq``."""
+    from tests.test_llm import _llama
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=500,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _llama()
 
 
 def prompts() -> list[dict]:
-    """Five prompts of token ids, the first rows left-padded: four calibrate, the last is held out."""
-    g = torch.Generator().manual_seed(2)
-    out = []
-    for batch, length, pad in ((2, 6, 2), (2, 9, 0), (1, 7, 0), (2, 5, 1), (2, 8, 3)):
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, :pad] = 0
-        out.append({"input_ids": torch.randint(3, 500, (batch, length), generator=g), "attention_mask": mask})
-    return out
+    """Five prompts of token ids, some rows left-padded: four calibrate, the last is held out."""
+    from tests.test_llm import _prompt
+
+    torch.manual_seed(2)
+    return [
+        _prompt(batch, length, pad) for batch, length, pad in ((2, 6, 2), (2, 9, 0), (1, 7, 0), (2, 5, 1), (2, 8, 3))
+    ]
