@@ -168,11 +168,12 @@ sess = ort.InferenceSession("{info["model_file"]}",
 device = "cuda" if cuda else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 logits_out = sess.get_outputs()[0]
-DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32}}
+DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(bfloat16)": "bfloat16"}}
 # Greedy tokens are chosen on the device by a one-node model (ArgMax over the vocabulary), a decode step's
 # written straight into the next step's input_ids: ids come back to the host, not the logits (at batch 8,
 # 1 MB a step and 131 MB for a 128-token prompt, copied and scanned by numpy)
-ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT}}
+ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT,
+        "tensor(bfloat16)": TensorProto.BFLOAT16}}
 ARGMAX = helper.make_graph(
     [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
     [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", "seq", logits_out.shape[-1]])],
@@ -188,6 +189,10 @@ def on_device(x):
 
 
 def zeros(shape, dtype=np.int64):
+    if dtype == "bfloat16":  # numpy has none: ONNX Runtime's own buffer, zeroed through its 16-bit patterns
+        value = ort.OrtValue.ortvalue_from_shape_and_type(shape, TensorProto.BFLOAT16, device, 0)
+        value.update_inplace(np.zeros(shape, np.uint16))
+        return value
     return on_device(np.zeros(shape, dtype))
 
 

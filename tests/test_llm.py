@@ -363,14 +363,14 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     _check_artifact(compiled, tmp_path / "llm.onnx")
 
 
-def _check_artifact(compiled, path):
+def _check_artifact(compiled, path, dtype=torch.float16):
     """Verified in ONNX Runtime at export (logits vs fp32, greedy tokens vs FX); the handoff file's
     generation loop, run as a deployment team would, generates what compiled.generate() does."""
     info = json.loads(path.with_suffix(".onnx.json").read_text())
-    assert (
-        info["error_vs_fp32"]["logits"] < TOL[torch.float16] and info["error_vs_fx_module"]["greedy_agreement"] >= 0.85
-    )
+    assert info["error_vs_fp32"]["logits"] < TOL[dtype] and info["error_vs_fx_module"]["greedy_agreement"] >= 0.85
     namespace = run_handoff_snippet(path.with_suffix(".onnx.md"), {})
+    # a bf16 artifact's cache (numpy has no bf16; ONNX Runtime's CPU provider cannot run one) is made in ORT's type
+    assert namespace["zeros"]((2, 3), namespace["DTYPES"]["tensor(bfloat16)"]).data_type() == "tensor(bfloat16)"
     torch.manual_seed(4)
     prompt = _prompt(2, 7, pad=3)  # left-padded, as generate() takes it: the loop packs rows to the front
     got = namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 10)
@@ -591,20 +591,21 @@ def test_generation_on_cuda_matches_hugging_face():
 
 
 @pytest.mark.gpu
-def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_onnx_artifact_runs_group_query_attention_in_onnx_runtime_cuda(tmp_path, dtype):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
     model = _llama("cuda")
     prompts = [{k: v.cuda() for k, v in _prompt(2, n, 1).items()} for n in (6, 9, 7, 5, 8)]
-    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4)
+    compiled = mpcompiler.compile(model, prompts, max_seq=64, max_batch=4, dtype=dtype)
     artifact = compiled.export_onnx(tmp_path / "llm.onnx", providers=["CUDAExecutionProvider"])
     assert artifact.verified_with == "CUDAExecutionProvider"
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "llm.onnx", load_external_data=False).graph.node)
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert ops["MatMul"] == 2 * 5 + 1  # q, k and v packed; rotated inside GroupQueryAttention (do_rotary)
-    _check_artifact(compiled, tmp_path / "llm.onnx")  # the handoff loop (one KV buffer per layer) on CUDA
+    _check_artifact(compiled, tmp_path / "llm.onnx", dtype)  # the handoff loop (one KV buffer per layer) on CUDA
 
 
 @pytest.mark.gpu
