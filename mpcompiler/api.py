@@ -367,7 +367,7 @@ def compile(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    low = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    low = {p.dtype for p in model.parameters() if p.is_floating_point()}  # buffers may stay fp32 (HF's inv_freq)
     if low and low <= {torch.float16, torch.bfloat16}:  # a model cast whole; one with fp16 parts of its own is planned
         raise OptionError(
             f"the model's floating-point weights are all {'/'.join(sorted(str(d)[6:] for d in low))}: mpcompiler "
