@@ -151,7 +151,10 @@ def _handoff_markdown(info: dict) -> str:
 
 def _generation_snippet(info: dict) -> str:
     shared = info["generation"]["shared_cache"]
-    return f"""import numpy as np
+    return f"""import os
+
+import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
@@ -161,25 +164,55 @@ from onnx import TensorProto, helper
 # CUDA graph. Without it, each step's presents are fed back as the next pasts.
 SHARED_CACHE = {shared}
 MAX_SEQ = {info["generation"]["max_seq_compiled_for"]}  # prompt + new tokens: what the artifact was compiled for
+MODEL = "{info["model_file"]}"
+STOP_CHECK = 8  # with eos_token_id: decode steps between reads of the new tokens (each read waits for the GPU)
+NEXT = {{name: "next." + name for name in ("input_ids", "attention_mask", "position_ids", "tokens")}}
+
+
+def with_bookkeeping(model):
+    # The artifact's step, then the loop's bookkeeping on the device: each row's greedy token (the logits at
+    # its last real token), its position (the row's length so far), the mask one slot longer and the token
+    # written into the row's [batch, MAX_SEQ] tokens, as next.* outputs. Bound as the next step's inputs,
+    # they feed it with nothing copied from the host: the host only launches steps, and reads the tokens
+    # every STOP_CHECK steps (with eos_token_id) and at the end.
+    graph = model.graph
+    assert not {{v.name for v in graph.input}} & {{"tokens", *NEXT.values()}}, "the loop's names are taken"
+    const = lambda name, values: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+    graph.node.extend([
+        const("loop.zero", [0]), const("loop.one", [1]), const("loop.slots", list(range(MAX_SEQ))),
+        helper.make_node("ReduceSum", ["attention_mask", "loop.one"], [NEXT["position_ids"]], keepdims=1),
+        helper.make_node("Slice", ["position_ids", "loop.zero", "loop.one", "loop.one"], ["loop.first"]),  # [:, :1]
+        helper.make_node("Sub", [NEXT["position_ids"], "loop.one"], ["loop.last_position"]),
+        helper.make_node("Sub", ["loop.last_position", "loop.first"], ["loop.last"]),  # index in this step's logits
+        helper.make_node("Cast", [graph.output[0].name], ["loop.logits"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["loop.logits"], ["loop.greedy"], axis=-1, keepdims=0),
+        helper.make_node("GatherElements", ["loop.greedy", "loop.last"], [NEXT["input_ids"]], axis=1),
+        helper.make_node("Add", [NEXT["position_ids"], "loop.one"], ["loop.length"]),
+        helper.make_node("Less", ["loop.slots", "loop.length"], ["loop.mask"]),
+        helper.make_node("Cast", ["loop.mask"], [NEXT["attention_mask"]], to=TensorProto.INT64),
+        helper.make_node("ScatterElements", ["tokens", NEXT["position_ids"], NEXT["input_ids"]], [NEXT["tokens"]],
+                         axis=1),
+    ])
+    graph.input.append(helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch_size", MAX_SEQ]))
+    width = {{"input_ids": 1, "position_ids": 1, "attention_mask": MAX_SEQ, "tokens": MAX_SEQ}}
+    graph.output.extend(helper.make_tensor_value_info(NEXT[k], TensorProto.INT64, ["batch_size", n])
+                        for k, n in width.items())
+    return model
+
+
 cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+options = ort.SessionOptions()  # the artifact's weights (external data, if any) read from its folder
+options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                 os.path.dirname(os.path.abspath(MODEL)))
 graphs = {{"enable_cuda_graph": "1"}} if SHARED_CACHE else {{}}
-sess = ort.InferenceSession("{info["model_file"]}",
-                            providers=[("CUDAExecutionProvider", graphs)] if cuda else ["CPUExecutionProvider"])
+providers = [("CUDAExecutionProvider", graphs)] if cuda else ["CPUExecutionProvider"]
+sess = ort.InferenceSession(with_bookkeeping(onnx.load(MODEL, load_external_data=False)).SerializeToString(),
+                            options, providers=providers)
 device = "cuda" if cuda else "cpu"
 pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
 logits_out = sess.get_outputs()[0]
 DTYPES = {{"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(bfloat16)": "bfloat16"}}
-# Greedy tokens are chosen on the device by a one-node model (ArgMax over the vocabulary), a decode step's
-# written straight into the next step's input_ids: ids come back to the host, not the logits (at batch 8,
-# 1 MB a step and 131 MB for a 128-token prompt, copied and scanned by numpy)
-ELEM = {{"tensor(float16)": TensorProto.FLOAT16, "tensor(float)": TensorProto.FLOAT,
-        "tensor(bfloat16)": TensorProto.BFLOAT16}}
-ARGMAX = helper.make_graph(
-    [helper.make_node("ArgMax", ["logits"], ["token"], axis=-1, keepdims=0)], "greedy",
-    [helper.make_tensor_value_info("logits", ELEM[logits_out.type], ["batch", "seq", logits_out.shape[-1]])],
-    [helper.make_tensor_value_info("token", TensorProto.INT64, ["batch", "seq"])])
-ARGMAX = helper.make_model(ARGMAX, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-greedy = ort.InferenceSession(ARGMAX, providers=["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"])
 EAGER = ort.RunOptions()
 EAGER.add_run_config_entry("gpu_graph_id", "-1")  # a prompt's shapes vary: never captured
 
@@ -196,21 +229,13 @@ def zeros(shape, dtype=np.int64):
     return on_device(np.zeros(shape, dtype))
 
 
-def choose(logits, token):
-    # the greedy tokens after [batch, seq, vocab] logits, written into ``token`` [batch, seq] (on the device)
-    binding = greedy.io_binding()
-    binding.bind_ortvalue_input("logits", logits)
-    binding.bind_ortvalue_output("token", token)
-    return binding
+def step_inputs(batch):  # a decode step's inputs, and the tokens so far, on the device
+    return {{"input_ids": zeros((batch, 1)), "attention_mask": zeros((batch, MAX_SEQ)),
+            "position_ids": zeros((batch, 1)), "tokens": zeros((batch, MAX_SEQ))}}
 
 
-def greedy_tokens(logits, batch, seq):
-    tokens = zeros((batch, seq))
-    greedy.run_with_iobinding(choose(logits, tokens))
-    return tokens.numpy().copy()  # on the CPU a view of the OrtValue's buffer
-
-
-def bind(feeds, cache, logits=None):
+def bind(feeds, cache, logits, after):
+    # the step on feeds and cache; its next.* outputs written into ``after``, the next step's inputs
     binding = sess.io_binding()
     for name, value in feeds.items():
         binding.bind_ortvalue_input(name, value)
@@ -219,21 +244,26 @@ def bind(feeds, cache, logits=None):
         binding.bind_ortvalue_input(name, value)
         present = name.replace("past_key_values.", "present.")
         binding.bind_ortvalue_output(present, value) if SHARED_CACHE else binding.bind_output(present, device)
+    for name, value in after.items():
+        binding.bind_ortvalue_output(NEXT[name], value)
     return binding
 
 
-_decoders = {{}}  # batch -> its cache, decode step inputs, logits and binding: kept, so the graph replays them
+_decoders = {{}}  # batch -> its cache, two sets of step inputs and the decode graph of each: kept, so graphs replay
 
 
 def decoder(batch):
     if batch not in _decoders:
         cache = {{p.name: zeros((batch, p.shape[1], MAX_SEQ, p.shape[3]), DTYPES[p.type]) for p in pasts}}
-        step = {{"input_ids": zeros((batch, 1)), "attention_mask": zeros((batch, MAX_SEQ)),
-                "position_ids": zeros((batch, 1))}}
-        logits = zeros((batch, 1, logits_out.shape[-1]), DTYPES[logits_out.type])
-        replay = ort.RunOptions()
-        replay.add_run_config_entry("gpu_graph_id", str(batch))  # one CUDA graph per batch size
-        _decoders[batch] = cache, step, bind(step, cache, logits), replay, choose(logits, step["input_ids"])
+        sets, logits, steps = [step_inputs(batch), step_inputs(batch)], zeros((batch, 1, logits_out.shape[-1]),
+                                                                             DTYPES[logits_out.type]), []
+        for i in (0, 1):  # a step reads set i and writes set 1 - i: two CUDA graphs, replayed in turn
+            launch, wait = ort.RunOptions(), ort.RunOptions()
+            for run in (launch, wait):
+                run.add_run_config_entry("gpu_graph_id", str(2 * batch + i))
+            launch.add_run_config_entry("disable_synchronize_execution_providers", "1")  # returns once queued
+            steps.append((bind(sets[i], cache, logits, sets[1 - i]), launch, wait))
+        _decoders[batch] = cache, sets, steps
     return _decoders[batch]
 
 
@@ -246,38 +276,41 @@ def generate(input_ids, attention_mask, max_new_tokens, eos_token_id=None):
     lengths = attention_mask.sum(-1)
     ids = np.take_along_axis(input_ids, np.argsort(attention_mask == 0, -1, kind="stable"), -1)
     if SHARED_CACHE:
-        cache, step, decode, replay, pick = decoder(batch)
+        cache, sets, steps = decoder(batch)
     else:
         cache = {{p.name: zeros((batch, p.shape[1], 0, p.shape[3]), DTYPES[p.type]) for p in pasts}}
+        sets = [step_inputs(batch), step_inputs(batch)]
     prompt = {{"input_ids": ids, "attention_mask": np.arange(width) < lengths[:, None],
               "position_ids": np.broadcast_to(np.arange(width), ids.shape)}}
-    binding = bind({{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}}, cache)
+    feeds = {{k: on_device(v.astype(np.int64)) for k, v in prompt.items()}} | {{"tokens": sets[1]["tokens"]}}
+    binding = bind(feeds, cache, None, sets[0])  # the first new token and the first decode step's inputs
     sess.run_with_iobinding(binding, EAGER)
-    # the prompt's next tokens: each row's at its last real token
-    token = greedy_tokens(binding.get_outputs()[0], batch, width)[np.arange(batch), lengths - 1][:, None]
-    new, done = [], np.zeros(batch, dtype=bool)
-    for _ in range(max_new_tokens):
-        new.append(token)
-        done |= token[:, 0] == eos_token_id
-        if done.all() or len(new) == max_new_tokens:
-            break
-        lengths = lengths + 1
-        if SHARED_CACHE:  # the decode graph's inputs, rewritten in place (input_ids by the ArgMax)
-            if len(new) == 1:
-                step["input_ids"].update_inplace(token)
-            step["attention_mask"].update_inplace((np.arange(MAX_SEQ) < lengths[:, None]).astype(np.int64))
-            step["position_ids"].update_inplace((lengths - 1)[:, None].astype(np.int64))
-            sess.run_with_iobinding(decode, replay)
-            greedy.run_with_iobinding(pick)
-            token = step["input_ids"].numpy().copy()  # on the CPU a view of the buffer the next ArgMax writes
-        else:  # the presents in the order bound, after the logits
+
+    def tokens(count):  # each row's first ``count`` new tokens: in the set the last step wrote, after its prompt
+        written = sets[(count - 1) % 2]["tokens"].numpy()  # on the CPU a view of a buffer steps write: copied
+        return np.take_along_axis(written, lengths[:, None] + np.arange(count), 1)
+
+    count = 1  # new tokens so far; token k (from 1) is in set (k - 1) % 2
+    while count < max_new_tokens:
+        check = eos_token_id is not None and (count + 1) % STOP_CHECK == 0
+        if SHARED_CACHE:  # the step queued; waited for only where the host reads the tokens next
+            binding, launch, wait = steps[(count - 1) % 2]
+            sess.run_with_iobinding(binding, wait if check or count + 1 == max_new_tokens else launch)
+        else:  # the presents in the order bound, after the logits; the mask as wide as the cache
             cache = dict(zip(cache, binding.get_outputs()[1:]))
-            feeds = {{"input_ids": token, "attention_mask": np.arange(width + len(new)) < lengths[:, None],
-                     "position_ids": (lengths - 1)[:, None]}}
-            binding = bind({{k: on_device(np.asarray(v, np.int64)) for k, v in feeds.items()}}, cache)
+            feeds = sets[(count - 1) % 2] | {{"attention_mask": on_device(
+                (np.arange(width + count) < lengths[:, None] + count).astype(np.int64))}}
+            binding = bind(feeds, cache, None, sets[count % 2])
             sess.run_with_iobinding(binding, EAGER)
-            token = greedy_tokens(binding.get_outputs()[0], batch, 1)
-    return np.concatenate([input_ids, *new], 1)"""
+        count += 1
+        if check and np.isin(tokens(count), eos_token_id).any(1).all():
+            break
+    new = tokens(count)
+    if eos_token_id is not None:  # up to the step where the last row stopped, as if checked every step
+        stopped = np.isin(new, eos_token_id)
+        if stopped.any(1).all():
+            new = new[:, : stopped.argmax(1).max() + 1]
+    return np.concatenate([input_ids, new], 1)"""
 
 
 def _snippet(info: dict) -> str:

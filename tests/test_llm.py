@@ -4,6 +4,7 @@ import json
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -381,6 +382,14 @@ def _check_artifact(compiled, path, dtype=torch.float16):
     got = namespace["generate"](other["input_ids"].numpy(), other["attention_mask"].numpy(), 6)
     want = compiled.generate(**other, max_new_tokens=6)
     assert (got[:, 5:] == want[:, 5:].cpu().numpy()).mean() >= 0.9
+    # stop tokens (read every STOP_CHECK steps): cut at the step where the last row made one, as if read each step
+    ids, mask = prompt["input_ids"].numpy(), prompt["attention_mask"].numpy()
+    full = namespace["generate"](ids, mask, 10)
+    eos = [int(full[0, 9]), int(full[1, 8])]  # row 0's third new token, row 1's second
+    last = max(np.isin(full[row, 7:], eos).argmax() for row in range(2))  # each row's first stop; the later one
+    stopped = namespace["generate"](ids, mask, 10, eos_token_id=eos)
+    assert last <= 2 and stopped.shape == (2, 7 + last + 1) and (stopped == full[:, : 7 + last + 1]).all()
+    assert (namespace["generate"](ids, mask, 1) == full[:, :8]).all()
     with pytest.raises(ValueError, match="past the 64 compiled for"):
         namespace["generate"](prompt["input_ids"].numpy(), prompt["attention_mask"].numpy(), 60)
 
