@@ -96,7 +96,7 @@ def verify_artifact(compiled, program, path, io, providers, tolerance, mode, pad
             feed = {n: v for n, v in flat if isinstance(v, torch.Tensor)}
             if compiled.lm is not None:
                 feed |= empty_pasts(program, feed["input_ids"].shape[0])
-            feed = {onnx_input_name(n): v.detach().cpu().numpy() for n, v in feed.items()}
+            feed = {onnx_input_name(n): ort_child.feed_array(v) for n, v in feed.items()}
             feeds.append(_packed_rows(feed) if compiled.lm is not None else feed)
             fx_outs.append(flat_outputs(gm(*args, **kwargs)))
     steps = _greedy_steps(compiled)

@@ -17,6 +17,7 @@ from torch.export import Dim
 
 import mpcompiler
 import mpcompiler.emit_onnx
+from mpcompiler import ort_child
 from tests.helpers import TOL, Tiny, run_handoff_snippet
 
 transformers.logging.set_verbosity_error()
@@ -296,3 +297,24 @@ def test_bert_fused_ops_run_in_onnx_runtime_cuda_within_tolerance_for_either_pad
     # padding="right": Attention's 1-D mask index, with which the CUDA provider runs fused attention
     art = compiled.export_onnx(tmp_path / "r.onnx", providers=["CUDAExecutionProvider"], padding="right")
     assert art.verified_with == "CUDAExecutionProvider" and max(art.error_vs_fp32.values()) <= TOL[torch.float16]
+
+
+def test_verification_carries_bf16_tensors_to_onnx_runtime_and_back(tmp_path):
+    # numpy has no bf16: a bf16 input (a bf16 plan's KV cache) goes to ONNX Runtime's child process as its bits,
+    # and a bf16 output comes back as the float32 of the same value (it died in numpy() on CUDA, run AH)
+    x = onnx.helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 3])
+    same, wide = (
+        onnx.helper.make_tensor_value_info(n, t, [2, 3])
+        for n, t in (("same", TensorProto.BFLOAT16), ("wide", TensorProto.FLOAT))
+    )
+    nodes = [onnx.helper.make_node("Identity", ["x"], ["same"]), onnx.helper.make_node("Cast", ["x"], ["wide"], to=1)]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "bf16", [x], [same, wide]), opset_imports=[onnx.helper.make_opsetid("", 17)]
+    )
+    onnx.save(model, tmp_path / "bf16.onnx")
+    value = torch.tensor([[1.0, -2.5, 3e38], [0.0, 1e-3, -7.0]]).bfloat16()  # rounded to bf16 here
+    provider, [[same, wide]] = ort_child.run(
+        tmp_path / "bf16.onnx", [{"x": ort_child.feed_array(value)}], ["CPUExecutionProvider"]
+    )
+    assert provider == "CPUExecutionProvider" and same.dtype == wide.dtype == np.float32
+    assert np.array_equal(same, value.float().numpy()) and np.array_equal(wide, value.float().numpy())
