@@ -92,8 +92,8 @@ def export_onnx(
         verify: run the artifact in ONNX Runtime on the held-out samples and compare with fp32 and
             the FX module: ``"error"`` (default) raises past ``tolerance``, ``"warn"`` warns, ``"off"``
             skips.
-        tolerance: the relative L2 error accepted vs the FX module, and vs fp32 beyond the FX module's own
-            (a plan with e4m3 GEMMs: vs the FX module, up to the FX module's own error vs fp32).
+        tolerance: the relative L2 error accepted beyond the FX module's own error vs fp32, against fp32
+            and against the FX module (two computations of one plan round differently: ort_verify.py).
         providers: ONNX Runtime providers to verify with (default: CUDA if present, else CPU).
     """
     if verify not in ("error", "warn", "off"):

@@ -2,12 +2,14 @@
 and compare its outputs with the fp32 model's and the FX module's; a causal LM's also decodes the FX
 module's greedy tokens. Past the tolerance, an ExportError or a warning.
 
-A plan with e4m3 GEMMs is held to the FX module's own error, not to its numbers: e4m3's rounding steps
-(values an eighth apart) turn the artifact's fp16 rounding differences upstream of an activation's
-quantization into differences as large as the plan's error itself (the test Llama's fp8 logits move 1.3e-2
-when each weight scale moves by fp16's rounding, 2^-11; docs/precision.md). So it must be as accurate
-against fp32 as the FX module (within ``tolerance``), differ from it by no more than the FX module differs
-from fp32, and a causal LM must still choose the FX module's greedy tokens.
+The artifact must be as accurate against fp32 as the FX module (within ``tolerance``), and differ from the
+FX module by no more than ``tolerance`` plus the FX module's own error vs fp32: two computations of one
+low-precision plan (ONNX Runtime's kernels, Inductor's) round differently, by about the plan's own error.
+A bf16 plan's is ~6e-3 on the test Llama (run AH, H100: the artifact 6.1e-3 from fp32 and 6.6e-3 from the
+FX module, whose own is 6.3e-3); e4m3's rounding steps (values an eighth apart) turn fp16 rounding
+differences upstream of an activation's quantization into differences as large as the plan's error (the
+test Llama's fp8 logits move 1.3e-2 when each weight scale moves by fp16's rounding, 2^-11;
+docs/precision.md). A causal LM must also choose the FX module's greedy tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.fx
 import torch.fx._pytree as fx_pytree
 
-from mpcompiler import fp8, ort_child
+from mpcompiler import ort_child
 from mpcompiler.accuracy import flat_outputs, output_names, rel_l2
 from mpcompiler.errors import ExportError
 from mpcompiler.ir import META_KEY, graph_record
@@ -122,19 +124,17 @@ def verify_artifact(compiled, program, path, io, providers, tolerance, mode, pad
     out_names = output_names(gm)
     vs_fp32 = rel_l2(onnx_outs, refs, out_names)
     vs_fx = rel_l2(onnx_outs, fx_outs, out_names)
-    # against fp32, the FX module's own error is allowed besides the tolerance (an fp8 plan's is percents)
     fx_vs_fp32 = rel_l2(fx_outs, refs, out_names)
     greedy = None
     if steps:  # each step's argmax in ONNX Runtime vs the token the FX module chose there
         greedy = float((torch.from_numpy(outs[0][-1]) == fx_tokens).float().mean())
-    e4m3 = any(n.target is fp8.SCALED_MM for n in gm.graph.nodes)  # held to the FX module's error (above)
-    bounds = [(v, fx_vs_fp32.get(k, 0.0) + tolerance) for k, v in vs_fp32.items()]
-    bounds += [(v, max(tolerance, fx_vs_fp32.get(k, 0.0)) if e4m3 else tolerance) for k, v in vs_fx.items()]
+    # each within the tolerance of the FX module's own error vs fp32 (the module's docstring says why)
+    bounds = [(v, fx_vs_fp32.get(k, 0.0) + tolerance) for k, v in [*vs_fp32.items(), *vs_fx.items()]]
     if not all(v <= bound for v, bound in bounds) or (greedy is not None and greedy < GREEDY_AGREEMENT):
         msg = (
             f"the ONNX artifact {name or path} misses the tolerance {tolerance:g} in ONNX Runtime "
-            f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx}"
-            + (f" (the FX module's own vs fp32: {fx_vs_fp32}; its e4m3 GEMMs)" if e4m3 else "")
+            f"({provider}): rel. L2 error vs fp32 {vs_fp32}, vs the FX module {vs_fx} (the FX module's own vs "
+            f"fp32: {fx_vs_fp32})"
             + ("" if greedy is None else f"; greedy tokens as the FX module's: {greedy:.0%}")
             + (
                 "; exported with padding='right', its attention reads each row's length only: a held-out "
