@@ -244,9 +244,10 @@ class CompiledModule(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
         """Generate from a causal LM compiled with ``max_seq``, like Hugging Face's ``generate``: prompts
         as token ids [batch, seq] (left-padded, with their ``attention_mask``), and ``max_new_tokens``,
-        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``,
-        ``generator``, and ``streamer`` (transformers' ``TextStreamer``/``TextIteratorStreamer`` or
-        any object with ``put(token_ids)`` and ``end()``: the prompt, then each new token as it is chosen).
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
+        ``eos_token_id``, ``pad_token_id``, ``generator``, and ``streamer`` (transformers'
+        ``TextStreamer``/``TextIteratorStreamer`` or any object with ``put(token_ids)`` and ``end()``: the
+        prompt, then each new token as it is chosen).
         Returns the prompts and their new tokens, [batch, seq + new]; a row that met an eos token is
         padded after it. Runs prefill and decode steps with a static KV cache
         (:mod:`mpcompiler.llm`)."""

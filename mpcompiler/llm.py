@@ -354,6 +354,8 @@ class Generator:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
@@ -367,6 +369,11 @@ class Generator:
                              "temperature, or do_sample=False for greedy tokens")  # fmt: skip
         if do_sample and top_p is not None and not 0 <= top_p <= 1:
             raise InputError(f"top_p={top_p}: a probability mass, between 0 and 1")
+        if not repetition_penalty > 0:
+            raise InputError(f"repetition_penalty={repetition_penalty}: a seen token's logit is divided by it (or "
+                             "multiplied, if negative); pass a positive number, 1.0 for none")  # fmt: skip
+        if min_new_tokens < 0:
+            raise InputError(f"min_new_tokens={min_new_tokens}: a count of tokens, 0 or more")
         if batch > self.lm.max_batch:
             raise InputError(f"a batch of {batch} prompts; the KV cache holds max_batch={self.lm.max_batch} rows")
         if max_new_tokens < 1:
@@ -381,8 +388,10 @@ class Generator:
         causal = length > 1 and bool(mask.all())
         ids, mask = ids.to(device), mask.to(device)
         stops = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=device).long().reshape(-1)
-        # greedy: the decode graph chooses each token itself; sampling and streaming choose them here
-        greedy = not do_sample and streamer is None and len(stops) <= carry_decode_state.STOP_SLOTS
+        # greedy: the decode graph chooses each token itself; sampling, streaming and the logits' rules (a
+        # repetition penalty, stops held back by min_new_tokens) choose them here
+        rules = (repetition_penalty, min_new_tokens if len(stops) else 0)
+        greedy = not do_sample and streamer is None and len(stops) <= carry_decode_state.STOP_SLOTS and rules == (1, 0)
         rows = graph_rows(batch, self.lm.max_batch)
         if device.type == "cuda" or greedy:  # captured before the prefill: its warm-up writes stay out of it
             self._decode(rows, greedy)
@@ -395,7 +404,7 @@ class Generator:
             new = self._greedy(rows, logits.argmax(-1), slots, position[:, -1:] + 1, length, max_new_tokens, stops, pad)
         else:
             new = self._loop(logits, slots, position[:, -1:], length, max_new_tokens, stops, pad,
-                             (do_sample, temperature, top_k, top_p, generator), ids, streamer)  # fmt: skip
+                             (do_sample, temperature, top_k, top_p, generator), rules, ids, streamer)  # fmt: skip
         if len(stops):  # cut the steps after every row has stopped
             stopped = torch.isin(new, stops)
             if bool(stopped.any(1).all()):
@@ -424,20 +433,25 @@ class Generator:
                 break
         return state["tokens"][:batch, length : length + count].clone()
 
-    def _loop(self, logits, slots, last, length, max_new_tokens, stops, pad, choice, ids, streamer) -> torch.Tensor:
-        """The new tokens [B, max_new_tokens] chosen here from each step's logits (sampling, a streamer), the
-        first from the prompt's. The loop never waits for the GPU (no .item(), no host-to-device copy), so
-        Python runs ahead and the steps' graph replays queue back to back; whether every row has stopped is
-        read every STOP_CHECK steps. A streamer (transformers' TextStreamer, TextIteratorStreamer: put() and
-        end()) gets the prompt, then each token as it is chosen; that reads every token back, so stops are
-        read every step too."""
+    def _loop(self, logits, slots, last, length, max_new_tokens, stops, pad, choice, rules, ids, streamer):
+        """The new tokens [B, max_new_tokens] chosen here from each step's logits (sampling, a streamer, the
+        logits' ``rules``: repetition penalty, min_new_tokens), the first from the prompt's. The loop never
+        waits for the GPU (no .item(), no host-to-device copy), so Python runs ahead and the steps' graph
+        replays queue back to back; whether every row has stopped is read every STOP_CHECK steps. A streamer
+        (transformers' TextStreamer, TextIteratorStreamer: put() and end()) gets the prompt, then each token
+        as it is chosen; that reads every token back, so stops are read every step too."""
         check = STOP_CHECK if streamer is None else 1
         if streamer is not None:
             streamer.put(ids.cpu())
         new, cache_position = [], torch.full((1,), length, device=ids.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        penalty, min_new = rules
+        # the tokens a repetition penalty reads: the prompts' (their padding too, as Hugging Face's), then each chosen
+        seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True) if penalty != 1 else None
         for step in range(max_new_tokens):
-            token = _choose(logits, *choice)
+            token = _choose(_processed(logits, seen, penalty, stops if step < min_new else None), *choice)
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
             if len(stops):  # without eos tokens no row stops: a step launches no bookkeeping kernels for it
                 token = torch.where(done, torch.full_like(token, pad), token)
                 done |= torch.isin(token, stops)
@@ -487,6 +501,15 @@ def graph_rows(batch: int, max_batch: int) -> int:
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with ``rows`` rows of zeros after it (idle rows: no token, no cache slot to see but their own)."""
     return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))]) if rows else x
+
+
+def _processed(logits, seen, penalty: float, held: torch.Tensor | None) -> torch.Tensor:
+    """The logits after Hugging Face's processors that generate() takes, in its order: the repetition penalty
+    (each ``seen`` token's logit divided by it, multiplied where negative), then ``held`` tokens (the stops
+    before min_new_tokens) ruled out."""
+    if seen is not None:
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    return logits.index_fill(-1, held, float("-inf")) if held is not None else logits
 
 
 def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

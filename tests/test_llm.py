@@ -61,6 +61,28 @@ def test_greedy_generation_matches_hugging_face(llama):
     assert (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
 
 
+def test_repetition_penalty_and_min_new_tokens_match_hugging_face(llama):
+    # two of Hugging Face's logits processors: a seen token's logit divided by the penalty (multiplied where
+    # negative), and stop tokens ruled out before min_new_tokens; tokens then chosen on the host
+    model, compiled = llama
+    torch.manual_seed(6)
+    prompt = _prompt(2, 7, pad=3)
+    plain = compiled.generate(**prompt, max_new_tokens=12)
+    out = compiled.generate(**prompt, max_new_tokens=12, repetition_penalty=3.0)
+    ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, repetition_penalty=3.0)
+    assert out.shape == ref.shape and (out[:, 7:] == ref[:, 7:]).float().mean() >= 0.9
+    assert not torch.equal(out, plain)  # the penalty moved tokens
+    eos = int(plain[0, 7])  # row 0's first new token: without min_new_tokens it stops at once
+    out = compiled.generate(**prompt, max_new_tokens=12, eos_token_id=eos, min_new_tokens=4, pad_token_id=0)
+    ref = model.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, min_new_tokens=4,
+                         pad_token_id=0)  # fmt: skip
+    assert not (out[:, 7:11] == eos).any() and out.shape == ref.shape and (out == ref).float().mean() >= 0.9
+    with pytest.raises(mpcompiler.InputError, match="repetition_penalty=0"):
+        compiled.generate(**prompt, repetition_penalty=0)
+    with pytest.raises(mpcompiler.InputError, match="min_new_tokens=-1"):
+        compiled.generate(**prompt, min_new_tokens=-1)
+
+
 @pytest.mark.parametrize("rows", [None, 1, 2, 4])
 def test_kv_cache_steps_compute_what_the_whole_sequence_does(llama, rows):
     # prefill 5 tokens, then 4 decode steps: each step's logits are the compiled whole-sequence module's.
