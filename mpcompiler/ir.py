@@ -159,6 +159,7 @@ class SearchLog:
     # compile(dtype="fp8"): the first stage, e4m3 linears kept in the low dtype, most sensitive first
     fp8_candidates: int = 0
     fp8_kept: int = 0
+    fp8_kept_with: int = 0  # and kept out of fp8 with one of them: a linear of its input (their one GEMM)
     fp8_evaluations: list[tuple[int, float]] = field(default_factory=list)  # (k kept out of fp8, metric)
 
     def to_dict(self) -> dict:

@@ -240,7 +240,8 @@ class Report:
             s = self.search
             stages = []  # dtype="fp8": its first stage; the second runs only where the first cannot meet it
             if s.get("fp8_candidates"):
-                stages.append(f"{s['fp8_kept']} of {s['fp8_candidates']} fp8 linears kept in {self.dtype} "
+                with_ = f" and {s['fp8_kept_with']} more with a linear of their input" if s.get("fp8_kept_with") else ""
+                stages.append(f"{s['fp8_kept']} of {s['fp8_candidates']} fp8 linears kept in {self.dtype}{with_} "
                               f"({len(s['fp8_evaluations'])} whole-model evaluations)")  # fmt: skip
             if s["evaluations"]:
                 stages.append(f"{s['kept_high']} of {s['candidates']} low-precision ops kept high "

@@ -9,7 +9,8 @@ in the low dtype. A linear stays out of fp8, with the reason in its record (``fp
 - its weight is not a parameter (a product of two activations has no static weight scale);
 - its input or output dims are not multiples of 16 (``_scaled_mm``'s alignment);
 - calibration saw no finite, nonzero magnitude of its input (no scale);
-- the tolerance search keeps it in the low dtype (``fp8_promoted``, search_precision's first stage).
+- the tolerance search keeps it in the low dtype (``fp8_promoted``, search_precision's first stage), with the
+  other linears of its input (they run as one GEMM, which a plan of e4m3 and fp16 halves would split in two).
 
 The fp8 linears of one input (a layer's q, k and v; gate and up) share one weight scale, their largest: lower_fp8
 joins them into one GEMM over their stacked weights, as lower_fused joins fp16 ones (one quantization of the
@@ -48,6 +49,11 @@ def _problem(node: torch.fx.Node) -> str | None:
     return None
 
 
+def gemm_group(node: torch.fx.Node) -> tuple:
+    """What the fp8 linears that run as one GEMM share: their input, dtype and whether they have a bias."""
+    return node.args[0], record(node).dtype, len(node.args) > 2 and node.args[2] is not None
+
+
 def _short(node: torch.fx.Node) -> str:
     """A linear's name in a reason: its module's (``k_proj``), else its node's."""
     return (record(node).module_path or node.name).rpartition(".")[2]
@@ -77,8 +83,7 @@ class AssignFp8(Pass):
             x_absmax = record(node.args[0]).range.absmax
             w_absmax = float(attr_of(gm, node.args[1].target).detach().abs().max())
             rec.fp8 = Fp8Scales(x_scale=fp8.scale(x_absmax), w_scale=fp8.scale(w_absmax or 1.0))
-            bias = len(node.args) > 2 and node.args[2] is not None
-            groups.setdefault((node.args[0], rec.dtype, bias), []).append(node)
+            groups.setdefault(gemm_group(node), []).append(node)
             counts["fp8"] += 1
         for (x, *_), group in groups.items():  # linears of one input: one weight scale, the largest (see above)
             w_scale = max(record(n).fp8.w_scale for n in group)

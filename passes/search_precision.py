@@ -39,6 +39,7 @@ from mpcompiler.errors import ToleranceError
 from mpcompiler.ir import OpClass, SearchLog, float_dtype, graph_record, op_name, record
 from mpcompiler.ops import FOLLOW_OPS, convert_inputs
 from mpcompiler.pass_manager import Pass, PassManager, PassResult, progress
+from mpcompiler.passes import assign_fp8
 from mpcompiler.samples import Sample, to_device
 
 SENSITIVITY_SAMPLES = 4  # calibration samples the sensitivity is estimated on
@@ -220,6 +221,7 @@ class SearchPrecision(Pass):
         if fp8_nodes:  # first stage: e4m3 linears back to the low dtype, most sensitive first
             k8 = self._stage(gm, fp8_nodes, refs, samples, log, log.fp8_evaluations, fp8=True)
             log.fp8_candidates, log.fp8_kept = len(fp8_nodes), len(fp8_nodes) if k8 is None else k8
+            log.fp8_kept_with = sum(1 for n in fp8_nodes if record(n).fp8_promoted) - log.fp8_kept
             k = 0 if k8 is not None else None
         candidates = [n for n in gm.graph.nodes if _computes(n) and record(n).dtype in dtypes.LOW]
         if k is None:  # then low-precision ops to fp32
@@ -248,23 +250,27 @@ class SearchPrecision(Pass):
         (out of fp8, or out of the low dtype into fp32) meets the tolerance; None if keeping all misses.
         The records are left at the plan of that k (of all, if None)."""
         level = {n: "fp8" if fp8 else dtypes.short(record(n).dtype) for n in candidates}
+        groups: dict[tuple, list[torch.fx.Node]] = {}  # fp8 linears that run as one GEMM go up together
+        for n in candidates if fp8 else ():
+            groups.setdefault(assign_fp8.gemm_group(n), []).append(n)
         kept = "kept out of fp8" if fp8 else "kept high"
         ranked: list[torch.fx.Node] = []  # most sensitive first, once measured
         sens: dict[torch.fx.Node, tuple[float, float]] = {}
         judged: dict[int, bool] = {}
 
         def apply(k: int) -> None:  # the plan that keeps the k most sensitive a level up
-            for i, n in enumerate(ranked or candidates):
-                why = (
-                    f"{kept} by the tolerance search: alone in {level[n]} it would cost ~{sens[n][0]:.2g} rel. L2 "
-                    f"at the outputs (rank {i + 1} of {len(ranked)})"
-                    if i < k
-                    else ""
-                )
+            up: dict[torch.fx.Node, str] = {}
+            for i, n in enumerate(ranked[:k]):
+                cost = f"~{sens[n][0]:.2g} rel. L2 at the outputs (rank {i + 1} of {len(ranked)})"
+                up.setdefault(n, f"{kept} by the tolerance search: alone in {level[n]} it would cost {cost}")
+                for m in groups.get(assign_fp8.gemm_group(n), ()) if fp8 else ():  # the linears of its input:
+                    up.setdefault(m, f"{kept} with {n.name} by the tolerance search: one GEMM on one input, which "
+                                     "e4m3 and fp16 halves would split in two")  # fmt: skip
+            for n in candidates:
                 if fp8:
-                    record(n).fp8_promoted = why
+                    record(n).fp8_promoted = up.get(n, "")
                 else:
-                    record(n).promoted = why
+                    record(n).promoted = up.get(n, "")
             self.replan.run(gm)
 
         def evaluate(k: int) -> bool:

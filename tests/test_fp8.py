@@ -178,6 +178,35 @@ def test_search_keeps_gemms_out_of_fp8_by_sensitivity_monotonically():
     assert len(promoted) == 3 and all("alone in fp8 it would cost" in d.fp8_reason for d in promoted)
 
 
+class SensitiveHead(nn.Module):
+    """Two linears of one input (a layer's k and v), then a third: v's output is read 20x louder than k's, so v
+    costs the most in e4m3 and k little."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.v, self.o = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.k(x) + 20 * self.v(x)))
+
+
+def test_search_keeps_linears_of_one_input_out_of_fp8_together():
+    # e4m3 and fp16 halves of one input's linears would run as two GEMMs where the plan ran one: when the
+    # search takes v out of fp8, k comes with it (k alone is cheap in e4m3), so their GEMM stays one
+    torch.manual_seed(0)
+    model, calib = SensitiveHead().eval(), _data(n=10)
+    val = _data(seed=2, n=4)
+    compiled = mpcompiler.compile(model, calib, dtype="fp8", val_data=val, tolerance=3e-2)
+    gemms = {d.module_path: d for d in compiled.report.ops() if d.fp8_reason}
+    assert gemms["v"].sensitivity > 3 * gemms["k"].sensitivity  # k would stay on its own cost
+    assert _fp8_paths(compiled.report) == {"o"}, compiled.report
+    assert "alone in fp8 it would cost" in gemms["v"].fp8_reason
+    assert "kept out of fp8 with" in gemms["k"].fp8_reason and "one GEMM on one input" in gemms["k"].fp8_reason
+    assert "1 of 3 fp8 linears kept in float16 and 1 more with a linear of their input" in str(compiled.report)
+    with torch.no_grad():
+        assert rel_err(compiled(val[0]), model(val[0])) <= 3e-2 * 1.5  # the search judged the plan on val[:2]
+
+
 class Outlier(nn.Module):
     """a -> relu -> b -> tanh -> c, where b's input has one channel ``ratio`` times the others and b's weights
     of it 1/ratio times theirs (an LLM's massive activation: the channel is large, the output ordinary)."""
