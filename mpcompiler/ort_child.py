@@ -150,9 +150,7 @@ def _child(model: str, providers: str, count: str) -> None:
             if missing:
                 raise ValueError(f"the artifact's inputs {sorted(missing)} are not among the model's {sorted(feed)}")
             feed = {k: v for k, v in feed.items() if k in types}
-            outs = sess.run_with_ort_values(
-                None, {k: _ortvalue(ort, v, types[k]) for k, v in feed.items() if k in types}
-            )
+            outs = sess.run_with_ort_values(None, {k: _ortvalue(ort, v, types[k]) for k, v in feed.items()})
             arrays = [_numpy(o) for o in outs]
             if forced is not None:
                 arrays.append(_decode(ort, sess, feed["attention_mask"], outs, forced))

@@ -253,6 +253,7 @@ class SearchPrecision(Pass):
         groups: dict[tuple, list[torch.fx.Node]] = {}  # fp8 linears that run as one GEMM go up together
         for n in candidates if fp8 else ():
             groups.setdefault(assign_fp8.gemm_group(n), []).append(n)
+        mates = {n: group for group in groups.values() for n in group}
         kept = "kept out of fp8" if fp8 else "kept high"
         ranked: list[torch.fx.Node] = []  # most sensitive first, once measured
         sens: dict[torch.fx.Node, tuple[float, float]] = {}
@@ -263,7 +264,7 @@ class SearchPrecision(Pass):
             for i, n in enumerate(ranked[:k]):
                 cost = f"~{sens[n][0]:.2g} rel. L2 at the outputs (rank {i + 1} of {len(ranked)})"
                 up.setdefault(n, f"{kept} by the tolerance search: alone in {level[n]} it would cost {cost}")
-                for m in groups.get(assign_fp8.gemm_group(n), ()) if fp8 else ():  # the linears of its input:
+                for m in mates.get(n, ()):  # the fp8 linears of its input with it
                     up.setdefault(m, f"{kept} with {n.name} by the tolerance search: one GEMM on one input, which "
                                      "e4m3 and fp16 halves would split in two")  # fmt: skip
             for n in candidates:
