@@ -158,6 +158,10 @@ def test_cuda_graph_replays_the_compiled_module(bert):
         assert rel_err(out.cpu(), ref) < TOL[torch.float16]
     with pytest.raises(mpcompiler.OptionError, match=r"captured for \(3, 20\)"):
         fast(**_bert_sample(3, 24))
+    with pytest.raises(mpcompiler.OptionError, match="input_ids is torch.int32, expected torch.int64"):
+        fast(**{**first, "input_ids": first["input_ids"].int()})
+    with pytest.raises(mpcompiler.OptionError, match="captured for inputs shaped like"):
+        fast(first["input_ids"], attention_mask=first["attention_mask"])
     tuned = compiled.cuda_graph(first, autotune=True)  # Inductor's GEMM templates timed against cuBLAS
     assert (
         rel_err(tuned(**{k: v.cuda() for k, v in first.items()}).last_hidden_state.cpu(), refs[0]) < TOL[torch.float16]
