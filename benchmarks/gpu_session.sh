@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh llm-exp  # issue #11's experiments not yet timed (decode attention as two Triton kernels or as reductions, a wider coordinate descent; combo kernels again) beside the default
 #   bash benchmarks/gpu_session.sh onnx-llm [1,8]  # benchmarks/llm.py --onnx (those batches): ORT CUDA (and with XQA decode attention) beside ours
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
+#                                        (resnet or bert,resnet in place of bert: those models)
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
 #   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
@@ -49,8 +50,9 @@ case "${1:-}" in
     timeout 560 python3 -m benchmarks.llm --out "$OUT/llm_onnx" --models tinyllama --batches "${2:-1,8}" --onnx \
       --only 'generate (CUDA graph decode),ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
-  bert)
-    timeout 400 python3 benchmarks/gpu.py --models bert --out "$OUT/bert" --only "${2:-}" 2>&1 | grep -E 'fused ops|^\{|Error' | tail -40
+  bert|resnet|bert,resnet)
+    timeout 540 python3 benchmarks/gpu.py --models "$1" --out "$OUT/$1" --only "${2:-}" 2>&1 \
+      | grep -E 'fused ops|^\{|Error' | tail -40
     bash "$0" sweep
     ;;
   fp8)
