@@ -1,14 +1,16 @@
 """What ``torch._scaled_mm`` does with the GEMMs issue #13 targets: which scale layouts and output dtypes it
 takes, its speed against the fp16 matmul, and its numbers against an fp32 emulation of the same e4m3 inputs.
 
-    python -m benchmarks.fp8_probe --out DIR [--device cuda]
+    python -m benchmarks.fp8_probe --out DIR [--device cuda] [--ort]
 
 For each shape (M x K x N: BERT-base's at batch 32 x 128 tokens, a 1.1B LLM's prefill of 4,096 tokens and its
 decode of 1 and 8 rows) and each way of calling it (per-tensor scales with an fp16 output, the same with a
 bias, row-wise scales (activations per row, weights per output channel) with a bf16 and an fp16 output): the
 error torch raised, if any; else the median time (CUDA events, benchmarks/gpu.py's timer) against ``x @ w.t()``
 in fp16, the rel. L2 error against the emulation (e4m3 values times their scales, matmul in fp32: what a CPU
-test can check) and against the fp32 product of the unquantized inputs (what quantizing costs). Scales are
+test can check) and against the fp32 product of the unquantized inputs (what quantizing costs). With --ort,
+the same products in ONNX Runtime's CUDA provider too: an fp16 ``MatMul`` and its contrib fp8 GEMM
+(``com.microsoft.GemmFloat8``), issue #13's route for the ONNX artifact. Scales are
 each tensor's (row's, channel's) absmax over 448, e4m3's largest finite value. On the CPU the call runs too
 (torch's CPU kernel), its times mean nothing. Writes DIR/fp8_probe.json and DIR/fp8_probe.md.
 
@@ -55,7 +57,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def probe(m: int, k: int, n: int, device: str) -> list[dict]:
+def probe(m: int, k: int, n: int, device: str, ort: bool = False) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=torch.float16)
     w = (torch.randn(n, k, device=device) * k**-0.5).to(torch.float16)  # [out, in], as nn.Linear stores it
@@ -87,6 +89,70 @@ def probe(m: int, k: int, n: int, device: str) -> list[dict]:
                          "err_vs_fp32": rel(out, exact + (bias.float() if with_bias else 0))})  # fmt: skip
         except Exception as exc:  # what this torch and device refuse is the finding
             rows.append({"call": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    if ort:
+        rows += ort_rows(x, w, exact)
+    return rows
+
+
+def ort_rows(x: torch.Tensor, w: torch.Tensor, exact: torch.Tensor) -> list[dict]:
+    """The same product in ONNX Runtime's CUDA provider: an fp16 ``MatMul``, and its contrib fp8 GEMM
+    (``com.microsoft.GemmFloat8``: the input cast to e4m3 in the graph, the weight stored in e4m3, per-tensor
+    scales, fp16 out), each timed as benchmarks/gpu.py times ONNX Runtime (I/O bound on the GPU, without and
+    with its CUDA graph)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.gpu import Ort
+
+    m, k = x.shape
+    n = w.shape[0]
+    xq, sx = quantize(x, None)
+    wq, sw = quantize(w, None)
+    emulated = (xq.float() * sx) @ (wq.float() * sw).t()
+
+    def e4m3(name, t):
+        return helper.make_tensor(
+            name, TensorProto.FLOAT8E4M3FN, t.shape, t.view(torch.uint8).cpu().numpy().tobytes(), raw=True
+        )
+
+    def model(nodes, inits):
+        graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [m, n])], inits)  # fmt: skip
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+    def f32(name, value):
+        return numpy_helper.from_array(torch.tensor([float(value)]).numpy(), name)
+
+    fp16 = model(
+        [helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        [numpy_helper.from_array(w.t().contiguous().cpu().numpy(), "wt")],
+    )
+    fp8 = model(
+        [helper.make_node("Mul", ["x", "inv_sx"], ["xs"]),
+         helper.make_node("Cast", ["xs"], ["xq"], to=TensorProto.FLOAT8E4M3FN, saturate=1),
+         helper.make_node("GemmFloat8", ["xq", "wq", "sx", "sw", "one"], ["y"], domain="com.microsoft", transB=1,
+                          dtype=TensorProto.FLOAT16)],
+        [numpy_helper.from_array(torch.tensor([1 / float(sx)], dtype=torch.float16).numpy(), "inv_sx"), e4m3("wq", wq),
+         f32("sx", sx), f32("sw", sw), f32("one", 1.0)],
+    )  # fmt: skip
+    feeds = {"x": x.cpu().numpy()}
+    rows = []
+    for label, onnx_model, ref in (
+        ("ORT CUDA, fp16 MatMul", fp16, None),
+        ("ORT CUDA, GemmFloat8 e4m3, fp16 out", fp8, emulated),
+    ):
+        for graph in (False, True):
+            row = {"call": label + (", CUDA graph" if graph else "")}
+            try:
+                sess = Ort(onnx_model, feeds, cuda_graph=graph, nhwc=False)
+                sess()
+                out = torch.from_numpy(sess.output())
+                row |= {"ms": sess.median_ms(), "err_vs_fp32": rel(out, exact.cpu())}
+                if ref is not None:
+                    row["err_vs_emulation"] = rel(out, ref.cpu())
+            except Exception as exc:  # what ONNX Runtime refuses is the finding
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
     return rows
 
 
@@ -169,6 +235,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ort", action="store_true", help="the same GEMMs in ONNX Runtime's CUDA provider too")
     parser.add_argument(
         "--model-errors", action="store_true", help="what e4m3 linears cost MiniLM and SmolLM2 (on the CPU, ~12 min)"
     )
@@ -180,7 +247,7 @@ def main():
              "| GEMM (M x K x N) | call | ms | x fp16 | err vs emulation | err vs fp32 |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for label, (m, k, n) in SHAPES.items():
-        rows = result["shapes"][label] = probe(m, k, n, args.device)
+        rows = result["shapes"][label] = probe(m, k, n, args.device, args.ort)
         base = rows[0].get("ms")
         for r in rows:
             ms = f"{r['ms']:.4f}" if r.get("ms") is not None else r.get("error", "")

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #                                        (resnet or bert,resnet in place of bert: those models)
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
+#   bash benchmarks/gpu_session.sh fp8-probe  # the GEMMs of issue #13 in torch._scaled_mm and in ONNX Runtime (fp16 MatMul, GemmFloat8)
 #   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
 #   bash benchmarks/gpu_session.sh smol0    # SmolLM2's GGUF, first half (carry .smol0)
@@ -59,6 +60,9 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.fp8_bert 2>&1 | tail -3
     timeout 330 python3 -m benchmarks.llm --out "$OUT/fp8" --models tinyllama --batches 1 \
       --only 'mpcompiler forward,mpcompiler prompt step' --deadline 280 2>&1 | grep -E '^\{|Error' | tail -12
+    ;;
+  fp8-probe)
+    timeout 300 python3 -m benchmarks.fp8_probe --out "$OUT/fp8_probe" --ort 2>&1 | grep -E '^\||Error' | tail -60
     ;;
   sweep)
     rm -rf /root/sw
