@@ -127,6 +127,7 @@ class CudaGraphModule:
 
     def __call__(self, *args, **kwargs):
         self.load(*args, **kwargs)
+        self.graph.replay()
         leaves, spec = self._outputs
         return pytree.tree_unflatten([leaf.clone() for leaf in leaves], spec)
 

@@ -146,6 +146,41 @@ def test_cuda_graph_without_a_gpu_is_an_error(bert):
         compiled.cuda_graph(_bert_sample(2, 16))
 
 
+def test_cuda_graph_call_path_copies_in_replays_and_clones_out():
+    """The host side of a cuda_graph() call, which CI can run: inputs copied into the capture's buffers (keywords in
+    any order), one replay, outputs cloned (valid after the next call), a mismatch named. A stand-in recomputes
+    the outputs from the buffers where the GPU would replay its graph."""
+    import torch.utils._pytree as pytree
+
+    from mpcompiler.cuda_graph import CudaGraphModule
+
+    def fn(input_ids, attention_mask):
+        return {"sum": input_ids + attention_mask}
+
+    ones = torch.ones(2, 3)
+    graph = CudaGraphModule.__new__(CudaGraphModule)
+    graph.runs, graph.channels_last = [], False
+    graph._inputs((), {"input_ids": ones, "attention_mask": ones}, [], torch.device("cpu"))
+    buffers = pytree.tree_unflatten(graph.static, graph.spec)[1]
+    graph.outputs = fn(**buffers)
+    graph._outputs = pytree.tree_flatten(graph.outputs)
+
+    class Replay:
+        def replay(self):
+            graph.outputs["sum"].copy_(fn(**buffers)["sum"])
+
+    graph.graph = Replay()
+    first = graph(attention_mask=2 * ones, input_ids=ones)
+    second = graph(input_ids=0 * ones, attention_mask=0 * ones)
+    assert first["sum"].eq(3).all() and second["sum"].eq(0).all()
+    with pytest.raises(mpcompiler.OptionError, match="input_ids is torch.float64, expected torch.float32"):
+        graph(input_ids=ones.double(), attention_mask=ones)
+    with pytest.raises(mpcompiler.OptionError, match="attention_mask has size 4 in dim 1, expected 3"):
+        graph(input_ids=ones, attention_mask=torch.ones(2, 4))
+    with pytest.raises(mpcompiler.OptionError, match="captured for inputs shaped like"):
+        graph(ones, attention_mask=ones)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replays_the_compiled_module(bert):
     compiled = mpcompiler.compile(bert, [_bert_sample(4, 16), _bert_sample(2, 24)], device="cuda")
