@@ -52,7 +52,7 @@ case "${1:-}" in
       --only 'generate (CUDA graph decode),ONNX' --deadline 480 2>&1 | grep -E '^\{|Error' | tail -30
     ;;
   bert|resnet|bert,resnet)
-    timeout 540 python3 benchmarks/gpu.py --models "$1" --out "$OUT/$1" --only "${2:-}" 2>&1 \
+    timeout 540 python3 benchmarks/gpu.py --models "$1" --out "$OUT/${1/,/_}" --only "${2:-}" 2>&1 \
       | grep -E 'fused ops|^\{|Error' | tail -40
     bash "$0" sweep
     ;;
