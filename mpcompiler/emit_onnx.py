@@ -102,6 +102,11 @@ def export_onnx(
         raise ExportError(f"target={target!r}: use 'ort-cuda' or 'ort-cpu'")
     if padding not in ("any", "right"):
         raise ExportError(f"padding={padding!r}: use 'any' or 'right'")
+    if padding == "right" and compiled.lm is not None:  # was accepted, changed nothing and told the README "right"
+        raise ExportError(
+            "padding='right' is an encoder's contract (each row's tokens first, its mask read as a length); a causal "
+            "LM's artifact takes its prompts left-padded, as compiled.generate() does: leave padding='any'"
+        )
     path = Path(path)
     if path.is_dir():  # found before the export's minutes, not by the final move
         raise ExportError(f"{path} is a folder: give the .onnx file's path in it, e.g. {path / 'model.onnx'}")

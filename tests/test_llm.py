@@ -450,6 +450,8 @@ def test_an_opset_below_the_fused_ops_is_refused_by_name(llama, tmp_path):
     with pytest.raises(mpcompiler.ExportError, match=r"opset=17: .*'mpcompiler::rotary_group_query_attention'.* "
                                                      r"pass opset=23 or leave opset unset"):  # fmt: skip
         compiled.export_onnx(tmp_path / "llm.onnx", opset=17)
+    with pytest.raises(mpcompiler.ExportError, match="padding='right' is an encoder's contract"):
+        compiled.export_onnx(tmp_path / "llm.onnx", padding="right")
     assert list(tmp_path.iterdir()) == []
 
 
