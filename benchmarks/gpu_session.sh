@@ -71,13 +71,16 @@ case "${1:-}" in
     echo "sweep started"
     ;;
   check)
-    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --tb=short --log-level=WARNING 2>&1 | tail -40
+    timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --tb=short --log-level=WARNING \
+      > "$OUT/pytest_gpu.txt" 2>&1
+    tail -40 "$OUT/pytest_gpu.txt"
     for _ in $(seq 1 100); do pgrep -f "sweep.py --out" > /dev/null || break; sleep 3; done
     pgrep -f "sweep.py --out" > /dev/null && echo "the sweep is still running"
     tail -5 /root/sweep.log
     cp /root/sw/sweep.md /root/sw/sweep.jsonl "$OUT/" 2>/dev/null
     tar czf "$OUT/sweep-logs.tar.gz" -C /root/sw . 2>/dev/null
     ls "$OUT"
+    grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/pytest_gpu.txt" | tail -12  # last: the sweep's summary is long
     ;;
   smol0)
     mkdir -p /root/smolw && cp .smol0/* /root/smolw/ && ls /root/smolw
