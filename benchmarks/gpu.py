@@ -393,7 +393,7 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                     tag = " ".join(t for t in ("CUDA graph" if graph else "", "NHWC" if cnn else "") if t)
                     ort_row(bench, w, f"{name}, ORT CUDA {tag}".strip(), onnx_path, feeds, batch, graph, cnn)
     kernels = {}
-    for w, x in workloads.items():  # which kernels each ONNX model runs (issue #12: prove it, not guess it)
+    for w, x in workloads.items():  # which kernels each ONNX model and the FX replay run (issue #12: prove it)
         feeds = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
         if not cnn:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
@@ -404,6 +404,18 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                 k = kernels[f"{w} | {label}"] = ort_kernels(onnx_model, feeds)
                 summary = {"per_call": k["kernels_per_call"], "device_us": k["device_us_per_call"]}
             except Exception as exc:  # the profile is evidence, not a row: its failure loses no timing
+                summary = kernels[f"{w} | {label}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(json.dumps({"kernels": f"{w} | {label}"} | summary), flush=True)
+        label = "mpcompiler FX, compiled.cuda_graph()"
+        if bench.wants(label):  # the FX path's replay beside ONNX Runtime's (BERT b1: 0.51 against 0.43 ms of kernels)
+            try:
+                xg = cuda(x)
+                graph = copy.deepcopy(compiled).cuda_graph(xg)
+                for _ in range(5):
+                    call(graph, xg)
+                k = kernels[f"{w} | {label}"] = cuda_kernels(lambda graph=graph, xg=xg: call(graph, xg), 20)
+                summary = {"per_call": k["kernels_per_call"], "device_us": k["device_us_per_call"]}
+            except Exception as exc:
                 summary = kernels[f"{w} | {label}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(json.dumps({"kernels": f"{w} | {label}"} | summary), flush=True)
     (out / f"gpu_{kind}_kernels.json").write_text(json.dumps(kernels, indent=1))
