@@ -20,6 +20,8 @@ GENAI_DIMS = {
     ("input_ids", 0): "batch_size",
     ("input_ids", 1): "sequence_length",
     ("attention_mask", 1): "total_sequence_length",
+    ("position_ids", 0): "batch_size",  # torch.export may give these their own symbols: they are input_ids' dims
+    ("position_ids", 1): "sequence_length",
     ("past_key_values.0.key", 2): "past_sequence_length",
 }
 

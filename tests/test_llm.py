@@ -364,6 +364,7 @@ def test_onnx_artifact_has_the_kv_cache_as_inputs_and_outputs_and_its_handoff_lo
     inputs, outputs = {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
     assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert inputs["position_ids"] == inputs["input_ids"] == ["batch_size", "sequence_length"]
     for i in range(2):  # layers
         for kind in ("key", "value"):
             assert inputs[f"past_key_values.{i}.{kind}"] == ["batch_size", 2, "past_sequence_length", 16]
