@@ -87,10 +87,6 @@ class CudaGraphModule:
         """The static buffers a replay reads, copies of ``(args, kwargs)``, and their names, shapes and dtypes."""
         self.kwarg_names = tuple(kwargs)
         leaves, self.spec = pytree.tree_flatten_with_path((args, kwargs))
-        # the call path of a batch-1 replay is host time on the GPU's critical path: where every input is a
-        # top-level argument (the usual call), load() reads them without a pytree walk
-        self.flat = self.spec == pytree.tree_structure((tuple(0 for _ in args), dict.fromkeys(kwargs, 0)))
-        self.nargs, self.kwarg_set = len(args), set(kwargs)
         self.names = [describe_input(p, names) for p, _ in leaves]
         self.static = [self._buffer(v, device) for _, v in leaves]
         # the capture's exact shapes and dtypes: a replay reads its buffers as they are
@@ -112,7 +108,6 @@ class CudaGraphModule:
             try:
                 with torch.cuda.graph(self.graph, pool=pool):
                     self.outputs = fn(*static_args, **static_kwargs)
-                self._outputs = pytree.tree_flatten(self.outputs)
             except RuntimeError as exc:
                 raise OptionError(
                     f"the compiled module cannot be captured as a CUDA graph (an op syncs with the CPU or "
@@ -127,31 +122,27 @@ class CudaGraphModule:
 
     def __call__(self, *args, **kwargs):
         self.load(*args, **kwargs)
-        self.graph.replay()
-        leaves, spec = self._outputs
-        return pytree.tree_unflatten([leaf.clone() for leaf in leaves], spec)
+        return pytree.tree_map_only(torch.Tensor, torch.clone, self.replay())
 
     def load(self, *args, **kwargs) -> None:
         """Copy inputs like the model's into the graph's buffers (each checked against the capture's)."""
-        if self.flat and len(args) == self.nargs and kwargs.keys() == self.kwarg_set:
-            leaves = (*args, *(kwargs[name] for name in self.kwarg_names))  # keyword arguments in any order
-        else:
-            if kwargs.keys() == self.kwarg_set:
-                kwargs = {name: kwargs[name] for name in self.kwarg_names}
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            if spec != self.spec:
-                raise OptionError(f"this CUDA graph was captured for inputs shaped like {self.spec}; got {spec}")
+        if set(kwargs) == set(self.kwarg_names):  # keyword arguments in any order
+            kwargs = {name: kwargs[name] for name in self.kwarg_names}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec:
+            raise OptionError(f"this CUDA graph was captured for inputs shaped like {self.spec}; got {spec}")
         for name, want, buffer, value in zip(self.names, self.inputs, self.static, leaves, strict=True):
             if want is None:
                 if value != buffer:
                     raise OptionError(f"input {name} was {buffer!r} at capture; got {value!r}")
-            elif isinstance(value, torch.Tensor) and value.shape == buffer.shape and value.dtype == buffer.dtype:
-                buffer.copy_(value, non_blocking=True)
             else:
-                raise OptionError(
-                    f"input {want.name} {want.mismatch(value, exact=True)}: this CUDA graph was captured for "
-                    f"{want}; capture another with compiled.cuda_graph(...) for that shape"
-                )
+                reason = want.mismatch(value, exact=True)
+                if reason is not None:
+                    raise OptionError(
+                        f"input {want.name} {reason}: this CUDA graph was captured for {want}; "
+                        "capture another with compiled.cuda_graph(...) for that shape"
+                    )
+                buffer.copy_(value, non_blocking=True)
 
     def replay(self):
         """Replay the graph on its buffers as they are (what :meth:`load`, or the graph itself, left in them)
