@@ -4,13 +4,13 @@ takes, its speed against the fp16 matmul, and its numbers against an fp32 emulat
     python -m benchmarks.fp8_probe --out DIR [--device cuda] [--ort]
 
 For each shape (M x K x N: BERT-base's at batch 32 x 128 tokens, a 1.1B LLM's prefill of 4,096 tokens and its
-decode of 1 and 8 rows) and each way of calling it (per-tensor scales with an fp16 output, the same with a
-bias, row-wise scales (activations per row, weights per output channel) with a bf16 and an fp16 output): the
-error torch raised, if any; else the median time (CUDA events, benchmarks/gpu.py's timer) against ``x @ w.t()``
-in fp16, the rel. L2 error against the emulation (e4m3 values times their scales, matmul in fp32: what a CPU
-test can check) and against the fp32 product of the unquantized inputs (what quantizing costs). With --ort,
-the same products in ONNX Runtime's CUDA provider too: an fp16 ``MatMul`` and its contrib fp8 GEMM
-(``com.microsoft.GemmFloat8``), issue #13's route for the ONNX artifact. Scales are
+decode of 1 and 8 rows) and each way of calling it (per-tensor scales with an fp16 output, with and without a
+bias and cuBLASLt's fast accumulation, row-wise scales (activations per row, weights per output channel) with a
+bf16 and an fp16 output): the error torch raised, if any; else the median device time (:func:`device_ms`)
+against ``x @ w.t()`` in fp16, the rel. L2 error against the emulation (e4m3 values times their scales, matmul
+in fp32: what a CPU test can check) and against the fp32 product of the unquantized inputs (what quantizing
+costs). With --ort, the same products in ONNX Runtime's CUDA provider too: an fp16 ``MatMul`` and its contrib
+fp8 GEMM (``com.microsoft.GemmFloat8``), issue #13's route for the ONNX artifact. Scales are
 each tensor's (row's, channel's) absmax over 448, e4m3's largest finite value. On the CPU the call runs too
 (torch's CPU kernel), its times mean nothing. Writes DIR/fp8_probe.json and DIR/fp8_probe.md.
 
@@ -53,6 +53,19 @@ def quantize(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tens
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def device_ms(fn, calls: int = 20) -> float:
+    """The median device time of one ``fn()``: ``calls`` of them captured back to back in a CUDA graph, its
+    replays timed with CUDA events. A synced call timed alone (gpu.py's timer) also times its launch from
+    Python, ~30 us, more than these GEMMs take (run AI measured a 7 us decode GEMM as 43 us that way)."""
+    graph = torch.cuda.CUDAGraph()
+    fn()  # cuBLASLt's plan and workspace before the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms_torch(graph.replay) / calls
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -64,19 +77,21 @@ def probe(m: int, k: int, n: int, device: str, ort: bool = False) -> list[dict]:
     bias = torch.randn(n, device=device, dtype=torch.float16)
     exact = x.float() @ w.float().t()
     cuda = device == "cuda"
-    rows = [{"call": "fp16 x @ w.t()", "ms": median_ms_torch(lambda: x @ w.t()) if cuda else None,
+    rows = [{"call": "fp16 x @ w.t()", "ms": device_ms(lambda: x @ w.t()) if cuda else None,
              "err_vs_fp32": rel(x @ w.t(), exact)}]  # fmt: skip
-    calls = {
-        "per-tensor scales, fp16 out": (None, None, torch.float16, False),
-        "per-tensor scales, fp16 out, bias": (None, None, torch.float16, True),
-        "row-wise scales, bf16 out": (1, 1, torch.bfloat16, False),
-        "row-wise scales, fp16 out": (1, 1, torch.float16, False),
+    calls = {  # x's and w's scale dims (None: per tensor), the output dtype, a bias, cuBLASLt's fast accumulation
+        "per-tensor scales, fp16 out": (None, None, torch.float16, False, False),
+        "per-tensor scales, fp16 out, bias": (None, None, torch.float16, True, False),
+        "per-tensor scales, fp16 out, fast accumulation": (None, None, torch.float16, False, True),
+        "per-tensor scales, fp16 out, bias, fast accumulation (mpcompiler's)": (None, None, torch.float16, True, True),
+        "row-wise scales, bf16 out": (1, 1, torch.bfloat16, False, False),
+        "row-wise scales, fp16 out": (1, 1, torch.float16, False, False),
     }
-    for label, (x_dim, w_dim, out_dtype, with_bias) in calls.items():
+    for label, (x_dim, w_dim, out_dtype, with_bias, fast) in calls.items():
         xq, sx = quantize(x, x_dim)  # row-wise: [M, 1]
         wq, sw = quantize(w, w_dim)  # per channel: [N, 1], passed as [1, N]
         emulated = (xq.float() * sx) @ (wq.float() * sw).t() + (bias.float() if with_bias else 0)
-        kwargs = {"bias": bias.to(out_dtype)} if with_bias else {}
+        kwargs = {"use_fast_accum": fast} | ({"bias": bias.to(out_dtype)} if with_bias else {})
         scale_b = sw if w_dim is None else sw.t()
 
         def call(xq=xq, wq=wq, sx=sx, scale_b=scale_b, out_dtype=out_dtype, kwargs=kwargs):
@@ -84,7 +99,7 @@ def probe(m: int, k: int, n: int, device: str, ort: bool = False) -> list[dict]:
 
         try:
             out = call()
-            rows.append({"call": label, "ms": median_ms_torch(call) if cuda else None,
+            rows.append({"call": label, "ms": device_ms(call) if cuda else None,
                          "err_vs_emulation": rel(out, emulated),
                          "err_vs_fp32": rel(out, exact + (bias.float() if with_bias else 0))})  # fmt: skip
         except Exception as exc:  # what this torch and device refuse is the finding

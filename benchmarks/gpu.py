@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
@@ -43,6 +44,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch.export import Dim
 
 import mpcompiler
+from mpcompiler import fp8
 
 WARMUP, RUNS = 20, 100
 
@@ -311,13 +313,15 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
     bench.meta["mpcompiler_report"] = str(compiled.report)
     fp8_plans = {}
 
-    def fp8_plan(tolerance):  # compiled on first use: a run whose --only leaves the fp8 rows out pays nothing
-        if tolerance not in fp8_plans:
+    def fp8_plan(tolerance, fast_accum=True):  # compiled on first use: a run whose --only leaves them out pays nothing
+        if (tolerance, fast_accum) not in fp8_plans:
             val = [workloads[next(iter(workloads))]]
-            plan = mpcompiler.compile(model, calib, val_data=val, device="cuda", dtype="fp8", tolerance=tolerance)
-            fp8_plans[tolerance] = plan
-            bench.meta[f"mpcompiler_fp8_report{f'_tolerance_{tolerance:g}' if tolerance else ''}"] = str(plan.report)
-        return fp8_plans[tolerance]
+            with mock.patch.object(fp8, "FAST_ACCUM", fast_accum):  # read by lower_fp8 and the search's runs
+                plan = mpcompiler.compile(model, calib, val_data=val, device="cuda", dtype="fp8", tolerance=tolerance)
+            fp8_plans[tolerance, fast_accum] = plan
+            key = f"{f'_tolerance_{tolerance:g}' if tolerance else ''}{'' if fast_accum else '_exact_accumulation'}"
+            bench.meta[f"mpcompiler_fp8_report{key}"] = str(plan.report)
+        return fp8_plans[tolerance, fast_accum]
 
     # issue #13: the e4m3 plan's artifact (each GEMM's input scaled and cast to e4m3, DequantizeLinear of both
     # operands, an fp16 MatMul): whether ONNX Runtime's CUDA provider runs an fp8 GEMM there, and how fast (its
@@ -325,6 +329,11 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
     if not cnn and bench.wants("mpcompiler ONNX fp8, ORT CUDA"):
         fp8_artifact = fp8_plan(None).export_onnx(tmp / f"{kind}_fp8.onnx", providers=["CUDAExecutionProvider"])
         artifacts["mpcompiler ONNX fp8"] = str(fp8_artifact.path)
+    fp8_rows = {  # issue #13: e4m3 GEMMs, all / where 1e-2 allows; and without cuBLASLt's fast accumulation
+        "mpcompiler FX fp8, compiled.cuda_graph()": (None, True),
+        "mpcompiler FX fp8 tolerance=0.01, compiled.cuda_graph()": (1e-2, True),
+        "mpcompiler FX fp8 tolerance=0.01 exact accumulation (experiment), compiled.cuda_graph()": (1e-2, False),
+    }
     half = copy.deepcopy(model).half()
     half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last) if cnn else half
     gm_fast = compiled.graph_module
@@ -384,10 +393,9 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                 # docs/llm.md run AB): a batch-1 call is bound by ~150 kernels' launches and tails
                 torch_row(bench, w, "mpcompiler FX, compiled.cuda_graph() with PDL (experiment)", None, xg, batch,
                           build=lambda xg=xg: _with_pdl(copy.deepcopy(compiled).cuda_graph, xg))  # fmt: skip
-            for tolerance in (None, 1e-2) if not cnn else ():  # issue #13: e4m3 GEMMs, all / where 1e-2 allows
-                label = f"mpcompiler FX fp8{f' tolerance={tolerance:g}' if tolerance else ''}, compiled.cuda_graph()"
+            for label, (tolerance, fast) in fp8_rows.items() if not cnn else ():
                 torch_row(bench, w, label, None, xg, batch,
-                          build=lambda xg=xg, t=tolerance: fp8_plan(t).cuda_graph(xg))  # fmt: skip
+                          build=lambda xg=xg, t=tolerance, f=fast: fp8_plan(t, f).cuda_graph(xg))  # fmt: skip
             for name, onnx_path in artifacts.items():
                 for graph in (False, True):
                     tag = " ".join(t for t in ("CUDA graph" if graph else "", "NHWC" if cnn else "") if t)
@@ -406,11 +414,15 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
             except Exception as exc:  # the profile is evidence, not a row: its failure loses no timing
                 summary = kernels[f"{w} | {label}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(json.dumps({"kernels": f"{w} | {label}"} | summary), flush=True)
-        label = "mpcompiler FX, compiled.cuda_graph()"
-        if bench.wants(label):  # the FX path's replay beside ONNX Runtime's (BERT b1: 0.51 against 0.43 ms of kernels)
+        plans = {"mpcompiler FX, compiled.cuda_graph()": lambda: compiled}
+        if not cnn:  # the fp8 plan's e4m3 GEMMs against the fp16 plan's
+            plans["mpcompiler FX fp8 tolerance=0.01, compiled.cuda_graph()"] = lambda: fp8_plan(1e-2)
+        for label, plan in plans.items():  # the FX replays beside ONNX Runtime's (BERT b1: 0.51 against 0.43 ms)
+            if not bench.wants(label):
+                continue
             try:
                 xg = cuda(x)
-                graph = copy.deepcopy(compiled).cuda_graph(xg)
+                graph = copy.deepcopy(plan()).cuda_graph(xg)
                 for _ in range(5):
                     call(graph, xg)
                 k = kernels[f"{w} | {label}"] = cuda_kernels(lambda graph=graph, xg=xg: call(graph, xg), 20)

@@ -3,9 +3,14 @@
 A linear planned in fp8 reads its input and its weight in float8_e4m3fn with static per-tensor scales, both
 from calibration: ``x_scale = absmax(x) / 448`` over the calibration samples (so nothing clips on them; a
 held-out value past that absmax saturates at +-448), ``w_scale = absmax(w) / 448``. The product is
-``torch._scaled_mm`` (fp32 accumulation, the low dtype out, the bias added in its epilogue): cuBLASLt's fp8
-tensor-core GEMM on a GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which
-rounds exactly as the GPU does (run there for tests and for the tolerance search; it is not fast).
+``torch._scaled_mm`` (the low dtype out, the bias added in its epilogue): cuBLASLt's fp8 tensor-core GEMM on a
+GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which rounds as the GPU does
+with exact fp32 accumulation (run there for tests and for the tolerance search; it is not fast).
+
+On the GPU the GEMM accumulates fast (:data:`FAST_ACCUM`), as torchao's fp8 inference path does: Hopper's fp8
+tensor cores then skip the periodic promotion of their partial sums to fp32, which costs time and, at BERT's
+and an LLM's K (768 to 5632), little accuracy next to e4m3's own rounding. The search runs its candidates
+with these kernels on the compile device, so the tolerance holds with the error they add.
 
 Per-tensor scales: on the H100 (2026-12-06, docs/precision.md) they were the fastest of _scaled_mm's
 scalings and no less accurate than row-wise ones (3.7% rel. L2 a GEMM either way: e4m3's 3 mantissa bits).
@@ -24,6 +29,7 @@ from mpcompiler.samples import to_device
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 SCALED_MM = torch.ops.aten._scaled_mm.default
+FAST_ACCUM = True  # _scaled_mm's use_fast_accum (the CPU ignores it); benchmarks/gpu.py's experiment turns it off
 ALIGN = 16  # _scaled_mm needs K and N (and the row strides) multiples of 16
 
 
@@ -41,7 +47,9 @@ def linear(x8: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: t
     """``linear(x, w, bias)`` from e4m3 ``x8`` [..., K] and ``w8`` [N, K] (row-major), scales as 0-d fp32
     tensors: what an fp8 node computes, in the emitted graph (as these ATen ops) and in the search's runs."""
     flat = x8.reshape(-1, x8.shape[-1])
-    out = torch._scaled_mm(flat, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype)
+    out = torch._scaled_mm(
+        flat, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=FAST_ACCUM
+    )
     return out.reshape(*x8.shape[:-1], w8.shape[0])
 
 

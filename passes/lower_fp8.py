@@ -4,7 +4,7 @@ After insert_casts (the linear's input, weight and bias are then in its low dtyp
 ``fp8`` record (assign_fp8) is rewritten as :func:`mpcompiler.fp8.linear` computes it::
 
     x8 = _to_copy(clamp(_to_copy(x.reshape(-1, K), f32) * (1 / x_scale), -448, 448), e4m3)
-    y  = _scaled_mm(x8, w8.t(), x_scale, w_scale, bias, out_dtype=<low>).reshape(..., N)
+    y  = _scaled_mm(x8, w8.t(), x_scale, w_scale, bias, out_dtype=<low>, use_fast_accum).reshape(..., N)
 
 ``w8`` (the weight quantized once, from the planned dtype's copy that insert_casts made) and the two 0-d
 fp32 scales become buffers beside the weight, which goes when nothing else reads it. Inductor fuses the
@@ -112,7 +112,7 @@ def _as_gemm(linear: torch.fx.Node, m: Match) -> None:
         x8 = node(torch.float32, aten.clamp.default, x8, -fp8.E4M3_MAX, fp8.E4M3_MAX)
         flat = node(fp8.E4M3, aten._to_copy.default, x8, dtype=fp8.E4M3)
         wt = node(fp8.E4M3, aten.t.default, w8)
-        out = gemm = node(rec.dtype, fp8.SCALED_MM, flat, wt, xs, ws, m["bias"], None, rec.dtype)
+        out = gemm = node(rec.dtype, fp8.SCALED_MM, flat, wt, xs, ws, m["bias"], None, rec.dtype, fp8.FAST_ACCUM)
         if len(shape) != 2:
             lead = [d if isinstance(d, int) else node(None, aten.sym_size.int, x, i) for i, d in enumerate(shape[:-1])]
             out = node(rec.dtype, aten.reshape.default, gemm, [*lead, w.shape[0]])
