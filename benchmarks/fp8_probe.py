@@ -25,6 +25,7 @@ scikit-learn's dataset descriptions over fp32's. The emulation is exact, so thes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -70,12 +71,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def probe(m: int, k: int, n: int, device: str, ort: bool = False) -> list[dict]:
+def operands(m: int, k: int, n: int, device: str) -> tuple[torch.Tensor, ...]:
+    """x [M, K], w [N, K] (as nn.Linear stores it), a bias [N], all fp16, and x @ w.t() in fp32."""
     torch.manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=torch.float16)
-    w = (torch.randn(n, k, device=device) * k**-0.5).to(torch.float16)  # [out, in], as nn.Linear stores it
+    w = (torch.randn(n, k, device=device) * k**-0.5).to(torch.float16)
     bias = torch.randn(n, device=device, dtype=torch.float16)
-    exact = x.float() @ w.float().t()
+    return x, w, bias, x.float() @ w.float().t()
+
+
+def probe(m: int, k: int, n: int, device: str) -> list[dict]:
+    x, w, bias, exact = operands(m, k, n, device)
     cuda = device == "cuda"
     rows = [{"call": "fp16 x @ w.t()", "ms": device_ms(lambda: x @ w.t()) if cuda else None,
              "err_vs_fp32": rel(x @ w.t(), exact)}]  # fmt: skip
@@ -104,22 +110,22 @@ def probe(m: int, k: int, n: int, device: str, ort: bool = False) -> list[dict]:
                          "err_vs_fp32": rel(out, exact + (bias.float() if with_bias else 0))})  # fmt: skip
         except Exception as exc:  # what this torch and device refuse is the finding
             rows.append({"call": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
-    if ort:
-        rows += ort_rows(x, w, exact)
     return rows
 
 
-def ort_rows(x: torch.Tensor, w: torch.Tensor, exact: torch.Tensor) -> list[dict]:
+def ort_rows(m: int, k: int, n: int) -> list[dict]:
     """The same product in ONNX Runtime's CUDA provider: an fp16 ``MatMul``, and its contrib fp8 GEMM
     (``com.microsoft.GemmFloat8``: the input cast to e4m3 in the graph, the weight stored in e4m3, per-tensor
-    scales, fp16 out), each timed as benchmarks/gpu.py times ONNX Runtime (I/O bound on the GPU, without and
-    with its CUDA graph)."""
+    scales, fp16 out, fast accumulation: its default), each timed as benchmarks/gpu.py times ONNX Runtime (I/O
+    bound on the GPU, without and with its CUDA graph). Run after every torch row: a crash in ONNX Runtime's
+    contrib kernel (which destroys the provider's cuBLASLt handle after each call, in the stored source) then
+    loses none of them. Five inputs: the CUDA kernel reads A, B, scaleA, scaleB, scaleY from a node of five
+    (the schema's optional C, the bias, comes third only in a node of six)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from benchmarks.gpu import Ort
 
-    m, k = x.shape
-    n = w.shape[0]
+    x, w, _, exact = operands(m, k, n, "cuda")
     xq, sx = quantize(x, None)
     wq, sw = quantize(w, None)
     emulated = (xq.float() * sx) @ (wq.float() * sw).t()
@@ -262,24 +268,30 @@ def main():
     lines = [f"# torch._scaled_mm, {name}, {result['date']}, torch {torch.__version__}", "",
              "| GEMM (M x K x N) | call | ms | x fp16 | err vs emulation | err vs fp32 |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for label, (m, k, n) in SHAPES.items():
-        rows = result["shapes"][label] = probe(m, k, n, args.device, args.ort)
-        base = rows[0].get("ms")
-        for r in rows:
-            ms = f"{r['ms']:.4f}" if r.get("ms") is not None else r.get("error", "")
-            speed = f"{base / r['ms']:.2f}" if base and r.get("ms") else ""
-            errors = [f"{r[key]:.3g}" if key in r else "" for key in ("err_vs_emulation", "err_vs_fp32")]
-            lines.append(f"| {label} ({m} x {k} x {n}) | {r['call']} | {ms} | {speed} | {' | '.join(errors)} |")
-        (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
+    for rows_of in [functools.partial(probe, device=args.device)] + ([ort_rows] if args.ort else []):
+        for label, (m, k, n) in SHAPES.items():
+            rows = rows_of(m, k, n)
+            result["shapes"].setdefault(label, []).extend(rows)
+            base = rows[0].get("ms")  # fp16 x @ w.t(), or ONNX Runtime's fp16 MatMul without its CUDA graph
+            for r in rows:
+                ms = f"{r['ms']:.4f}" if r.get("ms") is not None else r.get("error", "")
+                speed = f"{base / r['ms']:.2f}" if base and r.get("ms") else ""
+                errors = [f"{r[key]:.3g}" if key in r else "" for key in ("err_vs_emulation", "err_vs_fp32")]
+                lines.append(f"| {label} ({m} x {k} x {n}) | {r['call']} | {ms} | {speed} | {' | '.join(errors)} |")
+                print(lines[-1], flush=True)
+            (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
+            (args.out / "fp8_probe.md").write_text("\n".join(lines) + "\n")
     if args.model_errors:
         result["model_errors"] = model_errors()
+        new = []
         for metric, errors in result["model_errors"].items():
-            lines += ["", f"{errors['weights']}, linears in e4m3", "", f"| linears in e4m3 | {metric} |",
-                      "| --- | ---: |"]  # fmt: skip
-            lines += [f"| {label} | {error:.4f} |" for label, error in errors.items() if label != "weights"]
+            new += ["", f"{errors['weights']}, linears in e4m3", "", f"| linears in e4m3 | {metric} |",
+                    "| --- | ---: |"]  # fmt: skip
+            new += [f"| {label} | {error:.4f} |" for label, error in errors.items() if label != "weights"]
+        lines += new
+        print("\n".join(new))
         (args.out / "fp8_probe.json").write_text(json.dumps(result, indent=1))
-    (args.out / "fp8_probe.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        (args.out / "fp8_probe.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

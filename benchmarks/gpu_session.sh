@@ -62,7 +62,7 @@ case "${1:-}" in
       --only 'mpcompiler forward,mpcompiler prompt step' --deadline 280 2>&1 | grep -E '^\{|Error' | tail -12
     ;;
   fp8-probe)
-    timeout 300 python3 -m benchmarks.fp8_probe --out "$OUT/fp8_probe" --ort 2>&1 | grep -E '^\||Error' | tail -60
+    timeout 300 python3 -m benchmarks.fp8_probe --out "$OUT/fp8_probe" --ort 2>&1 | grep -E "^\||Error" | tail -45
     ;;
   sweep)
     rm -rf /root/sw
