@@ -4,13 +4,14 @@ A linear planned in fp8 reads its input and its weight in float8_e4m3fn with sta
 from calibration: ``x_scale = absmax(x) / 448`` over the calibration samples (so nothing clips on them; a
 held-out value past that absmax saturates at +-448), ``w_scale = absmax(w) / 448``. The product is
 ``torch._scaled_mm`` (the low dtype out, the bias added in its epilogue): cuBLASLt's fp8 tensor-core GEMM on a
-GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which rounds as the GPU does
-with exact fp32 accumulation (run there for tests and for the tolerance search; it is not fast).
+GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which rounds as the GPU does,
+its sums exact in fp32 (run there for tests and for the tolerance search; it is not fast).
 
-On the GPU the GEMM accumulates fast (:data:`FAST_ACCUM`), as torchao's fp8 inference path does: Hopper's fp8
-tensor cores then skip the periodic promotion of their partial sums to fp32, which costs time and, at BERT's
-and an LLM's K (768 to 5632), little accuracy next to e4m3's own rounding. The search runs its candidates
-with these kernels on the compile device, so the tolerance holds with the error they add.
+:data:`FAST_ACCUM` is cuBLASLt's fast accumulation, torchao's choice for fp8 inference: Hopper's fp8 tensor
+cores then skip the periodic promotion of their partial sums to fp32, which costs time and, at BERT's and an
+LLM's K (768 to 5632), little accuracy next to e4m3's own rounding; the search would run its candidates with
+those kernels on the compile device, so the tolerance would hold with the error they add. Off until measured
+on the GPU (docs/perf.md, "fp8 GEMMs"): benchmarks/gpu.py and benchmarks/fp8_probe.py time it.
 
 Per-tensor scales: on the H100 (2026-12-06, docs/precision.md) they were the fastest of _scaled_mm's
 scalings and no less accurate than row-wise ones (3.7% rel. L2 a GEMM either way: e4m3's 3 mantissa bits).
@@ -29,7 +30,7 @@ from mpcompiler.samples import to_device
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 SCALED_MM = torch.ops.aten._scaled_mm.default
-FAST_ACCUM = True  # _scaled_mm's use_fast_accum (the CPU ignores it); benchmarks/gpu.py's experiment turns it off
+FAST_ACCUM = False  # _scaled_mm's use_fast_accum (the CPU ignores it); benchmarks/gpu.py's experiment turns it on
 ALIGN = 16  # _scaled_mm needs K and N (and the row strides) multiples of 16
 
 

@@ -66,7 +66,7 @@ def test_fp8_linears_compute_e4m3_products_and_store_weights_once():
     with torch.no_grad():
         hand = _e4m3_linear(model.a, x, absmax)
     gemm = next(n for n in compiled.graph_module.graph.nodes if n.target is fp8.SCALED_MM)
-    assert gemm.args[7] is True  # use_fast_accum: how the GPU accumulates (the CPU's kernel accumulates exactly)
+    assert gemm.args[7] is fp8.FAST_ACCUM  # use_fast_accum: how the GPU accumulates (the CPU's kernel: exactly)
     with torch.no_grad():
         out = _run_until(compiled.graph_module, gemm, x)
     assert rel_err(out.reshape(hand.shape).float(), hand.float()) < 1e-3
