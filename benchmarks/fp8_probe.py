@@ -57,7 +57,7 @@ def quantize(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tens
 def device_ms(fn, calls: int = 20) -> float:
     """The median device time of one ``fn()``: ``calls`` of them captured back to back in a CUDA graph, its
     replays timed with CUDA events. A synced call timed alone (gpu.py's timer) also times its launch from
-    Python, ~30 us, more than these GEMMs take (run AI measured a 7 us decode GEMM as 43 us that way)."""
+    Python, ~30 us, more than these GEMMs take (run AI read the 1-row decode GEMM, ~8 us of weight reads, as 43 us)."""
     graph = torch.cuda.CUDAGraph()
     fn()  # cuBLASLt's plan and workspace before the capture
     torch.cuda.synchronize()
@@ -89,7 +89,7 @@ def probe(m: int, k: int, n: int, device: str) -> list[dict]:
         "per-tensor scales, fp16 out": (None, None, torch.float16, False, False),
         "per-tensor scales, fp16 out, bias": (None, None, torch.float16, True, False),
         "per-tensor scales, fp16 out, fast accumulation": (None, None, torch.float16, False, True),
-        "per-tensor scales, fp16 out, bias, fast accumulation (mpcompiler's)": (None, None, torch.float16, True, True),
+        "per-tensor scales, fp16 out, bias, fast accumulation": (None, None, torch.float16, True, True),
         "row-wise scales, bf16 out": (1, 1, torch.bfloat16, False, False),
         "row-wise scales, fp16 out": (1, 1, torch.float16, False, False),
     }
