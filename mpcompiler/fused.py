@@ -582,9 +582,10 @@ FUSED_OPS: dict[str, FusedOp] = {
     # relu(conv2d + bias [+ residual]) -> one cuDNN convolution with the bias, the residual add and the
     # ReLU in its epilogue (aten.cudnn_convolution_relu/_add_relu), for compiled.cuda_graph(), which lowers
     # it on the planned graph: one kernel instead of the convolution and an elementwise pass over its output
-    # (1.4-2.5x faster on ResNet-50's layers, H100, docs/perf.md), and the sum rounded once. Conv +
-    # BatchNorm is folded at compile time (fold_batch_norm). ONNX Runtime's FusedConv (conv + bias +
-    # activation) has no fp16 CUDA kernel, so the ONNX artifact leaves convs to ORT.
+    # (1.4-2.5x faster on ResNet-50's layers, H100, docs/perf.md), and the sum rounded once. A residual that
+    # is a conv's own output (ResNet's downsampling) hands its bias to the fused conv, so Inductor runs no
+    # bias pass over it. Conv + BatchNorm is folded at compile time (fold_batch_norm). ONNX Runtime's FusedConv
+    # (conv + bias + activation) has no fp16 CUDA kernel, so the ONNX artifact leaves convs to ORT.
     "conv_bias_relu": FusedOp({"fx-cuda": frozenset({H, B})}, torch.ops.mpcompiler.conv_bias_relu.default),
     # not a fused op but a layout ONNX Runtime needs: linear(permute(x)) with the last dim in place is
     # written permute(linear(x)). ONNX Runtime 1.30-1.32's CPU provider crashes the process (SIGSEGV, in

@@ -19,7 +19,7 @@ import mpcompiler
 from mpcompiler import fused
 from mpcompiler.emit_fx import twin
 from mpcompiler.fused import FUSED_OPS, has_kernel
-from mpcompiler.ir import record
+from mpcompiler.ir import planned_dtype, record
 from mpcompiler.passes import LowerFused
 from mpcompiler.passes.lower_fused import RULES
 from tests.helpers import TOL, nodes_by_op, rel_err, run_pipeline, stages, why_not
@@ -224,9 +224,15 @@ def test_resnet_conv_bias_relu_fuses_for_cuda_graphs_and_keeps_the_numbers():
     assert fused == 1 + 8 * 2
     assert len(nodes_by_op(gm, "mpcompiler.conv_bias_relu")) == fused
     assert not nodes_by_op(compiled.graph_module, "mpcompiler.conv_bias_relu")  # the compiled module keeps its graph
+    # the three downsampling convs' biases join the fused convs' that add their outputs
+    downsampling = nodes_by_op(gm, "conv2d")
+    assert len(downsampling) == 3 and all(len(c.args) < 3 or c.args[2] is None for c in downsampling)
+    summed = [f for f in nodes_by_op(gm, "mpcompiler.conv_bias_relu") if f.args[3] in downsampling]
+    assert len(summed) == 3 and all(f.args[2].target.endswith("conv2.bias_with_residual") for f in summed)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert rel_err(gm(x), compiled(x)) < 1e-6  # the CPU kernel is the same ops
+        assert rel_err(gm(x), compiled(x)) < 1e-6  # the CPU kernel is the same ops, the biases summed once
+        assert rel_err(gm(x), model(x)) < TOL[planned_dtype(downsampling[0])]
 
 
 class _ConvRelu(nn.Module):
