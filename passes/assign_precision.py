@@ -9,7 +9,8 @@ In graph order, each float-valued op gets a dtype from its op class (see ``mpcom
   FP32 ops get fp32; FIXED ops get the dtype the program writes;
 - range rule: a node is never put in a low dtype if its output or any float input (parameters
   included) reaches past that dtype's max divided by ``margin`` on the calibration data. Casting
-  such a value down would overflow at the cast itself.
+  such a value down would overflow at the cast itself. A value holding a constant its op fills with
+  (:data:`WRITES_CONSTANTS`) past the dtype's max counts too, whether or not calibration made it fill.
 - inside rule: nor if what it computes inside (``NodeRecord.inner``: a matmul's partial sums, a
   norm's squares) passes that limit, unless its kernel keeps that quantity in fp32 (``fp32_inside``;
   the reason then says so). cuBLAS may reduce fp16 matmuls in fp16
@@ -57,6 +58,11 @@ from mpcompiler.pass_manager import Pass, PassResult
 
 RANGE_MARGIN = 2.0  # headroom over what calibration saw: held-out data may reach further
 HEADROOM = 8  # a low-precision value past its dtype's max / 8 says so in its reason
+# ops that may write a scalar argument into their output as it is (a fill value, a clamp bound), though the
+# calibration data need not have made them write it
+WRITES_CONSTANTS = frozenset(
+    "masked_fill where fill full_like new_full index_fill constant_pad_nd pad clamp clamp_min clamp_max".split()
+)
 
 # Underflow rule: a value loses precision in fp16 when most of it sits below fp16's smallest normal
 # (6.1e-5): subnormals are spaced 6e-8 apart whatever their size (a 1e-6 has 4 significant bits) and
@@ -224,12 +230,18 @@ class AssignPrecision(Pass):
         return [("output", node)] + [(f"input %{a.name}", a) for a in float_inputs(node) if a not in spared]
 
     def _out_of_range(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
-        """Why ``node`` cannot run in ``dtype`` on the calibrated ranges ("" if it can)."""
-        limit = torch.finfo(dtype).max / self.margin
+        """Why ``node`` cannot run in ``dtype`` on the calibrated ranges, or on a constant a value holds
+        wherever its op fills ("" if it can)."""
+        limit, top = torch.finfo(dtype).max / self.margin, torch.finfo(dtype).max
         for what, source in self._checked_values(node):
             r = record(source).range
             if r is not None and r.absmax > limit:
                 return f"{what} reaches {r.absmax:.3g} on calibration data, {self._limit(dtype)}"
+            fill = written_constant(source)
+            if fill is not None and abs(fill) > top:
+                return (
+                    f"{what} holds the constant {fill:.6g} where it fills, past {dtypes.short(dtype)}'s max {top:.6g}"
+                )
         return ""
 
     def _inside_past(self, node: torch.fx.Node, dtype: torch.dtype) -> str:
@@ -251,6 +263,19 @@ class AssignPrecision(Pass):
                     f"f16's smallest normal {FP16_TINY:.2g} (subnormal or zero in f16; share > {UNDERFLOW_SHARE:.0%})"
                 )
         return ""
+
+
+def written_constant(node: torch.fx.Node) -> float | None:
+    """The finite constant of the largest magnitude that ``node``'s value holds wherever its op (or the op it
+    is a view of) fills, whether or not calibration made it fill: HF's ``masked_fill(scores, ~mask,
+    finfo(float32).min)`` calibrated on unpadded samples, past fp16's and bf16's range (in fp16, masked_fill
+    refuses it and where writes -inf, which a fully masked row's softmax turns into NaN). None if none."""
+    while op_name(node) in SAME_VALUES and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    if op_name(node) not in WRITES_CONSTANTS:
+        return None
+    values = [v for v in (*node.args, *node.kwargs.values()) if isinstance(v, float) and math.isfinite(v)]
+    return max(values, key=abs, default=None)
 
 
 def _is_zero_in(value: float, dtype: torch.dtype) -> bool:

@@ -56,6 +56,40 @@ def test_range_rule_names_output_and_input_overflow():
     assert record(fc2).dtype == torch.float32 and record(fc2).reason.startswith("input %relu reaches")
 
 
+class MaskedScores(nn.Module):
+    """Attention scores masked as HF writes it: the fill value fp32's lowest, past fp16's (and bf16's) range."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.q, self.op = nn.Linear(8, 8), op
+
+    def forward(self, x, mask):
+        scores = self.q(x) @ x.transpose(-1, -2)
+        lowest, keep = torch.finfo(torch.float32).min, mask[:, None, :].bool()
+        if self.op == "masked_fill":
+            scores = scores.masked_fill(~keep, lowest)
+        else:
+            scores = torch.where(keep, scores, lowest)
+        return scores.softmax(-1) @ x
+
+
+@pytest.mark.parametrize("op", ["masked_fill", "where"])
+@pytest.mark.parametrize("dtype", ["float16", "auto"])
+def test_a_fill_value_past_the_low_dtypes_range_keeps_the_fill_high_though_calibration_never_filled(op, dtype):
+    model = MaskedScores(op).eval()
+    unpadded = [(torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)) for _ in range(5)]
+    compiled = mpcompiler.compile(model, unpadded, dtype=dtype)  # fp16: masked_fill refused the constant here
+    (fill,), (softmax,) = nodes_by_op(compiled.graph_module, op), nodes_by_op(compiled.graph_module, "softmax")
+    assert record(fill).dtype == torch.float32 and record(fill).rule == "range"
+    assert record(fill).reason.startswith("output holds the constant -3.40282e+38 where it fills")
+    assert record(softmax).dtype == torch.float32  # reading it: a cast to f16 would write -inf
+    assert record(softmax).reason.startswith(f"input %{fill.name} holds the constant")
+    x, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[1, :] = 0  # every key masked: fp32 spreads the row's weight evenly (fp16's -inf: 0/0 = NaN)
+    assert rel_err(compiled(x, mask), model(x, mask)) < TOL[torch.float16]
+
+
 def test_bfloat16_has_fp32_range_so_the_range_rule_does_not_fire():
     gm = stages(Overflow().eval(), [torch.randn(16, 16) for _ in range(4)], upto="assign_precision", dtype="bfloat16")
     assert all(record(n).dtype == torch.bfloat16 for n in nodes_by_op(gm, "linear"))
