@@ -79,8 +79,8 @@ def export_onnx(
     Args:
         path: the ``.onnx`` file to write (atomically; ``<path>.md`` and ``<path>.json`` go beside it).
         opset: the ONNX opset. Default: 23 if the model has attention (one ``Attention`` node, or
-            GroupQueryAttention) or an RMSNorm, else 20 (ONNX Runtime's CUDA provider runs opset-23
-            convolutions slower).
+            GroupQueryAttention), an RMSNorm or BERT-style embeddings (EmbedLayerNormalization), else 20
+            (ONNX Runtime's CUDA provider runs opset-23 convolutions slower).
         target: ``"ort-cuda"`` or ``"ort-cpu"``: the fused ops emitted are those the target has
             kernels for (``mpcompiler.fused.KERNELS``); either artifact runs on either provider.
         io_dtype: ``"float16"`` for fp16 float inputs and outputs; default: the model's (fp32).

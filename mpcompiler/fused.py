@@ -634,6 +634,7 @@ FUSED_OPS: dict[str, FusedOp] = {
         torch.ops.mpcompiler.qkv_attention.default,
         _qkv_attention_onnx,
         (_SCHEMAS["Attention"],),
+        opset=23,  # its mask's Cast, ReduceSum and Shape
     ),
     # RMSNorm as Llama-family models write it (fp32 statistics, x * rsqrt(mean(x^2) + eps) times a weight)
     # -> SimplifiedLayerNormalization, one kernel with fp32 statistics inside
@@ -660,6 +661,7 @@ FUSED_OPS: dict[str, FusedOp] = {
         torch.ops.mpcompiler.embed_layer_norm.default,
         _embed_layer_norm_onnx,
         (_SCHEMAS["EmbedLayerNormalization"],),
+        opset=23,  # the ids' Cast: a model without attention to lower (DeBERTa's) is written at 23 for it
     ),
 }
 
@@ -670,8 +672,9 @@ for _schema in {schema.name: schema for row in FUSED_OPS.values() for schema in 
 # fused op -> target -> dtypes with a fused kernel there
 KERNELS: dict[str, dict[str, frozenset[torch.dtype]]] = {name: row.kernels for name, row in FUSED_OPS.items()}
 
-# ops whose ONNX translation is written with opset-23 ops (SDPA: ``Attention``); the contrib-op-only
-# ones (SkipLayerNormalization, BiasGelu/FastGelu, SkipSimplifiedLayerNormalization) run at any opset
+# ops whose ONNX translation is written with opset-23 ops (SDPA: ``Attention``; a Cast beside a contrib op);
+# the contrib-op-only ones (SkipLayerNormalization, BiasGelu/FastGelu, SkipSimplifiedLayerNormalization) run
+# at any opset
 OPSET_23_OPS = frozenset(row.op for row in FUSED_OPS.values() if row.opset >= 23)
 
 

@@ -63,6 +63,8 @@ def test_the_kernel_table_opset_23_ops_and_translations_are_read_from_the_rows()
         torch.ops.mpcompiler.group_query_attention.default,
         torch.ops.mpcompiler.rotary_group_query_attention.default,
         torch.ops.mpcompiler.rms_norm.default,
+        torch.ops.mpcompiler.qkv_attention.default,  # standard ops beside the contrib one (its mask's Cast)
+        torch.ops.mpcompiler.embed_layer_norm.default,
     }
     # the custom ops' translations at every opset (torch.onnx has none of its own); SDPA's from opset 23 only
     custom = {row.op for row in FUSED_OPS.values() if row.onnx is not None and row.op is not sdpa}
