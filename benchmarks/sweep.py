@@ -81,6 +81,18 @@ HF_MODELS = {
     "hf_llama": ("text", lambda tf: tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_cache=False))),  # GQA: 2 KV heads for 4
+    "hf_mistral": ("text", lambda tf: tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, use_cache=False))),
+    "hf_gemma": ("text", lambda tf: tf.GemmaForCausalLM(tf.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, use_cache=False))),
+    "hf_phi3": ("text", lambda tf: tf.Phi3ForCausalLM(tf.Phi3Config(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, use_cache=False))),  # q/k/v and gate/up as one linear each
+    "hf_deberta_v2": ("text", lambda tf: tf.DebertaV2Model(tf.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=64, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"]))),
     "hf_t5_encoder": ("text", lambda tf: tf.T5EncoderModel(tf.T5Config(
         vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4))),
     "hf_vit": ("pixel_values", lambda tf: tf.ViTModel(tf.ViTConfig(
