@@ -153,6 +153,30 @@ def _kwargs(model: torch.nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+def check_attention_span(model: torch.nn.Module, max_seq: int) -> None:
+    """Refuse a model whose attention masks more than causality and padding within ``max_seq`` tokens, as its
+    Hugging Face config declares it: the KV cache's one mask lets each token see every earlier one, so a
+    sliding window shorter than ``max_seq`` would go unheeded (Mistral, Gemma 2/3's sliding layers, Qwen 2's
+    with ``use_sliding_window``) and generation would silently part from the model's past the window."""
+    config = getattr(model, "config", None)
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    name = type(model).__name__
+    if types is not None:  # per layer, where the config lists them
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:
+            raise OptionError(f"{name}'s layers attend as {other}: mpcompiler's KV cache attends causally only")
+        count = sum(t == "sliding_attention" for t in types)
+        windowed = f"{count} of its {len(types)} layers" if count else ""
+    else:  # one window for every layer (Mistral), unless switched off (Qwen 2's use_sliding_window)
+        windowed = "every layer" if getattr(config, "use_sliding_window", True) else ""
+    if windowed and isinstance(window, int) and max_seq > window:
+        raise OptionError(
+            f"{name} attends over a sliding window of {window} tokens ({windowed}, by its config); "
+            f"mpcompiler's KV cache lets each token see every earlier one, which is the window's attention only "
+            f"while a sequence fits in it: compile with max_seq <= {window} (max_seq={max_seq})"
+        )
+
+
 def _logits(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out["logits"] if "logits" in out else out[0]
 
@@ -160,6 +184,7 @@ def _logits(out) -> torch.Tensor:
 def sequences(model: torch.nn.Module, prompts: list[Sample], new_tokens: int, max_seq: int) -> list[Sample]:
     """Each prompt continued by ``new_tokens`` of the fp32 model's greedy tokens (fewer where max_seq
     would be passed), as whole-sequence samples for calibration and accuracy."""
+    check_attention_span(model, max_seq)
     out, extra, device = [], _kwargs(model), model_device(model)
     table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # Hugging Face's
     vocab = table.num_embeddings if isinstance(table, torch.nn.Embedding) else None

@@ -572,6 +572,34 @@ def test_a_model_without_position_ids_is_refused_for_generation():
         mpcompiler.compile(NoPositions(), [_prompt(2, 5)], max_seq=16)
 
 
+def _mistral(window: int):
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=window,
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+def test_a_sliding_window_shorter_than_max_seq_is_refused_and_one_it_spans_generates_as_the_model():
+    prompts = [_prompt(2, 6, 2), _prompt(2, 9), _prompt(1, 7), _prompt(3, 5, 1), _prompt(2, 8, 3)]
+    # the KV cache's mask is causal: past the window, generation parted from HF's after a token or two
+    with pytest.raises(mpcompiler.OptionError, match=r"sliding window of 4 tokens \(every layer.*max_seq <= 4"):
+        mpcompiler.compile(_mistral(4), [_prompt(1, 3)], max_seq=64)
+    sliding = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+    )  # fmt: skip
+    with pytest.raises(mpcompiler.OptionError, match=r"window of 8 tokens \(1 of its 2 layers"):
+        mpcompiler.compile(transformers.Qwen2ForCausalLM(sliding).eval(), prompts, max_seq=16)
+    model = _mistral(24)  # within max_seq = 24 the window masks nothing: exact
+    compiled = mpcompiler.compile(model, prompts, max_seq=24, max_batch=2)
+    prompt = _prompt(2, 7, pad=3)
+    out = compiled.generate(**prompt, max_new_tokens=17)
+    ref = model.generate(**prompt, max_new_tokens=17, do_sample=False, pad_token_id=0)
+    assert (out == ref).float().mean() >= 0.9
+
+
 @pytest.mark.gpu
 def test_generation_on_cuda_matches_hugging_face():
     model = _llama("cuda")
