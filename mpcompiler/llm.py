@@ -156,24 +156,28 @@ def _kwargs(model: torch.nn.Module) -> dict:
 def check_attention_span(model: torch.nn.Module, max_seq: int) -> None:
     """Refuse a model whose attention masks more than causality and padding within ``max_seq`` tokens, as its
     Hugging Face config declares it: the KV cache's one mask lets each token see every earlier one, so a
-    sliding window shorter than ``max_seq`` would go unheeded (Mistral, Gemma 2/3's sliding layers, Qwen 2's
-    with ``use_sliding_window``) and generation would silently part from the model's past the window."""
-    config = getattr(model, "config", None)
-    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
-    name = type(model).__name__
-    if types is not None:  # per layer, where the config lists them
-        other = sorted(set(types) - {"full_attention", "sliding_attention"})
-        if other:
-            raise OptionError(f"{name}'s layers attend as {other}: mpcompiler's KV cache attends causally only")
-        count = sum(t == "sliding_attention" for t in types)
-        windowed = f"{count} of its {len(types)} layers" if count else ""
-    else:  # one window for every layer (Mistral), unless switched off (Qwen 2's use_sliding_window)
-        windowed = "every layer" if getattr(config, "use_sliding_window", True) else ""
-    if windowed and isinstance(window, int) and max_seq > window:
+    sliding window (Mistral, Gemma 2/3's sliding layers, Qwen 2's with ``use_sliding_window``) or an attention
+    chunk (Llama 4's) shorter than ``max_seq`` would go unheeded, and generation would silently part from the
+    model's past it. Within ``max_seq`` tokens such a span masks nothing: exact."""
+    config, name = getattr(model, "config", None), type(model).__name__
+    spans = {  # a layer type -> the tokens it attends over, by its config (None: all earlier ones)
+        "full_attention": None,
+        "sliding_attention": getattr(config, "sliding_window", None),
+        "chunked_attention": getattr(config, "attention_chunk_size", None),
+    }
+    types = getattr(config, "layer_types", None)
+    if types is None:  # one window for every layer (Mistral), unless switched off (Qwen 2's use_sliding_window)
+        on = spans["sliding_attention"] is not None and getattr(config, "use_sliding_window", True)
+        types = ["sliding_attention" if on else "full_attention"]
+    unknown = sorted(set(types) - set(spans))
+    if unknown:
+        raise OptionError(f"{name}'s layers attend as {unknown}: mpcompiler's KV cache attends causally only")
+    for kind in sorted({t for t in types if isinstance(spans[t], int) and max_seq > spans[t]}):
+        count = f"{types.count(kind)} of its {len(types)} layers" if len(types) > 1 else "every layer"
         raise OptionError(
-            f"{name} attends over a sliding window of {window} tokens ({windowed}, by its config); "
-            f"mpcompiler's KV cache lets each token see every earlier one, which is the window's attention only "
-            f"while a sequence fits in it: compile with max_seq <= {window} (max_seq={max_seq})"
+            f"{name} attends over a {kind.replace('_attention', '')} span of {spans[kind]} tokens ({count}, by its "
+            f"config); mpcompiler's KV cache lets each token see every earlier one, which is that attention only "
+            f"while a sequence fits in it: compile with max_seq <= {spans[kind]} (max_seq={max_seq})"
         )
 
 

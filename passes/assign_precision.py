@@ -240,7 +240,8 @@ class AssignPrecision(Pass):
             fill = written_constant(source)
             if fill is not None and abs(fill) > top:
                 return (
-                    f"{what} holds the constant {fill:.6g} where it fills, past {dtypes.short(dtype)}'s max {top:.6g}"
+                    f"{what} holds the constant {float(fill):.6g} where it fills, past {dtypes.short(dtype)}'s max "
+                    f"{top:.6g}"
                 )
         return ""
 
@@ -274,7 +275,10 @@ def written_constant(node: torch.fx.Node) -> float | None:
         node = node.args[0]
     if op_name(node) not in WRITES_CONSTANTS:
         return None
-    values = [v for v in (*node.args, *node.kwargs.values()) if isinstance(v, float) and math.isfinite(v)]
+    values = [  # an int too: masked_fill(~mask, -10**9)
+        v for v in (*node.args, *node.kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    values = [v for v in values if math.isfinite(v)]
     return max(values, key=abs, default=None)
 
 

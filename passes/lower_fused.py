@@ -510,8 +510,10 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
         like = bias if bias is not None else theirs
         bias = _buffer(gm, f"{like.target}_with_residual", total, like, r)
         residual = m["residual"]
-        residual.args = (*residual.args[:2], None, *residual.args[3:])
-        residual.kwargs = {k: v for k, v in residual.kwargs.items() if k != "bias"}
+        if len(residual.args) > 2:
+            residual.update_arg(2, None)
+        else:
+            residual.update_kwarg("bias", None)
     with gm.graph.inserting_before(r):
         return gm.graph.call_function(
             torch.ops.mpcompiler.conv_bias_relu.default,

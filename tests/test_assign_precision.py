@@ -57,33 +57,36 @@ def test_range_rule_names_output_and_input_overflow():
 
 
 class MaskedScores(nn.Module):
-    """Attention scores masked as HF writes it: the fill value fp32's lowest, past fp16's (and bf16's) range."""
+    """Attention scores masked as HF writes it (the fill value fp32's lowest, past fp16's and bf16's range), or
+    with a large int as some models do."""
 
-    def __init__(self, op: str):
+    def __init__(self, op: str, fill: float | int):
         super().__init__()
-        self.q, self.op = nn.Linear(8, 8), op
+        self.q, self.op, self.fill = nn.Linear(8, 8), op, fill
 
     def forward(self, x, mask):
-        scores = self.q(x) @ x.transpose(-1, -2)
-        lowest, keep = torch.finfo(torch.float32).min, mask[:, None, :].bool()
+        scores, keep = self.q(x) @ x.transpose(-1, -2), mask[:, None, :].bool()
         if self.op == "masked_fill":
-            scores = scores.masked_fill(~keep, lowest)
+            scores = scores.masked_fill(~keep, self.fill)
         else:
-            scores = torch.where(keep, scores, lowest)
+            scores = torch.where(keep, scores, self.fill)
         return scores.softmax(-1) @ x
 
 
 @pytest.mark.parametrize("op", ["masked_fill", "where"])
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -(10**9)], ids=["fp32 lowest", "int"])
 @pytest.mark.parametrize("dtype", ["float16", "auto"])
-def test_a_fill_value_past_the_low_dtypes_range_keeps_the_fill_high_though_calibration_never_filled(op, dtype):
-    model = MaskedScores(op).eval()
+def test_a_fill_value_past_the_low_dtypes_range_keeps_the_fill_high_though_calibration_never_filled(op, fill, dtype):
+    model = MaskedScores(op, fill).eval()
     unpadded = [(torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)) for _ in range(5)]
     compiled = mpcompiler.compile(model, unpadded, dtype=dtype)  # fp16: masked_fill refused the constant here
-    (fill,), (softmax,) = nodes_by_op(compiled.graph_module, op), nodes_by_op(compiled.graph_module, "softmax")
-    assert record(fill).dtype == torch.float32 and record(fill).rule == "range"
-    assert record(fill).reason.startswith("output holds the constant -3.40282e+38 where it fills")
-    assert record(softmax).dtype == torch.float32  # reading it: a cast to f16 would write -inf
-    assert record(softmax).reason.startswith(f"input %{fill.name} holds the constant")
+    (node,), (softmax,) = nodes_by_op(compiled.graph_module, op), nodes_by_op(compiled.graph_module, "softmax")
+    want = torch.float32 if dtype == "float16" or fill < -torch.finfo(torch.bfloat16).max else torch.bfloat16
+    assert record(node).dtype == want and record(node).rule == "range"
+    assert record(node).reason.startswith(f"output holds the constant {float(fill):.6g} where it fills")
+    assert record(softmax).dtype == want  # reading it: a cast to f16 would write -inf
+    if want == torch.float32:  # (in bf16 it follows its input, which bf16 holds)
+        assert record(softmax).reason.startswith(f"input %{node.name} holds the constant")
     x, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)
     mask[0, 3:] = 0
     mask[1, :] = 0  # every key masked: fp32 spreads the row's weight evenly (fp16's -inf: 0/0 = NaN)

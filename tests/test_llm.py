@@ -14,7 +14,7 @@ import transformers
 import mpcompiler
 from examples.compile_llm import load as load_smollm2
 from mpcompiler import fused
-from mpcompiler.llm import Generator, _pad_rows, graph_rows, positions
+from mpcompiler.llm import Generator, _pad_rows, check_attention_span, graph_rows, positions
 from mpcompiler.passes import carry_decode_state
 from tests.helpers import TOL, run_handoff_snippet
 
@@ -584,14 +584,19 @@ def _mistral(window: int):
 def test_a_sliding_window_shorter_than_max_seq_is_refused_and_one_it_spans_generates_as_the_model():
     prompts = [_prompt(2, 6, 2), _prompt(2, 9), _prompt(1, 7), _prompt(3, 5, 1), _prompt(2, 8, 3)]
     # the KV cache's mask is causal: past the window, generation parted from HF's after a token or two
-    with pytest.raises(mpcompiler.OptionError, match=r"sliding window of 4 tokens \(every layer.*max_seq <= 4"):
+    with pytest.raises(mpcompiler.OptionError, match=r"sliding span of 4 tokens \(every layer.*max_seq <= 4"):
         mpcompiler.compile(_mistral(4), [_prompt(1, 3)], max_seq=64)
     sliding = transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         use_sliding_window=True, sliding_window=8, max_window_layers=1,
     )  # fmt: skip
-    with pytest.raises(mpcompiler.OptionError, match=r"window of 8 tokens \(1 of its 2 layers"):
+    with pytest.raises(mpcompiler.OptionError, match=r"sliding span of 8 tokens \(1 of its 2 layers"):
         mpcompiler.compile(transformers.Qwen2ForCausalLM(sliding).eval(), prompts, max_seq=16)
+    chunked = torch.nn.Module()  # Llama 4's chunked attention, judged by its config alone
+    chunked.config = transformers.Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=32)
+    check_attention_span(chunked, 32)
+    with pytest.raises(mpcompiler.OptionError, match=r"chunked span of 32 tokens \(3 of its 4 layers"):
+        check_attention_span(chunked, 33)
     model = _mistral(24)  # within max_seq = 24 the window masks nothing: exact
     compiled = mpcompiler.compile(model, prompts, max_seq=24, max_batch=2)
     prompt = _prompt(2, 7, pad=3)
