@@ -31,6 +31,7 @@ from mpcompiler.llm import (
     Generator,
     LMOptions,
     capture_example,
+    check_attention_span,
     sequences,
     whole_sequence_inputs,
 )
@@ -376,6 +377,8 @@ def compile(
             "against); pass model.float() (a Hugging Face model: from_pretrained(..., dtype=torch.float32))"
         )
     lm = LMOptions.parse(max_batch, max_seq)
+    if lm is not None:
+        check_attention_span(model, lm.max_seq)  # a sliding window the KV cache's mask would not heed
     options = Options.parse(
         dtype=dtype,
         keep_fp32=keep_fp32,

@@ -172,7 +172,9 @@ def check_attention_span(model: torch.nn.Module, max_seq: int) -> None:
     unknown = sorted(set(types) - set(spans))
     if unknown:
         raise OptionError(f"{name}'s layers attend as {unknown}: mpcompiler's KV cache attends causally only")
-    for kind in sorted({t for t in types if isinstance(spans[t], int) and max_seq > spans[t]}):
+    too_short = sorted({t for t in types if isinstance(spans[t], int) and max_seq > spans[t]})
+    if too_short:
+        kind = too_short[0]
         count = f"{types.count(kind)} of its {len(types)} layers" if len(types) > 1 else "every layer"
         raise OptionError(
             f"{name} attends over a {kind.replace('_attention', '')} span of {spans[kind]} tokens ({count}, by its "
@@ -188,7 +190,6 @@ def _logits(out) -> torch.Tensor:
 def sequences(model: torch.nn.Module, prompts: list[Sample], new_tokens: int, max_seq: int) -> list[Sample]:
     """Each prompt continued by ``new_tokens`` of the fp32 model's greedy tokens (fewer where max_seq
     would be passed), as whole-sequence samples for calibration and accuracy."""
-    check_attention_span(model, max_seq)
     out, extra, device = [], _kwargs(model), model_device(model)
     table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # Hugging Face's
     vocab = table.num_embeddings if isinstance(table, torch.nn.Embedding) else None

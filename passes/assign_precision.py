@@ -275,11 +275,9 @@ def written_constant(node: torch.fx.Node) -> float | None:
         node = node.args[0]
     if op_name(node) not in WRITES_CONSTANTS:
         return None
-    values = [  # an int too: masked_fill(~mask, -10**9)
-        v for v in (*node.args, *node.kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    values = [v for v in values if math.isfinite(v)]
-    return max(values, key=abs, default=None)
+    values = (*node.args, *node.kwargs.values())  # an int too: masked_fill(~mask, -10**9)
+    numbers = [v for v in values if type(v) in (int, float) and math.isfinite(v)]
+    return max(numbers, key=abs, default=None)
 
 
 def _is_zero_in(value: float, dtype: torch.dtype) -> bool:

@@ -505,8 +505,8 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
 
     bias, theirs = m["bias"], m["residual_bias"]
     if theirs is not None:  # the residual conv's bias joins this conv's, summed in fp32 and rounded once
-        own = attr_of(gm, bias.target).float() if bias is not None else 0.0
-        total = (attr_of(gm, theirs.target).float() + own).to(attr_of(gm, theirs.target).dtype)
+        own, residual_bias = attr_of(gm, bias.target).float() if bias is not None else 0.0, attr_of(gm, theirs.target)
+        total = (residual_bias.float() + own).to(residual_bias.dtype)
         like = bias if bias is not None else theirs
         bias = _buffer(gm, f"{like.target}_with_residual", total, like, r)
         residual = m["residual"]
