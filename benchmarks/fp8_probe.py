@@ -119,8 +119,9 @@ def ort_rows(m: int, k: int, n: int) -> list[dict]:
     scales, fp16 out, fast accumulation: its default), each timed as benchmarks/gpu.py times ONNX Runtime (I/O
     bound on the GPU, without and with its CUDA graph). Run after every torch row: a crash in ONNX Runtime's
     contrib kernel (which destroys the provider's cuBLASLt handle after each call, in the stored source) then
-    loses none of them. Five inputs: the CUDA kernel reads A, B, scaleA, scaleB, scaleY from a node of five
-    (the schema's optional C, the bias, comes third only in a node of six)."""
+    loses none of them. Inputs A, B, C, scaleA, scaleB: the CUDA kernel (onnxruntime 1.31) reads the scales at 3
+    and 4 whenever there are more than three inputs, and a present third input as the bias (2-D, or it throws:
+    run AJ read "shape.NumDimensions() == 2 was false" with the scales put third), so C is left empty."""
     from onnx import TensorProto, helper, numpy_helper
 
     from benchmarks.gpu import Ort
@@ -152,10 +153,10 @@ def ort_rows(m: int, k: int, n: int) -> list[dict]:
     fp8 = model(
         [helper.make_node("Mul", ["x", "inv_sx"], ["xs"]),
          helper.make_node("Cast", ["xs"], ["xq"], to=TensorProto.FLOAT8E4M3FN, saturate=1),
-         helper.make_node("GemmFloat8", ["xq", "wq", "sx", "sw", "one"], ["y"], domain="com.microsoft", transB=1,
+         helper.make_node("GemmFloat8", ["xq", "wq", "", "sx", "sw"], ["y"], domain="com.microsoft", transB=1,
                           dtype=TensorProto.FLOAT16)],
         [numpy_helper.from_array(torch.tensor([1 / float(sx)], dtype=torch.float16).numpy(), "inv_sx"), e4m3("wq", wq),
-         f32("sx", sx), f32("sw", sw), f32("one", 1.0)],
+         f32("sx", sx), f32("sw", sw)],
     )  # fmt: skip
     feeds = {"x": x.cpu().numpy()}
     rows = []
