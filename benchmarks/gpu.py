@@ -264,12 +264,6 @@ def compiled_fn(module, mode: str, x):
     return fn
 
 
-def _with_pdl(build, *args):
-    """``build(*args)`` (a CUDA graph's compilation and capture) with Inductor's kernels launched under PDL."""
-    with torch._inductor.config.patch({"triton.enable_pdl": True}):
-        return build(*args)
-
-
 def torch_row(bench, workload, label, fn, x, batch, build=None):
     bench.row(workload, label, build or (lambda: fn), lambda f: median_ms_torch(lambda: call(f, x)),
               lambda f: first(call(f, x)).float().cpu().numpy(), batch)  # fmt: skip
@@ -389,11 +383,6 @@ def run_model(kind: str, out: Path, only: tuple[str, ...] = ()):
                     xg, batch,  # a copy: it turns CNN weights NHWC
                     build=lambda xg=xg, a=autotune: copy.deepcopy(compiled).cuda_graph(xg, autotune=a),
                 )  # fmt: skip
-            if hasattr(torch._inductor.config.triton, "enable_pdl"):  # Hopper's programmatic dependent launch
-                # between Inductor's kernels, as the LLM decode graphs compile (1-row generation +11.5%, H100,
-                # docs/llm.md run AB): a batch-1 call is bound by ~150 kernels' launches and tails
-                torch_row(bench, w, "mpcompiler FX, compiled.cuda_graph() with PDL (experiment)", None, xg, batch,
-                          build=lambda xg=xg: _with_pdl(copy.deepcopy(compiled).cuda_graph, xg))  # fmt: skip
             for label, (tolerance, fast) in fp8_rows.items() if not cnn else ():
                 torch_row(bench, w, label, None, xg, batch,
                           build=lambda xg=xg, t=tolerance, f=fast: fp8_plan(t, f).cuda_graph(xg))  # fmt: skip
