@@ -118,7 +118,7 @@ def ort_rows(m: int, k: int, n: int) -> list[dict]:
     (``com.microsoft.GemmFloat8``: the input cast to e4m3 in the graph, the weight stored in e4m3, per-tensor
     scales, fp16 out, fast accumulation: its default), each timed as benchmarks/gpu.py times ONNX Runtime (I/O
     bound on the GPU, without and with its CUDA graph). Run after every torch row: a crash in ONNX Runtime's
-    contrib kernel (which destroys the provider's cuBLASLt handle after each call, in the stored source) then
+    contrib kernel (which creates a cuBLASLt handle and a 32 MB workspace on every call, in the stored source) then
     loses none of them. Inputs A, B, C, scaleA, scaleB: the CUDA kernel (onnxruntime 1.31) reads the scales at 3
     and 4 whenever there are more than three inputs, and a present third input as the bias (2-D, or it throws:
     run AJ read "shape.NumDimensions() == 2 was false" with the scales put third), so C is left empty."""
