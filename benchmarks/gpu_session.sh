@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh bert [rows]     # benchmarks/gpu.py --models bert [--only rows]; starts the sweep
 #                                        (resnet or bert,resnet in place of bert: those models)
 #   bash benchmarks/gpu_session.sh fp8      # issue #13: BERT-base b32 fp16 vs fp8 plans; the 1.1B LLM's prefill both ways
+#   bash benchmarks/gpu_session.sh fp8-prefill  # issue #13: a 2,048-token prefill (TinyLlama's context; the issue's GEMMs' M), fp16 and fp8 prompt steps beside HF's
 #   bash benchmarks/gpu_session.sh fp8-probe  # the GEMMs of issue #13 in torch._scaled_mm and in ONNX Runtime (fp16 MatMul, GemmFloat8)
 #   bash benchmarks/gpu_session.sh sweep    # starts the sweep alone (no BERT rows), before `check`
 #   bash benchmarks/gpu_session.sh check    # pytest -m gpu; waits for the sweep; its files to $OUT
@@ -60,6 +61,10 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.fp8_bert 2>&1 | tail -3
     timeout 330 python3 -m benchmarks.llm --out "$OUT/fp8" --models tinyllama --batches 1 \
       --only 'mpcompiler forward,mpcompiler prompt step' --deadline 280 2>&1 | grep -E '^\{|Error' | tail -12
+    ;;
+  fp8-prefill)
+    timeout 560 python3 -m benchmarks.llm --out "$OUT/fp8_prefill" --models tinyllama --batches 1 --prefill 2048 \
+      --only 'unpadded prompt,prompt step dtype,HF forward' --deadline 440 2>&1 | grep -E '^\{|Error' | tail -12
     ;;
   fp8-probe)
     timeout 300 python3 -m benchmarks.fp8_probe --out "$OUT/fp8_probe" --ort 2>&1 | grep -E "^\||Error" | tail -45
