@@ -514,36 +514,12 @@ def _rewrite_conv_bias_relu(gm, r: torch.fx.Node, m: dict) -> torch.fx.Node:
             residual.update_arg(2, None)
         else:
             residual.update_kwarg("bias", None)
-    x, weight = _channels_padded(gm, m, r)
     with gm.graph.inserting_before(r):
         return gm.graph.call_function(
             torch.ops.mpcompiler.conv_bias_relu.default,
-            (x, weight, bias, m["residual"], pair(m["stride"]), pair(m["padding"]), pair(m["dilation"]), m["groups"]),
-        )
-
-
-STEM_CHANNELS = 4  # cuDNN's NHWC fp16 kernels want C a multiple of 4 (ResNet's 3-channel stem otherwise pads per call)
-
-
-def _channels_padded(gm, m: dict, r: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """The conv's input and weight, with zero channels up to :data:`STEM_CHANNELS` where it reads fewer (an
-    image stem, constant weight, one group): the same sums. cuDNN otherwise pads the input to 4 channels itself
-    on every call, its ``nhwcAddPaddingKernel`` twice (ResNet-50 b128 on the H100, run AJ: 74 us of 3.7 ms);
-    padded in the graph, Inductor writes the zeros in the kernel that already copies the image to NHWC."""
-    x, weight = m["input"], m["weight"]
-    w = attr_of(gm, weight.target) if weight.op == "get_attr" else None
-    if w is None or m["groups"] != 1 or w.dim() != 4 or w.shape[1] >= STEM_CHANNELS:
-        return x, weight
-    extra = STEM_CHANNELS - w.shape[1]
-    fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    padded = torch.nn.functional.pad(w.detach(), (0, 0, 0, 0, 0, extra)).contiguous(memory_format=fmt)
-    weight = _buffer(gm, f"{weight.target}_channels_padded", padded, weight, r)
-    with gm.graph.inserting_before(r):
-        x_padded = gm.graph.call_function(aten.constant_pad_nd.default, (x, [0, 0, 0, 0, 0, extra], 0.0))
-    val = x.meta["val"]
-    x_padded.meta["val"] = val.new_zeros(val.shape[0], val.shape[1] + extra, *val.shape[2:])
-    x_padded.meta[META_KEY] = derived(record(x), fused="image channels padded for cuDNN's NHWC kernels")
-    return x_padded, weight
+            (m["input"], m["weight"], bias, m["residual"], pair(m["stride"]), pair(m["padding"]),
+             pair(m["dilation"]), m["groups"]),
+        )  # fmt: skip
 
 
 # ---- ONNX Runtime: a causal LM's attention over its past (kv_attention) -> GroupQueryAttention; RMSNorm
