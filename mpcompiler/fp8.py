@@ -7,12 +7,14 @@ held-out value past that absmax saturates at +-448), ``w_scale = absmax(w) / 448
 GPU of compute capability 8.9 or more, and on the CPU torch's reference kernel, which rounds as the GPU does,
 its sums exact in fp32 (run there for tests and for the tolerance search; it is not fast).
 
-:data:`FAST_ACCUM` is cuBLASLt's fast accumulation, torchao's choice for fp8 inference: Hopper's fp8 tensor
-cores then skip the periodic promotion of their partial sums to fp32, which costs time and, at BERT's and an
-LLM's K (768 to 5632), little accuracy next to e4m3's own rounding (3.8e-4 to 1.1e-3 against the exact e4m3
-product, e4m3 itself 2.6e-2 to 3.7e-2 against fp32: the H100, run AJ, docs/perf.md "fp8 GEMMs"). On: the search
-runs its candidates with those kernels on the compile device, so the tolerance holds with the error they add;
-cuBLASLt's bias epilogue without it ate the e4m3 gain where N is small (BERT's q/k/v 0.96x, with it 1.37x).
+:data:`FAST_ACCUM` is cuBLASLt's fast accumulation, torchao's choice for fp8 inference: Hopper's fp8 tensor cores
+then skip the periodic promotion of their partial sums to fp32, which costs time and, at BERT's and an LLM's K
+(768 to 5632), little accuracy next to e4m3's own rounding (3.8e-4 to 1.1e-3 against the exact e4m3 product, e4m3
+itself 2.6e-2 to 3.7e-2 against fp32: the H100, runs AJ and AK, docs/perf.md "fp8 GEMMs"). On (run AK, H100,
+2026-12-08: the GPU tests pass with it): the search runs its candidates with those kernels on a GPU compile
+device, so the tolerance holds with the error they add (compiled on the CPU, whose kernel sums exactly, a plan
+meant for a GPU carries up to ~1e-3 more a GEMM); cuBLASLt's bias epilogue without it ate the e4m3 gain where N
+is small (BERT's q/k/v 0.99x, with it 1.39x).
 
 Per-tensor scales: on the H100 (2026-12-06, docs/precision.md) they were the fastest of _scaled_mm's
 scalings and no less accurate than row-wise ones (3.7% rel. L2 a GEMM either way: e4m3's 3 mantissa bits).
